@@ -1,6 +1,18 @@
-//! ringkv: a sharded key-value store on a consistent-hash ring of virtual nodes.
+//! ringkv: a sharded key-value store on a consistent-hash ring of virtual nodes, with online
+//! view changes that ship only the hash ranges whose owner changes.
 //!
-//! The ring ([`ring`]) places keys and computes the move plan of a view change; the rest of
-//! the crate turns it into a node that serves the course's HTTP API.
+//! Data flows one way: [`api`] parses and validates → the node's [`view`] says who owns the
+//! key → the local [`store`] or [`forward`] → one reply type renders every answer. Only
+//! [`migrate`] changes the view; [`ring`] and [`store`] know nothing about HTTP.
 
+pub mod api;
+pub mod config;
+pub mod fault;
+pub mod forward;
+pub mod migrate;
+pub mod node;
 pub mod ring;
+pub mod server;
+pub mod store;
+pub mod view;
+pub mod wire;

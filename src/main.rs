@@ -1,1 +1,52 @@
-fn main() {}
+//! The `ringkv` binary: parses flags and environment, then runs one node until SIGTERM.
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+use ringkv::config::{Args, Config};
+use ringkv::node::Node;
+use ringkv::server;
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_target(false)
+        .init();
+    let config = match Config::from_args(Args::parse()) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("ringkv: {error}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let node = match Node::new(config) {
+        Ok(node) => node,
+        Err(error) => {
+            eprintln!("ringkv: {error}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let listener = match server::bind(&node).await {
+        Ok(listener) => listener,
+        Err(error) => {
+            eprintln!("ringkv: cannot listen on {}: {error}", node.config.listen);
+            return std::process::ExitCode::from(1);
+        }
+    };
+    let view = node.view();
+    tracing::info!(
+        listen = %node.config.listen,
+        address = %node.address,
+        view = %view.members_text(),
+        epoch = view.epoch,
+        vnodes = node.config.vnodes,
+        forwarding = node.config.forwarding_address.as_deref().unwrap_or("-"),
+        "ringkv node started"
+    );
+    server::serve(node, listener, server::shutdown_signal()).await;
+    tracing::info!("stopped");
+    std::process::ExitCode::SUCCESS
+}

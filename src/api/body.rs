@@ -1,0 +1,95 @@
+//! Reading request bodies under the size limit, and parsing a PUT body into the raw JSON
+//! text of its `value`.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use futures_util::{Stream, StreamExt};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use super::reply::ApiError;
+
+/// Why a body could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("body larger than the limit")]
+    TooLarge,
+    #[error("body could not be read")]
+    Broken,
+}
+
+/// Reads the whole body, refusing it once it grows past `limit` bytes.
+pub async fn read_limited<S, B>(body: S, limit: usize) -> Result<Bytes, BodyError>
+where
+    S: Stream<Item = Result<B, warp::Error>>,
+    B: Buf,
+{
+    let mut body = std::pin::pin!(body);
+    let mut first: Option<Bytes> = None;
+    let mut rest = BytesMut::new();
+    while let Some(chunk) = body.next().await {
+        let mut chunk = chunk.map_err(|_| BodyError::Broken)?;
+        let so_far = first.as_ref().map_or(0, Bytes::len) + rest.len();
+        if so_far + chunk.remaining() > limit {
+            return Err(BodyError::TooLarge);
+        }
+        match &first {
+            None => first = Some(chunk.copy_to_bytes(chunk.remaining())),
+            Some(head) => {
+                if rest.is_empty() {
+                    rest.put_slice(head);
+                }
+                rest.put(chunk);
+            }
+        }
+    }
+    Ok(if rest.is_empty() {
+        first.unwrap_or_default()
+    } else {
+        rest.freeze()
+    })
+}
+
+#[derive(Deserialize)]
+struct PutBody<'a> {
+    #[serde(borrow)]
+    value: Option<&'a RawValue>,
+}
+
+/// The raw JSON text of the body's `value`, sharing the body's buffer.
+pub fn put_value(body: &Bytes) -> Result<Bytes, ApiError> {
+    let invalid = || ApiError::InvalidJson("PUT".into());
+    let starts_as_object = body
+        .iter()
+        .find(|b| !b.is_ascii_whitespace())
+        .is_some_and(|&b| b == b'{');
+    if !starts_as_object {
+        return Err(invalid());
+    }
+    let parsed: PutBody = serde_json::from_slice(body).map_err(|_| invalid())?;
+    match parsed.value {
+        Some(raw) if raw.get() != "null" => Ok(body.slice_ref(raw.get().as_bytes())),
+        _ => Err(ApiError::ValueMissing),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn value(body: &str) -> Result<String, String> {
+        put_value(&Bytes::from(body.to_string()))
+            .map(|v| String::from_utf8(v.to_vec()).unwrap())
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn extracts_the_raw_value_or_names_the_fault() {
+        assert_eq!(value(r#"{"value": [1, 2]}"#).unwrap(), "[1, 2]");
+        assert_eq!(value(r#" {"value":"x","other":1}"#).unwrap(), "\"x\"");
+        assert_eq!(value(r#"{"value":null}"#).unwrap_err(), "Value is missing");
+        assert_eq!(value(r#"{}"#).unwrap_err(), "Value is missing");
+        assert_eq!(value(r#"[1]"#).unwrap_err(), "Invalid JSON");
+        assert_eq!(value(r#"{"value":"#).unwrap_err(), "Invalid JSON");
+        assert_eq!(value("").unwrap_err(), "Invalid JSON");
+    }
+}

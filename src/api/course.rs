@@ -1,0 +1,123 @@
+//! The course's public API: key requests (sharded, with forwarding to the owner), view
+//! changes, and the forwarding-instance relay of assignment 2.
+
+use std::sync::Arc;
+
+use bytes::Buf;
+use futures_util::Stream;
+use percent_encoding::percent_decode_str;
+use serde::Deserialize;
+use warp::http::{Method, StatusCode};
+
+use super::body::{put_value, read_limited, BodyError};
+use super::reply::{kv_reply, view_change_reply, ApiError, KvMethod, Reply};
+use crate::forward::KvOp;
+use crate::migrate::{coordinator, ChangeError};
+use crate::node::Node;
+use crate::view::{parse_members, ViewError};
+
+/// Keys longer than this many characters are refused (PUT) or cannot exist (GET, DELETE).
+pub const MAX_KEY_CHARS: usize = 50;
+
+fn method_name(method: KvMethod) -> String {
+    match method {
+        KvMethod::Get => "GET",
+        KvMethod::Put => "PUT",
+        KvMethod::Delete => "DELETE",
+    }
+    .to_string()
+}
+
+async fn read_body<S, B>(node: &Node, body: S, method: &str) -> Result<bytes::Bytes, ApiError>
+where
+    S: Stream<Item = Result<B, warp::Error>>,
+    B: Buf,
+{
+    read_limited(body, node.config.max_body_bytes)
+        .await
+        .map_err(|error| match error {
+            BodyError::TooLarge => ApiError::TooLarge(method.to_string()),
+            BodyError::Broken => ApiError::InvalidJson(method.to_string()),
+        })
+}
+
+/// `GET|PUT|DELETE /kvs/keys/<key>` and `/kvs/<key>`.
+pub async fn key<S, B>(
+    node: &Arc<Node>,
+    method: KvMethod,
+    raw_key: &str,
+    body: S,
+) -> Result<Reply, ApiError>
+where
+    S: Stream<Item = Result<B, warp::Error>>,
+    B: Buf,
+{
+    let key = percent_decode_str(raw_key)
+        .decode_utf8()
+        .map_err(|_| ApiError::InvalidKey(method_name(method)))?;
+    let body = read_body(node, body, &method_name(method)).await?;
+    let too_long = key.chars().count() > MAX_KEY_CHARS;
+    let op = match method {
+        KvMethod::Put => {
+            let value = put_value(&body)?;
+            if too_long {
+                return Err(ApiError::KeyTooLong);
+            }
+            KvOp::Put(value)
+        }
+        _ if too_long => return Err(ApiError::KeyDoesNotExist(method)),
+        KvMethod::Get => KvOp::Get,
+        KvMethod::Delete => KvOp::Delete,
+    };
+    let served = node
+        .serve_kv(&key, op)
+        .await
+        .map_err(|cause| ApiError::Unavailable(method, cause))?;
+    Ok(kv_reply(method, served.outcome, served.address.as_deref()))
+}
+
+#[derive(Deserialize)]
+struct ViewChangeBody {
+    view: Option<serde_json::Value>,
+}
+
+/// `PUT /kvs/view-change`.
+pub async fn view_change<S, B>(node: &Arc<Node>, body: S) -> Result<Reply, ApiError>
+where
+    S: Stream<Item = Result<B, warp::Error>>,
+    B: Buf,
+{
+    let body = read_body(node, body, "PUT").await?;
+    let bad_view = |why| ApiError::ViewChange(ChangeError::BadView(why));
+    let parsed: ViewChangeBody =
+        serde_json::from_slice(&body).map_err(|_| ApiError::InvalidJson("PUT".into()))?;
+    let members = match parsed.view {
+        None | Some(serde_json::Value::Null) => return Err(bad_view(ViewError::Missing)),
+        Some(serde_json::Value::String(text)) => parse_members(&text).map_err(bad_view)?,
+        Some(_) => return Err(bad_view(ViewError::NotText)),
+    };
+    let shards = coordinator::change_view(node, members)
+        .await
+        .map_err(ApiError::ViewChange)?;
+    Ok(view_change_reply(&shards))
+}
+
+/// Forwarding-instance mode: relays the request to the main instance unchanged.
+pub async fn relay<S, B>(node: &Node, main: &str, method: Method, path: &str, body: S) -> Reply
+where
+    S: Stream<Item = Result<B, warp::Error>>,
+    B: Buf,
+{
+    let name = method.to_string();
+    let body = match read_body(node, body, &name).await {
+        Ok(body) => body,
+        Err(error) => return error.into_reply(),
+    };
+    match node.peers.relay(main, method, path, body).await {
+        Ok(relayed) => Reply::raw(
+            StatusCode::from_u16(relayed.status.as_u16()).unwrap_or(StatusCode::BAD_GATEWAY),
+            relayed.body,
+        ),
+        Err(_) => ApiError::MainDown(name).into_reply(),
+    }
+}

@@ -1,0 +1,173 @@
+//! Node-to-node endpoints under `/internal/`: forwarded key requests, node state, the
+//! phases of a view change, and (when enabled) the test fault hooks.
+
+use std::sync::Arc;
+
+use bytes::{Buf, Bytes};
+use futures_util::Stream;
+use percent_encoding::percent_decode_str;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::json;
+use warp::http::{HeaderMap, Method, StatusCode};
+
+use super::body::read_limited;
+use super::reply::Reply;
+use crate::fault::FaultSettings;
+use crate::forward::{KvOp, KvOutcome};
+use crate::migrate::{self, ChangeError};
+use crate::node::Node;
+use crate::wire::{
+    decode_batch, ChangeRef, PeerFailure, Prepare, EPOCH_HEADER, FROM_HEADER, VNODES_HEADER,
+};
+
+/// Transfer batches are bounded by the sender; this only stops a runaway body.
+const MAX_INTERNAL_BODY: usize = 256 << 20;
+
+fn failure(status: StatusCode, error: impl ToString) -> Reply {
+    Reply::json(status, &json!({"error": error.to_string()}))
+}
+
+fn ok<T: Serialize>(value: &T) -> Reply {
+    Reply::json(
+        StatusCode::OK,
+        &serde_json::to_value(value).unwrap_or_default(),
+    )
+}
+
+fn change_failure(error: ChangeError) -> Reply {
+    let status = match &error {
+        ChangeError::InProgress => StatusCode::CONFLICT,
+        ChangeError::BadView(_) => StatusCode::BAD_REQUEST,
+        ChangeError::StaleEpoch { .. } | ChangeError::UnknownChange(_) => StatusCode::GONE,
+        ChangeError::Unreachable(_) => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    let unreachable = match &error {
+        ChangeError::Unreachable(peers) => peers.clone(),
+        _ => Vec::new(),
+    };
+    let body = PeerFailure {
+        error: error.to_string(),
+        unreachable,
+    };
+    Reply::json(status, &serde_json::to_value(body).unwrap_or_default())
+}
+
+fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+fn json_body<T: DeserializeOwned>(body: &Bytes) -> Result<T, Reply> {
+    serde_json::from_slice(body).map_err(|e| failure(StatusCode::BAD_REQUEST, e))
+}
+
+pub async fn dispatch<S, B>(
+    node: &Arc<Node>,
+    method: &Method,
+    rest: &str,
+    headers: &HeaderMap,
+    body: S,
+) -> Reply
+where
+    S: Stream<Item = Result<B, warp::Error>>,
+    B: Buf,
+{
+    if let Some(vnodes) = header(headers, VNODES_HEADER) {
+        if vnodes != node.config.vnodes.to_string() {
+            return failure(
+                StatusCode::CONFLICT,
+                format!(
+                    "vnode count mismatch: sender uses {vnodes}, this node {}",
+                    node.config.vnodes
+                ),
+            );
+        }
+    }
+    let body = match read_limited(body, MAX_INTERNAL_BODY).await {
+        Ok(body) => body,
+        Err(error) => return failure(StatusCode::PAYLOAD_TOO_LARGE, error),
+    };
+    let result = match (method.as_str(), rest) {
+        (_, kv) if kv.starts_with("kv/") => {
+            Ok(forwarded_key(node, method, &kv[3..], headers, body).await)
+        }
+        ("GET", "state") => Ok(ok(&node.node_state())),
+        ("GET", outcome) if outcome.starts_with("outcome/") => match outcome[8..].parse::<u64>() {
+            Ok(id) => Ok(ok(&node.outcome(id))),
+            Err(e) => Err(failure(StatusCode::BAD_REQUEST, e)),
+        },
+        ("POST", "prepare") => match json_body::<Prepare>(&body) {
+            Ok(prepare) => Ok(migrate::prepare(node, prepare)
+                .await
+                .map(|_| ok(&json!({})))
+                .unwrap_or_else(change_failure)),
+            Err(reply) => Err(reply),
+        },
+        ("POST", "stage") => match decode_batch(body) {
+            Ok((change_id, entries)) => Ok(migrate::stage(node, change_id, entries)
+                .map(|_| ok(&json!({})))
+                .unwrap_or_else(change_failure)),
+            Err(e) => Err(failure(StatusCode::BAD_REQUEST, e)),
+        },
+        ("POST", phase @ ("transfer" | "catchup" | "commit" | "abort")) => {
+            match json_body::<ChangeRef>(&body) {
+                Ok(change) => Ok(phase_call(node, phase, change.change_id).await),
+                Err(reply) => Err(reply),
+            }
+        }
+        ("GET", "fault") => Ok(ok(&node.faults.status())),
+        ("PUT", "fault") if node.faults.enabled() => match json_body::<FaultSettings>(&body) {
+            Ok(settings) => {
+                node.faults.set(settings);
+                Ok(ok(&node.faults.status()))
+            }
+            Err(reply) => Err(reply),
+        },
+        _ => Err(failure(StatusCode::NOT_FOUND, "Not found")),
+    };
+    result.unwrap_or_else(|reply| reply)
+}
+
+async fn phase_call(node: &Arc<Node>, phase: &str, change_id: u64) -> Reply {
+    let result = match phase {
+        "transfer" => migrate::transfer(node, change_id).await.map(|s| ok(&s)),
+        "catchup" => migrate::catch_up(node, change_id).await.map(|s| ok(&s)),
+        "commit" => migrate::commit(node, change_id).await.map(|c| ok(&c)),
+        _ => migrate::abort(node, change_id)
+            .await
+            .map(|_| ok(&json!({}))),
+    };
+    result.unwrap_or_else(change_failure)
+}
+
+async fn forwarded_key(
+    node: &Arc<Node>,
+    method: &Method,
+    raw_key: &str,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Reply {
+    let Ok(key) = percent_decode_str(raw_key).decode_utf8() else {
+        return failure(StatusCode::BAD_REQUEST, "Invalid key");
+    };
+    let op = match method.as_str() {
+        "GET" => KvOp::Get,
+        "PUT" => KvOp::Put(body),
+        "DELETE" => KvOp::Delete,
+        _ => return failure(StatusCode::METHOD_NOT_ALLOWED, "Method not allowed"),
+    };
+    let epoch = header(headers, EPOCH_HEADER)
+        .and_then(|e| e.parse().ok())
+        .unwrap_or(0);
+    let sender = header(headers, FROM_HEADER).unwrap_or_default();
+    match node.serve_forwarded(&key, op, epoch, sender).await {
+        Ok(KvOutcome::Found(value)) => Reply::raw(StatusCode::OK, value),
+        Ok(KvOutcome::Absent) => Reply::raw(StatusCode::NOT_FOUND, "{}"),
+        Ok(KvOutcome::Added) => Reply::raw(StatusCode::CREATED, "{}"),
+        Ok(KvOutcome::Replaced | KvOutcome::Deleted) => Reply::raw(StatusCode::OK, "{}"),
+        Err(misdirected) => Reply::json(
+            StatusCode::MISDIRECTED_REQUEST,
+            &serde_json::to_value(misdirected).unwrap_or_default(),
+        ),
+    }
+}

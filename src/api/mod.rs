@@ -1,0 +1,112 @@
+//! The HTTP surface: one warp filter that routes every request by hand, so the contract's
+//! check order (route and method, key, body size, JSON, value, key length) holds exactly.
+
+mod body;
+mod course;
+mod internal;
+pub mod reply;
+
+use std::sync::Arc;
+
+use bytes::Buf;
+use futures_util::Stream;
+use warp::http::{HeaderMap, Method};
+use warp::Filter;
+
+use crate::node::Node;
+use reply::{ApiError, Reply};
+
+/// The filter serving every route of a node.
+pub fn routes(node: Arc<Node>) -> impl Filter<Extract = (Reply,), Error = warp::Rejection> + Clone {
+    warp::method()
+        .and(warp::path::full())
+        .and(warp::header::headers_cloned())
+        .and(warp::body::stream())
+        .and(warp::any().map(move || node.clone()))
+        .then(
+            |method: Method,
+             path: warp::path::FullPath,
+             headers: HeaderMap,
+             body,
+             node: Arc<Node>| async move {
+                dispatch(node, method, path.as_str(), headers, body).await
+            },
+        )
+}
+
+/// What a path names, before its method is checked.
+enum Route<'a> {
+    Key(&'a str),
+    KeyCount,
+    ViewChange,
+    Internal(&'a str),
+    NotFound,
+}
+
+/// A single non-empty path segment, or `None`.
+fn segment(rest: &str) -> Option<&str> {
+    (!rest.is_empty() && !rest.contains('/')).then_some(rest)
+}
+
+fn route(path: &str) -> Route<'_> {
+    if let Some(rest) = path.strip_prefix("/kvs/keys/") {
+        return segment(rest).map_or(Route::NotFound, Route::Key);
+    }
+    if let Some(rest) = path.strip_prefix("/internal/") {
+        return Route::Internal(rest);
+    }
+    match path.strip_prefix("/kvs/").and_then(segment) {
+        Some("key-count") => Route::KeyCount,
+        Some("view-change") => Route::ViewChange,
+        Some("keys") | None => Route::NotFound,
+        Some(key) => Route::Key(key),
+    }
+}
+
+async fn dispatch<S, B>(
+    node: Arc<Node>,
+    method: Method,
+    path: &str,
+    headers: HeaderMap,
+    body: S,
+) -> Reply
+where
+    S: Stream<Item = Result<B, warp::Error>> + Send,
+    B: Buf,
+{
+    if let Some(main) = &node.config.forwarding_address {
+        if path.starts_with("/kvs/") {
+            return course::relay(&node, main, method, path, body).await;
+        }
+    }
+    let not_allowed = || ApiError::MethodNotAllowed(method.to_string()).into_reply();
+    match route(path) {
+        Route::Key(raw_key) => match reply::KvMethod::parse(&method) {
+            Some(kv_method) => course::key(&node, kv_method, raw_key, body).await.into(),
+            None => not_allowed(),
+        },
+        Route::KeyCount if method == Method::GET => reply::key_count_reply(node.store.len()),
+        Route::ViewChange if method == Method::PUT => course::view_change(&node, body).await.into(),
+        Route::KeyCount | Route::ViewChange => not_allowed(),
+        Route::Internal(rest) => internal::dispatch(&node, &method, rest, &headers, body).await,
+        Route::NotFound => ApiError::NotFound(method.to_string()).into_reply(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_by_hand() {
+        assert!(matches!(route("/kvs/keys/a%2Fb"), Route::Key("a%2Fb")));
+        assert!(matches!(route("/kvs/keys/"), Route::NotFound));
+        assert!(matches!(route("/kvs/keys"), Route::NotFound));
+        assert!(matches!(route("/kvs/keys/a/b"), Route::NotFound));
+        assert!(matches!(route("/kvs/key-count"), Route::KeyCount));
+        assert!(matches!(route("/kvs/view-change"), Route::ViewChange));
+        assert!(matches!(route("/kvs/sampleKey"), Route::Key("sampleKey")));
+        assert!(matches!(route("/kvs/"), Route::NotFound));
+        assert!(matches!(route("/other"), Route::NotFound));
+    }
+}

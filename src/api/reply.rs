@@ -1,0 +1,235 @@
+//! Every answer a node gives, rendered in one place: the success bodies of the course API
+//! and the mapping of each error type to its status and JSON body.
+
+use bytes::Bytes;
+use serde_json::json;
+use warp::http::{header, HeaderValue, StatusCode};
+
+use crate::forward::KvOutcome;
+use crate::migrate::coordinator::Shard;
+use crate::migrate::ChangeError;
+use crate::node::KvError;
+
+/// The HTTP method of a course key request; names the `message` of its errors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvMethod {
+    Get,
+    Put,
+    Delete,
+}
+
+impl KvMethod {
+    pub fn parse(method: &warp::http::Method) -> Option<KvMethod> {
+        match method.as_str() {
+            "GET" => Some(KvMethod::Get),
+            "PUT" => Some(KvMethod::Put),
+            "DELETE" => Some(KvMethod::Delete),
+            _ => None,
+        }
+    }
+}
+
+/// A rendered answer: a status and a JSON body.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn json(status: StatusCode, value: &serde_json::Value) -> Reply {
+        Reply {
+            status,
+            body: Bytes::from(value.to_string()),
+        }
+    }
+
+    pub fn raw(status: StatusCode, body: impl Into<Bytes>) -> Reply {
+        Reply {
+            status,
+            body: body.into(),
+        }
+    }
+}
+
+impl warp::Reply for Reply {
+    fn into_response(self) -> warp::reply::Response {
+        let mut response = warp::reply::Response::new(self.body.into());
+        *response.status_mut() = self.status;
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        response
+    }
+}
+
+/// Why a client request failed, for every route of the public API.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("Not found")]
+    NotFound(String),
+    #[error("Method not allowed")]
+    MethodNotAllowed(String),
+    #[error("Invalid key")]
+    InvalidKey(String),
+    #[error("Value is too large")]
+    TooLarge(String),
+    #[error("Invalid JSON")]
+    InvalidJson(String),
+    #[error("Value is missing")]
+    ValueMissing,
+    #[error("Key is too long")]
+    KeyTooLong,
+    #[error("Key does not exist")]
+    KeyDoesNotExist(KvMethod),
+    #[error("Unable to satisfy request")]
+    Unavailable(KvMethod, KvError),
+    #[error("Main instance is down")]
+    MainDown(String),
+    #[error("view change failed: {0}")]
+    ViewChange(ChangeError),
+}
+
+fn method_message(method: &str) -> String {
+    format!("Error in {method}")
+}
+
+fn kv_message(method: KvMethod) -> &'static str {
+    match method {
+        KvMethod::Get => "Error in GET",
+        KvMethod::Put => "Error in PUT",
+        KvMethod::Delete => "Error in DELETE",
+    }
+}
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::NotFound(_) | ApiError::KeyDoesNotExist(_) => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::InvalidKey(_)
+            | ApiError::InvalidJson(_)
+            | ApiError::ValueMissing
+            | ApiError::KeyTooLong => StatusCode::BAD_REQUEST,
+            ApiError::Unavailable(..) | ApiError::MainDown(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::ViewChange(error) => match error {
+                ChangeError::BadView(_) => StatusCode::BAD_REQUEST,
+                ChangeError::InProgress => StatusCode::CONFLICT,
+                ChangeError::StaleEpoch { .. }
+                | ChangeError::UnknownChange(_)
+                | ChangeError::Unreachable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            },
+        }
+    }
+
+    /// The error as the contract renders it.
+    pub fn into_reply(self) -> Reply {
+        let status = self.status();
+        let error = self.to_string();
+        let body = match self {
+            ApiError::NotFound(method)
+            | ApiError::MethodNotAllowed(method)
+            | ApiError::InvalidKey(method)
+            | ApiError::TooLarge(method)
+            | ApiError::InvalidJson(method)
+            | ApiError::MainDown(method) => {
+                json!({"error": error, "message": method_message(&method)})
+            }
+            ApiError::ValueMissing | ApiError::KeyTooLong => {
+                json!({"error": error, "message": "Error in PUT"})
+            }
+            ApiError::KeyDoesNotExist(method) => {
+                json!({"doesExist": false, "error": error, "message": kv_message(method)})
+            }
+            ApiError::Unavailable(method, cause) => {
+                tracing::debug!(%cause, "answering 503");
+                json!({"error": error, "message": kv_message(method)})
+            }
+            ApiError::ViewChange(change) => match change {
+                ChangeError::BadView(why) => {
+                    json!({"error": why.to_string(), "message": "Error in PUT"})
+                }
+                ChangeError::InProgress => {
+                    json!({"error": "View change in progress", "message": "Error in PUT"})
+                }
+                ChangeError::Unreachable(peers) => json!({
+                    "error": "Unable to satisfy request",
+                    "message": "Error in PUT",
+                    "unreachable": peers,
+                }),
+                other => json!({
+                    "error": "Unable to satisfy request",
+                    "message": "Error in PUT",
+                    "detail": other.to_string(),
+                    "unreachable": [],
+                }),
+            },
+        };
+        Reply::json(status, &body)
+    }
+}
+
+/// The answer to a key request, served here (`address` is `None`) or by `address`.
+pub fn kv_reply(method: KvMethod, outcome: KvOutcome, address: Option<&str>) -> Reply {
+    let (status, mut body): (StatusCode, Vec<u8>) = match outcome {
+        KvOutcome::Found(value) => {
+            let mut body = Vec::with_capacity(value.len() + 96);
+            body.extend_from_slice(
+                br#"{"doesExist":true,"message":"Retrieved successfully","value":"#,
+            );
+            body.extend_from_slice(&value);
+            (StatusCode::OK, body)
+        }
+        KvOutcome::Added => (
+            StatusCode::CREATED,
+            br#"{"message":"Added successfully","replaced":false"#.to_vec(),
+        ),
+        KvOutcome::Replaced => (
+            StatusCode::OK,
+            br#"{"message":"Updated successfully","replaced":true"#.to_vec(),
+        ),
+        KvOutcome::Deleted => (
+            StatusCode::OK,
+            br#"{"doesExist":true,"message":"Deleted successfully""#.to_vec(),
+        ),
+        KvOutcome::Absent => {
+            let message = kv_message(method);
+            let body = format!(
+                r#"{{"doesExist":false,"error":"Key does not exist","message":"{message}""#
+            );
+            (StatusCode::NOT_FOUND, body.into_bytes())
+        }
+    };
+    if let Some(address) = address {
+        body.extend_from_slice(br#","address":"#);
+        body.extend_from_slice(json!(address).to_string().as_bytes());
+    }
+    body.push(b'}');
+    Reply::raw(status, body)
+}
+
+pub fn key_count_reply(count: usize) -> Reply {
+    Reply::json(
+        StatusCode::OK,
+        &json!({"message": "Key count retrieved successfully", "key-count": count}),
+    )
+}
+
+pub fn view_change_reply(shards: &[Shard]) -> Reply {
+    let shards: Vec<_> = shards
+        .iter()
+        .map(|s| json!({"address": s.address, "key-count": s.key_count}))
+        .collect();
+    Reply::json(
+        StatusCode::OK,
+        &json!({"message": "View change successful", "shards": shards}),
+    )
+}
+
+impl From<Result<Reply, ApiError>> for Reply {
+    fn from(result: Result<Reply, ApiError>) -> Reply {
+        result.unwrap_or_else(ApiError::into_reply)
+    }
+}

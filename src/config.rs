@@ -1,0 +1,199 @@
+//! Command-line flags and the course's environment variables, validated once into a `Config`.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::ring::{validate_address, DEFAULT_VNODES};
+use crate::view::{parse_members, ViewError};
+
+/// Why a node refused to start.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--address/ADDRESS '{0}' is not ip:port (hostnames are not allowed)")]
+    BadAddress(String),
+    #[error("--view/VIEW: {0}")]
+    BadView(ViewError),
+    #[error("--forwarding-address/FORWARDING_ADDRESS '{0}' is not ip:port")]
+    BadForwardingAddress(String),
+    #[error("--address/ADDRESS is required when the view has more than one node")]
+    AddressRequired,
+    #[error("--vnodes must be at least 1")]
+    ZeroVnodes,
+    #[error("--{0} must be a positive number of seconds")]
+    BadDuration(&'static str),
+}
+
+/// A ringkv node: one shard of a sharded key-value store on a consistent-hash ring.
+#[derive(Debug, Parser)]
+#[command(name = "ringkv", version, about, long_about = None)]
+pub struct Args {
+    /// IP address to listen on.
+    #[arg(short = 'i', long, default_value = "0.0.0.0")]
+    pub ip: IpAddr,
+    /// TCP port to listen on.
+    #[arg(short = 'p', long, default_value_t = 13800)]
+    pub port: u16,
+    /// This node's own ip:port as its peers see it [default: <ip>:<port>].
+    #[arg(long, env = "ADDRESS")]
+    pub address: Option<String>,
+    /// Initial view: comma-separated ip:port of every node [default: just this node].
+    #[arg(long, env = "VIEW")]
+    pub view: Option<String>,
+    /// Run as a forwarding instance that relays every /kvs request to this main instance.
+    #[arg(long, env = "FORWARDING_ADDRESS")]
+    pub forwarding_address: Option<String>,
+    /// Virtual nodes per node on the ring; must be the same on every node of a cluster.
+    #[arg(long, env = "RINGKV_VNODES", default_value_t = DEFAULT_VNODES)]
+    pub vnodes: u32,
+    /// Seconds to wait for the owner of a key (or the main instance) before answering 503.
+    #[arg(long, default_value_t = 2.0)]
+    pub forward_timeout: f64,
+    /// Largest accepted request body, in bytes (larger bodies get 413).
+    #[arg(long, default_value_t = 16 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+    /// Most client connections served at once; further connections wait to be accepted.
+    #[arg(long, default_value_t = 4096)]
+    pub max_connections: usize,
+    /// Most requests forwarded to other nodes at once; further forwards wait.
+    #[arg(long, default_value_t = 1024)]
+    pub max_forwards: usize,
+    /// Seconds a client may take to send a request's headers before the connection is closed.
+    #[arg(long, default_value_t = 10.0)]
+    pub header_read_timeout: f64,
+    /// Seconds a view-change participant waits for its coordinator before asking its peers
+    /// for the outcome (commit if anyone committed, abort if nobody did).
+    #[arg(long, default_value_t = 30.0)]
+    pub phase_timeout: f64,
+    /// Enable the test-only fault hooks under /internal/fault (never in production).
+    #[arg(long, hide = true)]
+    pub fault_hooks: bool,
+}
+
+/// A node's validated settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub address: String,
+    pub view: Vec<String>,
+    pub forwarding_address: Option<String>,
+    pub vnodes: u32,
+    pub forward_timeout: Duration,
+    pub max_body_bytes: usize,
+    pub max_connections: usize,
+    pub max_forwards: usize,
+    pub header_read_timeout: Duration,
+    pub phase_timeout: Duration,
+    pub fault_hooks: bool,
+}
+
+fn non_empty(value: Option<String>) -> Option<String> {
+    value
+        .map(|v| v.trim().to_string())
+        .filter(|v| !v.is_empty())
+}
+
+fn seconds(value: f64, flag: &'static str) -> Result<Duration, ConfigError> {
+    Duration::try_from_secs_f64(value)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .ok_or(ConfigError::BadDuration(flag))
+}
+
+impl Config {
+    pub fn from_args(args: Args) -> Result<Config, ConfigError> {
+        let listen = SocketAddr::new(args.ip, args.port);
+        let explicit_address = non_empty(args.address);
+        let address = explicit_address
+            .clone()
+            .unwrap_or_else(|| listen.to_string());
+        validate_address(&address).map_err(|_| ConfigError::BadAddress(address.clone()))?;
+        let view = match non_empty(args.view) {
+            Some(text) => parse_members(&text).map_err(ConfigError::BadView)?,
+            None => vec![address.clone()],
+        };
+        if view.len() > 1 && explicit_address.is_none() {
+            return Err(ConfigError::AddressRequired);
+        }
+        let forwarding_address = non_empty(args.forwarding_address);
+        if let Some(main) = &forwarding_address {
+            validate_address(main).map_err(|_| ConfigError::BadForwardingAddress(main.clone()))?;
+        }
+        if args.vnodes == 0 {
+            return Err(ConfigError::ZeroVnodes);
+        }
+        Ok(Config {
+            listen,
+            address,
+            view,
+            forwarding_address,
+            vnodes: args.vnodes,
+            forward_timeout: seconds(args.forward_timeout, "forward-timeout")?,
+            max_body_bytes: args.max_body_bytes,
+            max_connections: args.max_connections.max(1),
+            max_forwards: args.max_forwards.max(1),
+            header_read_timeout: seconds(args.header_read_timeout, "header-read-timeout")?,
+            phase_timeout: seconds(args.phase_timeout, "phase-timeout")?,
+            fault_hooks: args.fault_hooks,
+        })
+    }
+
+    /// Settings for a node listening on `address` alone, as tests and tools build them.
+    pub fn for_address(address: &str, view: &[&str]) -> Result<Config, ConfigError> {
+        let (ip, port) = address
+            .rsplit_once(':')
+            .ok_or_else(|| ConfigError::BadAddress(address.to_string()))?;
+        let mut argv = vec![
+            "ringkv".to_string(),
+            format!("--ip={}", ip.trim_matches(['[', ']'])),
+            format!("--port={port}"),
+            format!("--address={address}"),
+        ];
+        if !view.is_empty() {
+            argv.push(format!("--view={}", view.join(",")));
+        }
+        let args =
+            Args::try_parse_from(argv).map_err(|_| ConfigError::BadAddress(address.into()))?;
+        Config::from_args(args)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(argv: &[&str]) -> Result<Config, ConfigError> {
+        let mut full = vec!["ringkv"];
+        full.extend_from_slice(argv);
+        Config::from_args(Args::try_parse_from(full).unwrap())
+    }
+
+    #[test]
+    fn bare_start_is_a_one_node_store_on_13800() {
+        let config = parse(&[]).unwrap();
+        assert_eq!(config.listen.to_string(), "0.0.0.0:13800");
+        assert_eq!(config.view, vec![config.address.clone()]);
+        assert_eq!(config.forward_timeout, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn bad_settings_are_start_errors() {
+        assert!(matches!(
+            parse(&["--view", "10.0.0.1:1,10.0.0.2:2"]),
+            Err(ConfigError::AddressRequired)
+        ));
+        assert!(matches!(
+            parse(&["--address", "node:13800"]),
+            Err(ConfigError::BadAddress(_))
+        ));
+        assert!(matches!(
+            parse(&["--address", "10.0.0.1:1", "--view", "10.0.0.1:1,x"]),
+            Err(ConfigError::BadView(_))
+        ));
+        assert!(matches!(
+            parse(&["--forward-timeout", "0"]),
+            Err(ConfigError::BadDuration(_))
+        ));
+    }
+}

@@ -1,0 +1,255 @@
+//! Talking to other nodes: one pooled HTTP client with bounded timeouts, used to forward
+//! key requests to their owner, relay a forwarding instance's requests, and carry the
+//! view-change protocol.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
+use reqwest::{Method, StatusCode};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::sync::Semaphore;
+
+use crate::view::View;
+use crate::wire::{
+    Misdirected, PeerFailure, EPOCH_HEADER, FROM_HEADER, VIEW_HEADER, VNODES_HEADER,
+};
+
+/// A key operation, as executed by the key's owner.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KvOp {
+    Get,
+    Put(Bytes),
+    Delete,
+}
+
+impl KvOp {
+    pub fn is_write(&self) -> bool {
+        !matches!(self, KvOp::Get)
+    }
+}
+
+/// What the owner did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KvOutcome {
+    Found(Bytes),
+    Absent,
+    Added,
+    Replaced,
+    Deleted,
+}
+
+/// The owner's answer to a forwarded key request.
+#[derive(Debug)]
+pub enum ForwardReply {
+    Served(KvOutcome),
+    /// The receiver does not own the key under its view, which is newer than ours.
+    Misdirected(Misdirected),
+}
+
+/// Why a call to another node failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PeerError {
+    #[error("{0} did not answer")]
+    Unreachable(String),
+    #[error("{peer} refused: {status} {failure:?}")]
+    Refused {
+        peer: String,
+        status: u16,
+        failure: PeerFailure,
+    },
+    #[error("{0} sent an answer that could not be read")]
+    BadAnswer(String),
+}
+
+/// One pooled client for all traffic to other nodes.
+pub struct Peers {
+    client: reqwest::Client,
+    own_address: String,
+    vnodes: u32,
+    timeout: Duration,
+    forward_slots: Semaphore,
+}
+
+/// A status and body relayed unchanged from a main instance.
+pub struct Relayed {
+    pub status: StatusCode,
+    pub body: Bytes,
+}
+
+fn key_url(peer: &str, key: &str) -> String {
+    format!(
+        "http://{peer}/internal/kv/{}",
+        utf8_percent_encode(key, NON_ALPHANUMERIC)
+    )
+}
+
+impl Peers {
+    pub fn new(own_address: &str, vnodes: u32, timeout: Duration, max_forwards: usize) -> Self {
+        let client = reqwest::Client::builder()
+            .tcp_nodelay(true)
+            .connect_timeout(timeout)
+            .pool_max_idle_per_host(256)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .no_proxy()
+            .build()
+            .expect("an HTTP client without TLS always builds");
+        Peers {
+            client,
+            own_address: own_address.to_string(),
+            vnodes,
+            timeout,
+            forward_slots: Semaphore::new(max_forwards),
+        }
+    }
+
+    /// The forwarding timeout: how long a client request may wait on another node.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    fn internal(&self, method: Method, url: String, view: &View) -> reqwest::RequestBuilder {
+        self.client
+            .request(method, url)
+            .header(EPOCH_HEADER, view.epoch)
+            .header(VIEW_HEADER, format!("{:016x}", view.id))
+            .header(VNODES_HEADER, self.vnodes)
+            .header(FROM_HEADER, &self.own_address)
+    }
+
+    /// Sends `op` on `key` to its owner `peer`, as seen in `view`.
+    pub async fn forward_kv(
+        &self,
+        peer: &str,
+        key: &str,
+        op: &KvOp,
+        view: &View,
+    ) -> Result<ForwardReply, PeerError> {
+        let unreachable = || PeerError::Unreachable(peer.to_string());
+        let _slot = tokio::time::timeout(self.timeout, self.forward_slots.acquire())
+            .await
+            .map_err(|_| unreachable())?
+            .map_err(|_| unreachable())?;
+        let method = match op {
+            KvOp::Get => Method::GET,
+            KvOp::Put(_) => Method::PUT,
+            KvOp::Delete => Method::DELETE,
+        };
+        let mut request = self
+            .internal(method, key_url(peer, key), view)
+            .timeout(self.timeout);
+        if let KvOp::Put(value) = op {
+            request = request.body(value.clone());
+        }
+        let response = request.send().await.map_err(|_| unreachable())?;
+        let status = response.status();
+        let body = response.bytes().await.map_err(|_| unreachable())?;
+        let outcome = match (op, status.as_u16()) {
+            (_, 421) => {
+                return serde_json::from_slice(&body)
+                    .map(ForwardReply::Misdirected)
+                    .map_err(|_| PeerError::BadAnswer(peer.to_string()))
+            }
+            (KvOp::Get, 200) => KvOutcome::Found(body),
+            (KvOp::Put(_), 201) => KvOutcome::Added,
+            (KvOp::Put(_), 200) => KvOutcome::Replaced,
+            (KvOp::Delete, 200) => KvOutcome::Deleted,
+            (KvOp::Get | KvOp::Delete, 404) => KvOutcome::Absent,
+            (_, status) => {
+                return Err(PeerError::Refused {
+                    peer: peer.to_string(),
+                    status,
+                    failure: serde_json::from_slice(&body).unwrap_or_default(),
+                })
+            }
+        };
+        Ok(ForwardReply::Served(outcome))
+    }
+
+    /// Relays a client request unchanged to a main instance (forwarding-instance mode).
+    pub async fn relay(
+        &self,
+        main: &str,
+        method: Method,
+        path_and_query: &str,
+        body: Bytes,
+    ) -> Result<Relayed, PeerError> {
+        let unreachable = || PeerError::Unreachable(main.to_string());
+        let response = self
+            .client
+            .request(method, format!("http://{main}{path_and_query}"))
+            .header("content-type", "application/json")
+            .body(body)
+            .timeout(self.timeout)
+            .send()
+            .await
+            .map_err(|_| unreachable())?;
+        let status = response.status();
+        let body = response.bytes().await.map_err(|_| unreachable())?;
+        Ok(Relayed { status, body })
+    }
+
+    /// Calls an internal control endpoint with a JSON body (or none) and reads a JSON answer.
+    pub async fn call<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        peer: &str,
+        method: Method,
+        path: &str,
+        body: Option<&Req>,
+        view: &View,
+        timeout: Duration,
+    ) -> Result<Resp, PeerError> {
+        let mut request = self
+            .internal(method, format!("http://{peer}{path}"), view)
+            .timeout(timeout);
+        if let Some(body) = body {
+            let json = serde_json::to_vec(body).expect("internal messages serialise");
+            request = request
+                .header("content-type", "application/json")
+                .body(json);
+        }
+        self.finish(peer, request).await
+    }
+
+    /// Posts a binary batch of entries to `peer`'s staging area.
+    pub async fn stage(
+        &self,
+        peer: &str,
+        batch: Bytes,
+        view: &View,
+        timeout: Duration,
+    ) -> Result<(), PeerError> {
+        let request = self
+            .internal(Method::POST, format!("http://{peer}/internal/stage"), view)
+            .timeout(timeout)
+            .body(batch);
+        self.finish::<serde_json::Value>(peer, request)
+            .await
+            .map(|_| ())
+    }
+
+    async fn finish<Resp: DeserializeOwned>(
+        &self,
+        peer: &str,
+        request: reqwest::RequestBuilder,
+    ) -> Result<Resp, PeerError> {
+        let response = request
+            .send()
+            .await
+            .map_err(|_| PeerError::Unreachable(peer.to_string()))?;
+        let status = response.status();
+        let body = response
+            .bytes()
+            .await
+            .map_err(|_| PeerError::Unreachable(peer.to_string()))?;
+        if !status.is_success() {
+            return Err(PeerError::Refused {
+                peer: peer.to_string(),
+                status: status.as_u16(),
+                failure: serde_json::from_slice(&body).unwrap_or_default(),
+            });
+        }
+        serde_json::from_slice(&body).map_err(|_| PeerError::BadAnswer(peer.to_string()))
+    }
+}

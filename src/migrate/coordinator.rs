@@ -1,0 +1,273 @@
+//! The view-change coordinator: whichever node receives `PUT /kvs/view-change` probes every
+//! node of the old and new view, then drives prepare → transfer → catch-up → commit, and
+//! aborts everywhere if any step fails before the commit point.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::future::join_all;
+use reqwest::Method;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use xxhash_rust::xxh3::xxh3_64;
+
+use super::ChangeError;
+use crate::forward::PeerError;
+use crate::node::Node;
+use crate::view::{View, ViewError};
+use crate::wire::{ChangeRef, ChangeReport, Committed, NodeState, Prepare, Shipped};
+
+/// How long the transfer and catch-up phases may take on one node.
+const PHASE_CALL_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// One entry of the reply's `shards`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Shard {
+    pub address: String,
+    pub key_count: usize,
+}
+
+fn as_change_error(errors: Vec<PeerError>) -> ChangeError {
+    let conflict = errors
+        .iter()
+        .any(|e| matches!(e, PeerError::Refused { status: 409, .. }));
+    if conflict {
+        return ChangeError::InProgress;
+    }
+    let mut unreachable: Vec<String> = Vec::new();
+    for error in errors {
+        let peers = match error {
+            PeerError::Refused { peer, failure, .. } if failure.unreachable.is_empty() => {
+                vec![peer]
+            }
+            PeerError::Refused { failure, .. } => failure.unreachable,
+            PeerError::Unreachable(peer) | PeerError::BadAnswer(peer) => vec![peer],
+        };
+        for peer in peers {
+            if !unreachable.contains(&peer) {
+                unreachable.push(peer);
+            }
+        }
+    }
+    ChangeError::Unreachable(unreachable)
+}
+
+struct Run<'a> {
+    node: &'a Arc<Node>,
+    view: Arc<View>,
+    participants: Vec<String>,
+}
+
+impl Run<'_> {
+    /// Sends one message to every participant at once; all answers, or every failure.
+    async fn everyone<Req, Resp>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Req>,
+        timeout: Duration,
+    ) -> Result<Vec<Resp>, Vec<PeerError>>
+    where
+        Req: Serialize + Sync,
+        Resp: DeserializeOwned,
+    {
+        let calls = self.participants.iter().map(|peer| {
+            self.node
+                .peers
+                .call::<Req, Resp>(peer, method.clone(), path, body, &self.view, timeout)
+        });
+        let (ok, failed): (Vec<_>, Vec<_>) =
+            join_all(calls).await.into_iter().partition(Result::is_ok);
+        if failed.is_empty() {
+            Ok(ok.into_iter().filter_map(Result::ok).collect())
+        } else {
+            Err(failed.into_iter().filter_map(Result::err).collect())
+        }
+    }
+
+    async fn abort_everywhere(&self, change: ChangeRef) {
+        let _ = self
+            .everyone::<ChangeRef, serde_json::Value>(
+                Method::POST,
+                "/internal/abort",
+                Some(&change),
+                self.node.peers.timeout(),
+            )
+            .await;
+    }
+}
+
+/// Carries out a view change to `members`; answers the new view's shards in view order.
+pub async fn change_view(
+    node: &Arc<Node>,
+    members: Vec<String>,
+) -> Result<Vec<Shard>, ChangeError> {
+    let Ok(_coordinating) = node.coordinating.try_lock() else {
+        return Err(ChangeError::InProgress);
+    };
+    if node.migration().is_some() {
+        return Err(ChangeError::InProgress);
+    }
+    let target = View::new(0, members, node.config.vnodes)
+        .map_err(|e| ChangeError::BadView(ViewError::BadEntry(e.to_string())))?;
+    let old = node.view();
+    let mut participants = target.members.clone();
+    for member in &old.members {
+        if !participants.contains(member) {
+            participants.push(member.clone());
+        }
+    }
+    let run = Run {
+        node,
+        view: old.clone(),
+        participants,
+    };
+    let started = Instant::now();
+
+    let states: Vec<NodeState> = run
+        .everyone::<(), _>(Method::GET, "/internal/state", None, node.peers.timeout())
+        .await
+        .map_err(as_change_error)?;
+    if states.iter().any(|s| s.pending.is_some()) {
+        return Err(ChangeError::InProgress);
+    }
+    let agreed = states
+        .iter()
+        .all(|s| s.view_id == target.id && s.epoch == states[0].epoch);
+    if agreed {
+        tracing::info!(view = %target.members_text(), "view change to the view in force: no-op");
+        let counts: HashMap<&str, usize> = states
+            .iter()
+            .map(|s| (s.address.as_str(), s.key_count))
+            .collect();
+        return Ok(shards(&target, |a| counts.get(a).copied()));
+    }
+
+    let epoch = states.iter().map(|s| s.epoch).max().unwrap_or(0) + 1;
+    let change_id = xxh3_64(format!("{}#{epoch}#{:?}", node.address, Instant::now()).as_bytes());
+    let change = ChangeRef { change_id };
+    tracing::info!(
+        change = change_id,
+        epoch,
+        from = %old.members_text(),
+        to = %target.members_text(),
+        "coordinating view change"
+    );
+    let prepare = Prepare {
+        change_id,
+        epoch,
+        view: target.members.clone(),
+        coordinator: node.address.to_string(),
+        participants: run.participants.clone(),
+    };
+    let phases = async {
+        run.everyone::<Prepare, serde_json::Value>(
+            Method::POST,
+            "/internal/prepare",
+            Some(&prepare),
+            node.peers.timeout(),
+        )
+        .await?;
+        let shipped: Vec<Shipped> = run
+            .everyone(
+                Method::POST,
+                "/internal/transfer",
+                Some(&change),
+                PHASE_CALL_TIMEOUT,
+            )
+            .await?;
+        let caught_up: Vec<Shipped> = run
+            .everyone(
+                Method::POST,
+                "/internal/catchup",
+                Some(&change),
+                PHASE_CALL_TIMEOUT,
+            )
+            .await?;
+        Ok::<_, Vec<PeerError>>((shipped, caught_up))
+    };
+    let (shipped, caught_up) = match phases.await {
+        Ok(done) => done,
+        Err(errors) => {
+            let error = as_change_error(errors);
+            tracing::warn!(change = change_id, %error, ?error, "view change failed before commit; aborting");
+            run.abort_everywhere(change).await;
+            return Err(error);
+        }
+    };
+
+    let committed = commit_everywhere(&run, change).await;
+    let report = ChangeReport {
+        epoch,
+        view: target.members.clone(),
+        moved_ranges: shipped.iter().map(|s| s.ranges).sum(),
+        keys_shipped: shipped.iter().map(|s| s.keys).sum(),
+        bytes_shipped: shipped.iter().map(|s| s.bytes).sum(),
+        keys_caught_up: caught_up.iter().map(|s| s.keys).sum(),
+        millis: started.elapsed().as_millis() as u64,
+    };
+    tracing::info!(change = change_id, ?report, "view change committed");
+    *node.last_change.lock() = Some(report);
+    Ok(shards(&target, |a| committed.get(a).copied()))
+}
+
+/// The commit point: once the first participant switches, the change is decided. Every
+/// participant is told; one that misses it learns from its peers (see the watchdog).
+async fn commit_everywhere(run: &Run<'_>, change: ChangeRef) -> HashMap<String, usize> {
+    let node = run.node;
+    let mut counts = HashMap::new();
+    if node.faults.exit_after_first_commit() {
+        for peer in run.participants.iter().filter(|p| **p != *node.address) {
+            let answer: Result<Committed, _> = node
+                .peers
+                .call(
+                    peer,
+                    Method::POST,
+                    "/internal/commit",
+                    Some(&change),
+                    &run.view,
+                    node.peers.timeout(),
+                )
+                .await;
+            if answer.is_ok() {
+                tracing::warn!(%peer, "fault hook: coordinator exits after the first commit");
+                std::process::exit(17);
+            }
+        }
+    }
+    let calls = run.participants.iter().map(|peer| async move {
+        for _ in 0..3 {
+            let answer: Result<Committed, _> = node
+                .peers
+                .call(
+                    peer,
+                    Method::POST,
+                    "/internal/commit",
+                    Some(&change),
+                    &run.view,
+                    node.peers.timeout(),
+                )
+                .await;
+            match answer {
+                Ok(done) => return Some((peer.clone(), done.key_count)),
+                Err(error) => tracing::warn!(%peer, %error, "commit not acknowledged; retrying"),
+            }
+        }
+        None
+    });
+    for (peer, count) in join_all(calls).await.into_iter().flatten() {
+        counts.insert(peer, count);
+    }
+    counts
+}
+
+fn shards(view: &View, count: impl Fn(&str) -> Option<usize>) -> Vec<Shard> {
+    view.members
+        .iter()
+        .map(|address| Shard {
+            address: address.clone(),
+            key_count: count(address).unwrap_or(0),
+        })
+        .collect()
+}

@@ -1,0 +1,247 @@
+//! What each phase of a view change does on one participating node, and the watchdog that
+//! finishes or abandons a change whose coordinator went silent.
+
+use std::sync::Arc;
+
+use reqwest::Method;
+
+use super::transfer::{ship_entries, ship_ranges};
+use super::{ChangeError, Migration};
+use crate::node::Node;
+use crate::ring::{key_hash, HashRing, MovedRange};
+use crate::store::Entry;
+use crate::view::{View, ViewError};
+use crate::wire::{Committed, Outcome, Prepare, Shipped};
+
+fn prepared(node: &Node, change_id: u64) -> Result<Arc<Migration>, ChangeError> {
+    node.migration()
+        .filter(|m| m.change_id == change_id)
+        .ok_or(ChangeError::UnknownChange(change_id))
+}
+
+/// Phase 1: remember the new view and start recording writes to the ranges that will move.
+pub async fn prepare(node: &Arc<Node>, request: Prepare) -> Result<(), ChangeError> {
+    let _serial = node.change_lock.lock().await;
+    if let Some(current) = node.migration() {
+        return if current.change_id == request.change_id {
+            Ok(())
+        } else {
+            Err(ChangeError::InProgress)
+        };
+    }
+    let current = node.view();
+    if request.epoch <= current.epoch {
+        return Err(ChangeError::StaleEpoch {
+            offered: request.epoch,
+            current: current.epoch,
+        });
+    }
+    let view = View::new(request.epoch, request.view, node.config.vnodes)
+        .map_err(|e| ChangeError::BadView(ViewError::BadEntry(e.to_string())))?;
+    let outgoing: Vec<MovedRange> = HashRing::diff(&current.ring, &view.ring)
+        .into_iter()
+        .filter(|r| r.from == node.address)
+        .collect();
+    tracing::info!(
+        change = request.change_id,
+        epoch = request.epoch,
+        view = %view.members_text(),
+        coordinator = %request.coordinator,
+        outgoing_ranges = outgoing.len(),
+        "prepared view change"
+    );
+    let migration = Arc::new(Migration::new(
+        request.change_id,
+        request.coordinator,
+        request.participants,
+        view,
+        outgoing,
+    ));
+    node.install_migration(migration.clone());
+    tokio::spawn(watchdog(node.clone(), migration));
+    Ok(())
+}
+
+/// Phase 2: ship every key of the outgoing ranges to its new owner; this node keeps
+/// serving them meanwhile.
+pub async fn transfer(node: &Arc<Node>, change_id: u64) -> Result<Shipped, ChangeError> {
+    let migration = prepared(node, change_id)?;
+    migration.touch();
+    node.faults.transfer_pause_point().await;
+    let shipped = ship_ranges(node, &migration).await?;
+    tracing::info!(
+        change = change_id,
+        ranges = shipped.ranges,
+        keys = shipped.keys,
+        bytes = shipped.bytes,
+        "transfer done"
+    );
+    migration.touch();
+    Ok(shipped)
+}
+
+/// A batch of entries from a peer for ranges this node takes over.
+pub fn stage(node: &Node, change_id: u64, entries: Vec<Entry>) -> Result<(), ChangeError> {
+    let migration = prepared(node, change_id)?;
+    migration.touch();
+    migration.stage(entries);
+    Ok(())
+}
+
+/// Phase 3: freeze writes to the outgoing ranges and re-send every key written there
+/// since prepare (deleted keys as tombstones).
+pub async fn catch_up(node: &Arc<Node>, change_id: u64) -> Result<Shipped, ChangeError> {
+    let migration = prepared(node, change_id)?;
+    migration.touch();
+    node.freeze(&migration);
+    let entries: Vec<Entry> = migration
+        .take_dirty()
+        .into_iter()
+        .map(|key| Entry {
+            value: node.store.get(key_hash(key.as_bytes()), &key),
+            key,
+        })
+        .collect();
+    let shipped = ship_entries(node, &migration, entries).await?;
+    tracing::info!(change = change_id, keys = shipped.keys, "catch-up done");
+    migration.touch();
+    Ok(shipped)
+}
+
+/// Phase 4: make received keys live, switch to the new view, drop what was handed over.
+/// Idempotent: committing a change that already committed here reports the key count.
+pub async fn commit(node: &Arc<Node>, change_id: u64) -> Result<Committed, ChangeError> {
+    let _serial = node.change_lock.lock().await;
+    let migration = match prepared(node, change_id) {
+        Ok(migration) => migration,
+        Err(error) => {
+            return if node.outcome(change_id) == Outcome::Committed {
+                Ok(Committed {
+                    key_count: node.store.len(),
+                })
+            } else {
+                Err(error)
+            };
+        }
+    };
+    let staged = migration.take_staged();
+    let received = staged.len();
+    for (key, value) in staged {
+        node.store.apply(key_hash(key.as_bytes()), &key, value);
+    }
+    node.switch_to(&migration);
+    migration.end();
+    let dropped: usize = migration
+        .outgoing
+        .iter()
+        .flat_map(|r| r.range.segments())
+        .map(|(start, end)| node.store.remove_segment(start, end))
+        .sum();
+    node.record_outcome(change_id, Outcome::Committed);
+    tracing::info!(
+        change = change_id,
+        epoch = migration.view.epoch,
+        view = %migration.view.members_text(),
+        received,
+        dropped,
+        keys = node.store.len(),
+        "committed view change"
+    );
+    Ok(Committed {
+        key_count: node.store.len(),
+    })
+}
+
+/// Abandons a prepared change: received keys are discarded, the old view stays.
+pub async fn abort(node: &Arc<Node>, change_id: u64) -> Result<(), ChangeError> {
+    let _serial = node.change_lock.lock().await;
+    let Ok(migration) = prepared(node, change_id) else {
+        return Ok(());
+    };
+    node.drop_migration(&migration);
+    migration.end();
+    node.record_outcome(change_id, Outcome::Aborted);
+    tracing::warn!(
+        change = change_id,
+        "aborted view change; the old view stays"
+    );
+    Ok(())
+}
+
+/// What a silent coordinator leaves a participant to do.
+enum Resolution {
+    Commit,
+    Abort,
+    Wait,
+}
+
+/// Watches a prepared change: when nothing has been heard of it for the phase timeout,
+/// asks the coordinator and peers for its outcome. Once any node committed, the change is
+/// decided and this node commits too; it aborts only when nobody committed and the
+/// coordinator is gone or has given up.
+async fn watchdog(node: Arc<Node>, migration: Arc<Migration>) {
+    let timeout = node.config.phase_timeout;
+    let mut ended = migration.ended();
+    loop {
+        tokio::select! {
+            _ = ended.wait_for(|ended| *ended) => return,
+            _ = tokio::time::sleep(timeout / 4) => {}
+        }
+        if migration.quiet_for() < timeout {
+            continue;
+        }
+        let outcome = match resolve(&node, &migration).await {
+            Resolution::Wait => {
+                migration.touch();
+                continue;
+            }
+            Resolution::Commit => commit(&node, migration.change_id).await.map(|_| ()),
+            Resolution::Abort => abort(&node, migration.change_id).await,
+        };
+        if let Err(error) = outcome {
+            tracing::warn!(change = migration.change_id, %error, "watchdog could not settle the change");
+        }
+        return;
+    }
+}
+
+async fn resolve(node: &Arc<Node>, migration: &Migration) -> Resolution {
+    if *migration.coordinator == *node.address && node.coordinating.try_lock().is_err() {
+        return Resolution::Wait;
+    }
+    let view = node.view();
+    let path = format!("/internal/outcome/{}", migration.change_id);
+    let asks = migration
+        .participants
+        .iter()
+        .filter(|peer| **peer != *node.address)
+        .map(|peer| {
+            let path = path.clone();
+            let view = view.clone();
+            async move {
+                let answer: Result<Outcome, _> = node
+                    .peers
+                    .call::<(), _>(peer, Method::GET, &path, None, &view, node.peers.timeout())
+                    .await;
+                (peer.clone(), answer.unwrap_or(Outcome::Unknown))
+            }
+        });
+    let answers = futures_util::future::join_all(asks).await;
+    let coordinator_busy = answers
+        .iter()
+        .any(|(peer, outcome)| *peer == migration.coordinator && *outcome == Outcome::Pending);
+    let anyone_committed = answers.iter().any(|(_, o)| *o == Outcome::Committed);
+    tracing::warn!(
+        change = migration.change_id,
+        coordinator = %migration.coordinator,
+        ?answers,
+        "coordinator silent past the phase timeout; asked peers"
+    );
+    if anyone_committed {
+        Resolution::Commit
+    } else if coordinator_busy {
+        Resolution::Wait
+    } else {
+        Resolution::Abort
+    }
+}

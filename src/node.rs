@@ -1,0 +1,365 @@
+//! A node's shared state (store, view, change in progress) and how a key request is
+//! executed: locally when this node owns the key, otherwise by forwarding it to the owner.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock};
+use reqwest::Method;
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::fault::Faults;
+use crate::forward::{ForwardReply, KvOp, KvOutcome, PeerError, Peers};
+use crate::migrate::Migration;
+use crate::ring::{key_hash, RingError};
+use crate::store::Store;
+use crate::view::View;
+use crate::wire::{ChangeReport, Misdirected, NodeState, Outcome};
+
+/// How many times a client request is re-routed after learning of a newer view.
+const MAX_ROUTES: usize = 8;
+/// How many change outcomes a node remembers for peers that lost their coordinator.
+const REMEMBERED_OUTCOMES: usize = 64;
+
+/// Why a client's key request could not be served.
+#[derive(Debug, thiserror::Error)]
+pub enum KvError {
+    #[error("the owner {0} did not answer")]
+    OwnerUnreachable(String),
+    #[error("the key's range stayed frozen by a view change")]
+    StillMoving,
+    #[error("the owner refused: {0}")]
+    Refused(PeerError),
+    #[error("no stable owner after {MAX_ROUTES} re-routes")]
+    NoStableOwner,
+}
+
+/// An answer served by `address` (`None` when this node served it).
+#[derive(Debug)]
+pub struct Served {
+    pub outcome: KvOutcome,
+    pub address: Option<Arc<str>>,
+}
+
+/// One attempt to execute a key operation on this node.
+pub enum Local {
+    Done(KvOutcome),
+    /// This node does not own the key under `view`.
+    NotOwner(Arc<View>),
+    /// The key's range is being handed over; retry once the change ends.
+    Wait(watch::Receiver<bool>),
+}
+
+struct State {
+    view: Arc<View>,
+    migration: Option<Arc<Migration>>,
+}
+
+/// One ringkv node.
+pub struct Node {
+    pub config: Config,
+    pub address: Arc<str>,
+    pub store: Store,
+    pub peers: Peers,
+    pub faults: Faults,
+    state: RwLock<State>,
+    /// Serialises prepare, commit and abort on this node.
+    pub(crate) change_lock: tokio::sync::Mutex<()>,
+    /// Held while this node coordinates a view change.
+    pub(crate) coordinating: tokio::sync::Mutex<()>,
+    outcomes: Mutex<VecDeque<(u64, Outcome)>>,
+    /// The last view change this node coordinated.
+    pub last_change: Mutex<Option<ChangeReport>>,
+}
+
+impl Node {
+    pub fn new(config: Config) -> Result<Arc<Node>, RingError> {
+        let view = View::new(0, config.view.clone(), config.vnodes)?;
+        let peers = Peers::new(
+            &config.address,
+            config.vnodes,
+            config.forward_timeout,
+            config.max_forwards,
+        );
+        Ok(Arc::new(Node {
+            address: Arc::from(config.address.as_str()),
+            store: Store::new(),
+            peers,
+            faults: Faults::new(config.fault_hooks),
+            state: RwLock::new(State {
+                view,
+                migration: None,
+            }),
+            change_lock: tokio::sync::Mutex::new(()),
+            coordinating: tokio::sync::Mutex::new(()),
+            outcomes: Mutex::new(VecDeque::new()),
+            last_change: Mutex::new(None),
+            config,
+        }))
+    }
+
+    /// The view in force on this node.
+    pub fn view(&self) -> Arc<View> {
+        self.state.read().view.clone()
+    }
+
+    /// The change this node has prepared and not yet committed or aborted.
+    pub fn migration(&self) -> Option<Arc<Migration>> {
+        self.state.read().migration.clone()
+    }
+
+    pub fn node_state(&self) -> NodeState {
+        let state = self.state.read();
+        NodeState {
+            address: self.address.to_string(),
+            epoch: state.view.epoch,
+            view: state.view.members.clone(),
+            view_id: state.view.id,
+            vnodes: self.config.vnodes,
+            key_count: self.store.len(),
+            pending: state.migration.as_ref().map(|m| m.change_id),
+        }
+    }
+
+    /// Executes `op` here if this node owns the key, keeping a range that is being handed
+    /// over consistent: writes to it are recorded for re-sending, or wait while it is frozen.
+    pub fn try_local(&self, key: &str, hash: u64, op: &KvOp) -> Local {
+        let state = self.state.read();
+        if *state.view.ring.owner_of_hash(hash) != self.address {
+            return Local::NotOwner(state.view.clone());
+        }
+        if let Some(migration) = &state.migration {
+            if op.is_write() && migration.hands_over(hash) {
+                if migration.is_frozen() {
+                    return Local::Wait(migration.ended());
+                }
+                migration.mark_dirty(key);
+            }
+        }
+        Local::Done(match op {
+            KvOp::Get => match self.store.get(hash, key) {
+                Some(value) => KvOutcome::Found(value),
+                None => KvOutcome::Absent,
+            },
+            KvOp::Put(value) => {
+                if self.store.put(hash, key, value.clone()) {
+                    KvOutcome::Replaced
+                } else {
+                    KvOutcome::Added
+                }
+            }
+            KvOp::Delete => {
+                if self.store.delete(hash, key) {
+                    KvOutcome::Deleted
+                } else {
+                    KvOutcome::Absent
+                }
+            }
+        })
+    }
+
+    /// Waits (bounded by the forwarding timeout) for a frozen range to be released.
+    async fn wait_for_release(&self, mut ended: watch::Receiver<bool>) -> Result<(), KvError> {
+        tokio::time::timeout(self.peers.timeout(), ended.wait_for(|ended| *ended))
+            .await
+            .map(|_| ())
+            .map_err(|_| KvError::StillMoving)
+    }
+
+    /// Serves a client's key request from wherever the key lives.
+    pub async fn serve_kv(self: &Arc<Self>, key: &str, op: KvOp) -> Result<Served, KvError> {
+        let hash = key_hash(key.as_bytes());
+        for _ in 0..MAX_ROUTES {
+            let view = match self.try_local(key, hash, &op) {
+                Local::Done(outcome) => {
+                    return Ok(Served {
+                        outcome,
+                        address: None,
+                    })
+                }
+                Local::Wait(ended) => {
+                    self.wait_for_release(ended).await?;
+                    continue;
+                }
+                Local::NotOwner(view) => view,
+            };
+            let owner = view.ring.owner_of_hash(hash).clone();
+            match self.peers.forward_kv(&owner, key, &op, &view).await {
+                Ok(ForwardReply::Served(outcome)) => {
+                    return Ok(Served {
+                        outcome,
+                        address: Some(owner),
+                    })
+                }
+                Ok(ForwardReply::Misdirected(newer)) => {
+                    self.learn(newer.epoch, Some(newer.view), &owner).await;
+                }
+                Err(PeerError::Unreachable(peer)) => return Err(KvError::OwnerUnreachable(peer)),
+                Err(refused) => return Err(KvError::Refused(refused)),
+            }
+        }
+        Err(KvError::NoStableOwner)
+    }
+
+    /// Serves a key request forwarded by `sender`, which routed it with view `epoch`.
+    /// Never forwards again: answers with this node's newer view when it is not the owner.
+    pub async fn serve_forwarded(
+        self: &Arc<Self>,
+        key: &str,
+        op: KvOp,
+        epoch: u64,
+        sender: &str,
+    ) -> Result<KvOutcome, Misdirected> {
+        self.learn(epoch, None, sender).await;
+        let hash = key_hash(key.as_bytes());
+        loop {
+            match self.try_local(key, hash, &op) {
+                Local::Done(outcome) => return Ok(outcome),
+                Local::Wait(ended) => {
+                    if self.wait_for_release(ended).await.is_err() {
+                        let view = self.view();
+                        return Err(Misdirected {
+                            epoch: view.epoch,
+                            view: view.members.clone(),
+                        });
+                    }
+                }
+                Local::NotOwner(view) => {
+                    return Err(Misdirected {
+                        epoch: view.epoch,
+                        view: view.members.clone(),
+                    })
+                }
+            }
+        }
+    }
+
+    /// Catches up with a newer epoch heard from `source`: commits the prepared change of
+    /// that epoch (someone committed it, so it is decided), or adopts the newer view.
+    pub async fn learn(self: &Arc<Self>, epoch: u64, members: Option<Vec<String>>, source: &str) {
+        if epoch <= self.view().epoch {
+            return;
+        }
+        if let Some(migration) = self.migration() {
+            if migration.view.epoch == epoch {
+                tracing::info!(
+                    epoch,
+                    from = source,
+                    "a peer already serves the new view; committing"
+                );
+                if let Err(error) = crate::migrate::commit(self, migration.change_id).await {
+                    tracing::warn!(%error, "commit on hearing a newer epoch failed");
+                }
+                return;
+            }
+        }
+        let members = match members {
+            Some(members) => members,
+            None => {
+                let state: Result<NodeState, _> = self
+                    .peers
+                    .call::<(), _>(
+                        source,
+                        Method::GET,
+                        "/internal/state",
+                        None,
+                        &self.view(),
+                        self.peers.timeout(),
+                    )
+                    .await;
+                match state {
+                    Ok(state) if state.epoch == epoch => state.view,
+                    Ok(state) => {
+                        tracing::warn!(epoch, their = state.epoch, from = source, "epoch moved on");
+                        return;
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, epoch, "cannot fetch the newer view");
+                        return;
+                    }
+                }
+            }
+        };
+        self.adopt(epoch, members);
+    }
+
+    /// Takes a newer view that this node had no part in changing to.
+    fn adopt(&self, epoch: u64, members: Vec<String>) {
+        let Ok(view) = View::new(epoch, members, self.config.vnodes) else {
+            tracing::warn!(epoch, "refusing an invalid view from a peer");
+            return;
+        };
+        let mut state = self.state.write();
+        if state.view.epoch >= epoch {
+            return;
+        }
+        if let Some(stale) = state.migration.take() {
+            tracing::warn!(
+                change = stale.change_id,
+                "a newer view superseded the prepared change"
+            );
+            stale.end();
+        }
+        tracing::info!(epoch, view = %view.members_text(), "adopted a newer view");
+        state.view = view;
+    }
+
+    /// Installs a prepared change.
+    pub(crate) fn install_migration(&self, migration: Arc<Migration>) {
+        self.state.write().migration = Some(migration);
+    }
+
+    /// Freezes writes to the ranges `migration` hands over; returns once no write that
+    /// missed the freeze is still being applied.
+    pub(crate) fn freeze(&self, migration: &Migration) {
+        let _state = self.state.write();
+        migration.freeze();
+    }
+
+    /// Switches to the change's view and forgets the change; true if it was still installed.
+    pub(crate) fn switch_to(&self, migration: &Arc<Migration>) -> bool {
+        let mut state = self.state.write();
+        match &state.migration {
+            Some(current) if Arc::ptr_eq(current, migration) => {
+                state.view = migration.view.clone();
+                state.migration = None;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Forgets an aborted change; true if it was still installed.
+    pub(crate) fn drop_migration(&self, migration: &Arc<Migration>) -> bool {
+        let mut state = self.state.write();
+        match &state.migration {
+            Some(current) if Arc::ptr_eq(current, migration) => {
+                state.migration = None;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    pub(crate) fn record_outcome(&self, change_id: u64, outcome: Outcome) {
+        let mut outcomes = self.outcomes.lock();
+        outcomes.retain(|(id, _)| *id != change_id);
+        outcomes.push_back((change_id, outcome));
+        while outcomes.len() > REMEMBERED_OUTCOMES {
+            outcomes.pop_front();
+        }
+    }
+
+    /// What this node knows of a change.
+    pub fn outcome(&self, change_id: u64) -> Outcome {
+        if self.migration().is_some_and(|m| m.change_id == change_id) {
+            return Outcome::Pending;
+        }
+        self.outcomes
+            .lock()
+            .iter()
+            .find(|(id, _)| *id == change_id)
+            .map_or(Outcome::Unknown, |(_, outcome)| *outcome)
+    }
+}
