@@ -67,7 +67,7 @@ pub struct Args {
     #[arg(long, default_value_t = 30.0)]
     pub phase_timeout: f64,
     /// Enable the test-only fault hooks under /internal/fault (never in production).
-    #[arg(long, hide = true)]
+    #[arg(long, hide = true, env = "RINGKV_FAULT_HOOKS")]
     pub fault_hooks: bool,
 }
 
