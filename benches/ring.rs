@@ -35,6 +35,13 @@ fn lookup(c: &mut Criterion) {
     let keys = keys();
     let hashes: Vec<u64> = keys.iter().map(|k| key_hash(k)).collect();
     let mut group = c.benchmark_group("lookup");
+    group.bench_function("key_hash alone", |b| {
+        let mut i = 0;
+        b.iter(|| {
+            i = (i + 1) % KEY_COUNT;
+            black_box(key_hash(black_box(&keys[i])));
+        })
+    });
     for (vnodes, nodes) in [(256, 4), (256, 64), (DEFAULT_VNODES, 64)] {
         let label = format!("{vnodes}x{nodes}");
         let view = view(nodes);

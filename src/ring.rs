@@ -14,7 +14,8 @@ use std::sync::Arc;
 
 use xxhash_rust::xxh3::xxh3_64;
 
-/// The vnode count a node uses unless told otherwise (see the README's table for why).
+/// The vnode count a node uses unless told otherwise (docs/RING.md has the measurements
+/// behind it).
 pub const DEFAULT_VNODES: u32 = 1024;
 
 /// Why a ring could not be built.
@@ -117,6 +118,34 @@ pub struct HashRing {
     /// `owners[i]` indexes `nodes` for `tokens[i]`.
     owners: Vec<u32>,
     vnodes: u32,
+    /// Lookup index by the top bits of a hash: `bucket_start[p]` is the index of the first
+    /// token whose top bits are `>= p`, so the tokens with top bits `p` are
+    /// `bucket_start[p]..bucket_start[p + 1]` and a lookup binary-searches only those few.
+    bucket_start: Vec<u32>,
+    /// `64 - index bits`: `hash >> bucket_shift` is a hash's bucket.
+    bucket_shift: u32,
+}
+
+/// About this many tokens per lookup bucket: a bucket fits in a cache line or two, and
+/// the index is a quarter of the token count in `u32`s.
+const TOKENS_PER_BUCKET_LOG2: u32 = 2;
+
+/// `(bucket_start, bucket_shift)` for sorted `tokens`.
+fn bucket_index(tokens: &[u64]) -> (Vec<u32>, u32) {
+    let bits = (tokens.len().max(1).ilog2())
+        .saturating_sub(TOKENS_PER_BUCKET_LOG2)
+        .clamp(1, 24);
+    let shift = 64 - bits;
+    let buckets = 1usize << bits;
+    let mut bucket_start = Vec::with_capacity(buckets + 1);
+    let mut i = 0;
+    for bucket in 0..=buckets {
+        while i < tokens.len() && ((tokens[i] >> shift) as usize) < bucket {
+            i += 1;
+        }
+        bucket_start.push(i as u32);
+    }
+    (bucket_start, shift)
 }
 
 impl HashRing {
@@ -146,12 +175,15 @@ impl HashRing {
             placed.extend((0..vnodes).map(|i| (token_hash(node, i), node_index as u32)));
         }
         placed.sort_unstable();
-        let (tokens, owners) = placed.into_iter().unzip();
+        let (tokens, owners): (Vec<u64>, Vec<u32>) = placed.into_iter().unzip();
+        let (bucket_start, bucket_shift) = bucket_index(&tokens);
         Ok(HashRing {
             nodes,
             tokens,
             owners,
             vnodes,
+            bucket_start,
+            bucket_shift,
         })
     }
 
@@ -175,9 +207,15 @@ impl HashRing {
         self.nodes.binary_search_by(|n| (**n).cmp(addr)).is_ok()
     }
 
+    /// Index of the first token at or after `hash`, wrapping to 0.
     #[inline]
     fn token_index_for(&self, hash: u64) -> usize {
-        let i = self.tokens.partition_point(|&t| t < hash);
+        // Tokens before `low` are below `hash`'s bucket, tokens from `high` on above it, so
+        // the first token >= hash is in `low..=high` (`high` itself if the bucket has none).
+        let bucket = (hash >> self.bucket_shift) as usize;
+        let low = self.bucket_start[bucket] as usize;
+        let high = self.bucket_start[bucket + 1] as usize;
+        let i = low + self.tokens[low..high].partition_point(|&t| t < hash);
         if i == self.tokens.len() {
             0
         } else {

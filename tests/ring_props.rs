@@ -289,6 +289,26 @@ proptest! {
     }
 
     #[test]
+    fn owner_matches_the_model_at_aligned_hashes(
+        view in view(),
+        vnodes in prop_oneof![7 => 1u32..=64, 1 => Just(ringkv::ring::DEFAULT_VNODES)],
+        random in prop::collection::vec(any::<u64>(), 8),
+    ) {
+        // Hashes on power-of-two boundaries, where an index by the top bits of a hash would
+        // split the ring, and the tokens' own aligned prefixes.
+        let ring = HashRing::new(&view, vnodes).unwrap();
+        let model = ModelRing::new(&view, vnodes);
+        let seeds = random.iter().chain(model.0.keys().take(64));
+        for &seed in seeds {
+            for shift in 32..64 {
+                for hash in around((seed >> shift) << shift) {
+                    prop_assert_eq!(ring.owner_of_hash(hash).as_ref(), model.owner_of_hash(hash));
+                }
+            }
+        }
+    }
+
+    #[test]
     fn ownership_sums_to_one_and_matches_the_model(view in view(), vnodes in vnodes()) {
         let ring = HashRing::new(&view, vnodes).unwrap();
         let shares = ring.ownership();
