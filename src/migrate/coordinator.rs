@@ -118,17 +118,37 @@ pub async fn change_view(
             participants.push(member.clone());
         }
     }
-    let run = Run {
+    let mut run = Run {
         node,
         view: old.clone(),
         participants,
     };
     let started = Instant::now();
 
-    let states: Vec<NodeState> = run
-        .everyone::<(), _>(Method::GET, "/internal/state", None, node.peers.timeout())
-        .await
-        .map_err(as_change_error)?;
+    // This node may be behind (a removed node hears of no later change): whoever serves
+    // the newest epoch knows its members, who hold the data and must take part too.
+    let states: Vec<NodeState> = loop {
+        let states: Vec<NodeState> = run
+            .everyone::<(), _>(Method::GET, "/internal/state", None, node.peers.timeout())
+            .await
+            .map_err(as_change_error)?;
+        let newest = states.iter().max_by_key(|s| s.epoch);
+        let missing: Vec<String> = newest
+            .filter(|s| s.epoch > old.epoch)
+            .map(|s| {
+                s.view
+                    .iter()
+                    .filter(|m| !run.participants.contains(m))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        if missing.is_empty() {
+            break states;
+        }
+        tracing::info!(?missing, "members of a newer view take part in the change");
+        run.participants.extend(missing);
+    };
     if states.iter().any(|s| s.pending.is_some()) {
         return Err(ChangeError::InProgress);
     }

@@ -249,3 +249,228 @@ impl Client {
         self.get(&format!("http://{node}/internal/state")).body
     }
 }
+
+/// Polls `check` every 20 ms until it yields a value; panics naming `what` after `limit`.
+pub fn poll_until<T>(limit: Duration, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still waiting after {limit:?} for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A raw HTTP answer: status and body text, not yet parsed.
+#[derive(Debug, Clone)]
+pub struct RawAnswer {
+    pub status: u16,
+    pub text: String,
+}
+
+impl RawAnswer {
+    /// The body as JSON, if it is JSON.
+    pub fn json(&self) -> Option<Value> {
+        serde_json::from_str(&self.text).ok()
+    }
+}
+
+impl Client {
+    /// A client whose requests give up after `timeout`.
+    pub fn with_timeout(timeout: Duration) -> Client {
+        Client {
+            http: reqwest::blocking::Client::builder()
+                .timeout(timeout)
+                .build()
+                .unwrap(),
+        }
+    }
+
+    /// Sends `method url` with an optional raw body; `Err` when no complete answer came back.
+    pub fn try_send(
+        &self,
+        method: &str,
+        url: &str,
+        body: Option<&str>,
+    ) -> Result<RawAnswer, reqwest::Error> {
+        let mut request = self
+            .http
+            .request(method.parse().unwrap(), url)
+            .header("content-type", "application/json");
+        if let Some(body) = body {
+            request = request.body(body.to_string());
+        }
+        let response = request.send()?;
+        let status = response.status().as_u16();
+        let text = response.text()?;
+        Ok(RawAnswer { status, text })
+    }
+
+    /// `PUT /internal/fault` with `settings` (the node must run with `--fault-hooks`).
+    pub fn set_fault(&self, node: &str, settings: &Value) {
+        let answer = self.put(&format!("http://{node}/internal/fault"), settings);
+        assert_eq!(answer.status, 200, "setting faults on {node}: {answer:?}");
+    }
+
+    /// `GET /internal/fault`: `{"enabled":..,"waiting_in_transfer":..}`.
+    pub fn fault_status(&self, node: &str) -> Value {
+        self.get(&format!("http://{node}/internal/fault")).body
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Checks shared by the view-change tests.
+
+/// `n` keys `<prefix>0..`, each with a distinct JSON value of a varying shape.
+pub fn sample_data(prefix: &str, n: usize) -> std::collections::BTreeMap<String, Value> {
+    (0..n)
+        .map(|i| {
+            let value = match i % 3 {
+                0 => serde_json::json!(i),
+                1 => serde_json::json!(format!("{prefix}-value-{i}")),
+                _ => serde_json::json!({"n": i, "list": [i, "x"]}),
+            };
+            (format!("{prefix}{i}"), value)
+        })
+        .collect()
+}
+
+/// Writes every entry of `data` through the nodes of `through`, in turn; each must be new.
+pub fn load(client: &Client, through: &[String], data: &std::collections::BTreeMap<String, Value>) {
+    for (i, (key, value)) in data.iter().enumerate() {
+        let answer = client.put_key(&through[i % through.len()], key, value);
+        assert_eq!(answer.status, 201, "PUT {key}: {answer:?}");
+    }
+}
+
+/// Asserts a successful view change answer exactly: the message, and one shard per node
+/// of `view` in its order whose key-count is that node's key-count. Returns the counts.
+pub fn assert_view_change_ok(client: &Client, answer: &Answer, view: &[String]) -> Vec<u64> {
+    assert_eq!(answer.status, 200, "view change to {view:?}: {answer:?}");
+    let shards: Vec<Value> = view
+        .iter()
+        .map(|node| serde_json::json!({"address": node, "key-count": client.key_count(node)}))
+        .collect();
+    assert_eq!(
+        answer.body,
+        serde_json::json!({"message": "View change successful", "shards": shards}),
+        "view change answer vs the nodes' key-counts"
+    );
+    shards
+        .iter()
+        .map(|s| s["key-count"].as_u64().unwrap())
+        .collect()
+}
+
+/// Asserts that each of `nodes` serves `view` (as a set) at `epoch` with no pending change.
+pub fn assert_states(client: &Client, nodes: &[String], epoch: u64, view: &[String]) {
+    let mut expected: Vec<&str> = view.iter().map(String::as_str).collect();
+    expected.sort_unstable();
+    for node in nodes {
+        let state = client.state(node);
+        let mut members: Vec<&str> = state["view"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m.as_str().unwrap())
+            .collect();
+        members.sort_unstable();
+        assert_eq!(
+            (state["epoch"].as_u64(), &members, &state["pending"]),
+            (Some(epoch), &expected, &Value::Null),
+            "state of {node}: {state}"
+        );
+    }
+}
+
+/// The epoch a node reports.
+pub fn epoch_of(client: &Client, node: &str) -> u64 {
+    client.state(node)["epoch"].as_u64().unwrap()
+}
+
+/// Asserts that every key of `data` reads back its exact value through every node of
+/// `through`: served without `address` by exactly one node, a member of `view`, and with
+/// that owner's `address` by every other node. Returns each key's owner.
+pub fn assert_contents(
+    client: &Client,
+    through: &[String],
+    view: &[String],
+    data: &std::collections::BTreeMap<String, Value>,
+) -> std::collections::BTreeMap<String, String> {
+    let mut owners = std::collections::BTreeMap::new();
+    for (key, value) in data {
+        let mut local = Vec::new();
+        let mut named = Vec::new();
+        for node in through {
+            let answer = client.get_key(node, key);
+            let mut body = answer.body.clone();
+            let address = body.as_object_mut().unwrap().remove("address");
+            assert_eq!(
+                (answer.status, body),
+                (
+                    200,
+                    serde_json::json!({
+                        "doesExist": true,
+                        "message": "Retrieved successfully",
+                        "value": value,
+                    })
+                ),
+                "GET {key} via {node}: {answer:?}"
+            );
+            match address {
+                None => local.push(node.clone()),
+                Some(owner) => named.push(owner.as_str().unwrap().to_string()),
+            }
+        }
+        let owner = match (local.as_slice(), named.first()) {
+            ([owner], _) => owner.clone(),
+            ([], Some(owner)) => owner.clone(),
+            _ => panic!("{key}: served locally by {local:?}"),
+        };
+        assert!(
+            !local.is_empty() || !through.contains(&owner),
+            "{key}: its owner {owner} forwards it instead of serving it"
+        );
+        assert!(
+            view.contains(&owner),
+            "{key}: owner {owner} not in {view:?}"
+        );
+        assert!(
+            named.iter().all(|n| *n == owner),
+            "{key}: owner {owner}, but answers named {named:?}"
+        );
+        owners.insert(key.clone(), owner);
+    }
+    owners
+}
+
+/// Asserts that every key of `keys` is absent through every node of `through` (404 exactly).
+pub fn assert_absent<'a>(
+    client: &Client,
+    through: &[String],
+    keys: impl IntoIterator<Item = &'a String>,
+) {
+    for key in keys {
+        for node in through {
+            let answer = client.get_key(node, key);
+            let mut body = answer.body.clone();
+            body.as_object_mut().unwrap().remove("address");
+            assert_eq!(
+                (answer.status, body),
+                (
+                    404,
+                    serde_json::json!({
+                        "doesExist": false,
+                        "error": "Key does not exist",
+                        "message": "Error in GET",
+                    })
+                ),
+                "GET {key} via {node}: {answer:?}"
+            );
+        }
+    }
+}
