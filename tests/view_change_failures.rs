@@ -1,0 +1,247 @@
+//! View changes that fail or race: a node down, a receiver killed during the transfer,
+//! two changes at once, a coordinator that dies after the commit point. The fault hooks
+//! (`--fault-hooks`) hold a change at a chosen point, so no test depends on timing.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{
+    assert_contents, assert_states, assert_view_change_ok, load, poll_until, sample_data, Answer,
+    Client, Cluster, TestNode,
+};
+use serde_json::json;
+
+const HOOKS: &[&str] = &["--fault-hooks"];
+
+fn strings(nodes: &[&String]) -> Vec<String> {
+    nodes.iter().map(|n| n.to_string()).collect()
+}
+
+fn unreachable_answer(peers: &[&String]) -> serde_json::Value {
+    json!({
+        "error": "Unable to satisfy request",
+        "message": "Error in PUT",
+        "unreachable": peers,
+    })
+}
+
+fn key_counts(client: &Client, nodes: &[String]) -> Vec<u64> {
+    nodes.iter().map(|n| client.key_count(n)).collect()
+}
+
+/// Sends a view change from another thread, so the test can act while it is in flight.
+fn view_change_in_background(node: &str, view: &[String]) -> std::thread::JoinHandle<Answer> {
+    let (node, view) = (node.to_string(), view.join(","));
+    std::thread::spawn(move || Client::new().view_change(&node, &view))
+}
+
+/// Waits until every node of `nodes` holds a transfer at the pause point.
+fn wait_in_transfer(client: &Client, nodes: &[&String]) {
+    for node in nodes {
+        poll_until(
+            Duration::from_secs(10),
+            "a transfer held at the pause point",
+            || (client.fault_status(node)["waiting_in_transfer"] == json!(true)).then_some(()),
+        );
+    }
+}
+
+#[test]
+fn a_node_of_the_new_view_that_is_down_fails_the_change_and_nothing_moves() {
+    let mut cluster = Cluster::start(2, &[]);
+    let client = Client::new();
+    let old = cluster.addresses();
+    let data = sample_data("down", 150);
+    load(&client, &old, &data);
+    let counts = key_counts(&client, &old);
+
+    // A node that was never started.
+    let ghost = common::fresh_address();
+    let answer = client.view_change(&old[0], &strings(&[&old[0], &old[1], &ghost]).join(","));
+    assert_eq!(
+        (answer.status, answer.body),
+        (503, unreachable_answer(&[&ghost]))
+    );
+    assert_eq!(key_counts(&client, &old), counts);
+    assert_states(&client, &old, 0, &old);
+    assert_contents(&client, &old, &old, &data);
+
+    // A node that was started, then died.
+    let dead = common::fresh_address();
+    let mut node = TestNode::start(&dead, &old, &[]);
+    node.kill();
+    let answer = client.view_change(&old[1], &strings(&[&old[0], &dead, &old[1]]).join(","));
+    assert_eq!(
+        (answer.status, answer.body),
+        (503, unreachable_answer(&[&dead]))
+    );
+    assert_eq!(key_counts(&client, &old), counts);
+    assert_states(&client, &old, 0, &old);
+    assert_contents(&client, &old, &old, &data);
+
+    // Nothing was left half-done: a change to live nodes goes through.
+    let joining = common::fresh_address();
+    cluster.nodes.push(TestNode::start(&joining, &old, &[]));
+    let grown = cluster.addresses();
+    let answer = client.view_change(&old[0], &grown.join(","));
+    let counts = assert_view_change_ok(&client, &answer, &grown);
+    assert_eq!(counts.iter().sum::<u64>(), 150);
+    assert_states(&client, &grown, 1, &grown);
+    assert_contents(&client, &grown, &grown, &data);
+}
+
+#[test]
+fn a_node_of_the_old_view_that_is_down_fails_the_change() {
+    let mut cluster = Cluster::start(3, &[]);
+    let client = Client::new();
+    let old = cluster.addresses();
+    load(&client, &old, &sample_data("olddown", 90));
+    let counts = key_counts(&client, &old[..2]);
+    cluster.nodes[2].kill();
+
+    let answer = client.view_change(&old[0], &old[..2].join(","));
+    assert_eq!(
+        (answer.status, answer.body),
+        (503, unreachable_answer(&[&old[2]]))
+    );
+    assert_eq!(key_counts(&client, &old[..2]), counts);
+    assert_states(&client, &old[..2], 0, &old);
+}
+
+#[test]
+fn a_receiver_killed_during_the_transfer_leaves_the_old_view_in_force() {
+    let mut cluster = Cluster::start(2, HOOKS);
+    let client = Client::new();
+    let old = cluster.addresses();
+    let receiver = common::fresh_address();
+    cluster.nodes.push(TestNode::start(&receiver, &old, HOOKS));
+    let data = sample_data("killed", 300);
+    load(&client, &cluster.addresses(), &data);
+    let counts = key_counts(&client, &old);
+
+    for sender in &old {
+        client.set_fault(sender, &json!({"pause_transfer": true}));
+    }
+    let change = view_change_in_background(&old[0], &strings(&[&old[0], &old[1], &receiver]));
+    wait_in_transfer(&client, &[&old[0], &old[1]]);
+    cluster.nodes[2].kill();
+    for sender in &old {
+        client.set_fault(sender, &json!({"pause_transfer": false}));
+    }
+
+    let answer = change.join().unwrap();
+    assert_eq!(
+        (answer.status, answer.body),
+        (503, unreachable_answer(&[&receiver]))
+    );
+    assert_states(&client, &old, 0, &old);
+    assert_eq!(key_counts(&client, &old), counts);
+    assert_contents(&client, &old, &old, &data);
+
+    // The survivors are free to change again, and lose nothing doing it.
+    let replacement = common::fresh_address();
+    cluster
+        .nodes
+        .push(TestNode::start(&replacement, &old, HOOKS));
+    let view = strings(&[&old[0], &old[1], &replacement]);
+    let answer = client.view_change(&old[1], &view.join(","));
+    let counts = assert_view_change_ok(&client, &answer, &view);
+    assert_eq!(counts.iter().sum::<u64>(), 300);
+    assert_states(&client, &view, 1, &view);
+    assert_contents(&client, &view, &view, &data);
+}
+
+#[test]
+fn a_second_change_while_one_is_in_flight_is_refused_and_the_first_completes() {
+    let mut cluster = Cluster::start(2, HOOKS);
+    let client = Client::new();
+    let old = cluster.addresses();
+    let (joining, outsider) = (common::fresh_address(), common::fresh_address());
+    cluster.nodes.push(TestNode::start(&joining, &old, HOOKS));
+    cluster.nodes.push(TestNode::start(&outsider, &old, HOOKS));
+    let data = sample_data("race", 200);
+    load(&client, &old, &data);
+
+    for sender in &old {
+        client.set_fault(sender, &json!({"pause_transfer": true}));
+    }
+    let first = strings(&[&old[0], &old[1], &joining]);
+    let change = view_change_in_background(&old[0], &first);
+    wait_in_transfer(&client, &[&old[0], &old[1]]);
+
+    let in_progress = json!({"error": "View change in progress", "message": "Error in PUT"});
+    let second = strings(&[&old[0], &old[1], &outsider]);
+    // To a participant, to a node outside both views, and to the coordinator itself.
+    for receiver in [&old[1], &outsider, &joining, &old[0]] {
+        let answer = client.view_change(receiver, &second.join(","));
+        assert_eq!(
+            (answer.status, &answer.body),
+            (409, &in_progress),
+            "second change via {receiver}"
+        );
+    }
+    for sender in &old {
+        client.set_fault(sender, &json!({"pause_transfer": false}));
+    }
+
+    let answer = change.join().unwrap();
+    let counts = assert_view_change_ok(&client, &answer, &first);
+    assert_eq!(counts.iter().sum::<u64>(), 200);
+    assert_states(&client, &first, 1, &first);
+    assert_eq!(client.key_count(&outsider), 0);
+    let all = cluster.addresses();
+    assert_contents(&client, &all, &first, &data);
+
+    // Once it is done, the refused change can be made.
+    let answer = client.view_change(&outsider, &second.join(","));
+    let counts = assert_view_change_ok(&client, &answer, &second);
+    assert_eq!(counts.iter().sum::<u64>(), 200);
+    assert_eq!(client.key_count(&joining), 0);
+    assert_states(&client, &second, 2, &second);
+    assert_contents(&client, &all, &second, &data);
+}
+
+#[test]
+fn participants_finish_a_change_whose_coordinator_died_after_the_commit_point() {
+    let flags = ["--fault-hooks", "--phase-timeout", "1"];
+    let mut cluster = Cluster::start(3, &flags);
+    let client = Client::new();
+    let old = cluster.addresses();
+    let joining = common::fresh_address();
+    cluster.nodes.push(TestNode::start(&joining, &old, &flags));
+    let data = sample_data("orphan", 200);
+    load(&client, &old, &data);
+
+    // The coordinator leaves the view, so every key has a surviving owner.
+    let coordinator = &old[0];
+    let view = strings(&[&old[1], &old[2], &joining]);
+    client.set_fault(coordinator, &json!({"exit_after_first_commit": true}));
+    let answer = Client::with_timeout(Duration::from_secs(15)).try_send(
+        "PUT",
+        &format!("http://{coordinator}/kvs/view-change"),
+        Some(&json!({"view": view.join(",")}).to_string()),
+    );
+    assert!(answer.is_err(), "the coordinator answered: {answer:?}");
+    let status = cluster.nodes[0].wait_for_exit(Duration::from_secs(10));
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(17),
+        "the coordinator exited"
+    );
+
+    for node in &view {
+        poll_until(
+            Duration::from_secs(10),
+            "the survivors to settle the change",
+            || {
+                let state = client.state(node);
+                (state["epoch"] == json!(1) && state["pending"].is_null()).then_some(())
+            },
+        );
+    }
+    assert_states(&client, &view, 1, &view);
+    let total: u64 = view.iter().map(|n| client.key_count(n)).sum();
+    assert_eq!(total, 200);
+    assert_contents(&client, &view, &view, &data);
+}
