@@ -182,6 +182,7 @@ pub async fn change_view(
         participants: run.participants.clone(),
     };
     let phases = async {
+        let phase_started = Instant::now();
         run.everyone::<Prepare, serde_json::Value>(
             Method::POST,
             "/internal/prepare",
@@ -189,6 +190,12 @@ pub async fn change_view(
             node.peers.timeout(),
         )
         .await?;
+        tracing::info!(
+            change = change_id,
+            millis = phase_started.elapsed().as_millis() as u64,
+            "phase prepare done"
+        );
+        let phase_started = Instant::now();
         let shipped: Vec<Shipped> = run
             .everyone(
                 Method::POST,
@@ -197,6 +204,14 @@ pub async fn change_view(
                 PHASE_CALL_TIMEOUT,
             )
             .await?;
+        tracing::info!(
+            change = change_id,
+            millis = phase_started.elapsed().as_millis() as u64,
+            keys = shipped.iter().map(|s| s.keys).sum::<usize>(),
+            bytes = shipped.iter().map(|s| s.bytes).sum::<usize>(),
+            "phase transfer done"
+        );
+        let phase_started = Instant::now();
         let caught_up: Vec<Shipped> = run
             .everyone(
                 Method::POST,
@@ -205,6 +220,12 @@ pub async fn change_view(
                 PHASE_CALL_TIMEOUT,
             )
             .await?;
+        tracing::info!(
+            change = change_id,
+            millis = phase_started.elapsed().as_millis() as u64,
+            keys = caught_up.iter().map(|s| s.keys).sum::<usize>(),
+            "phase catch-up done"
+        );
         Ok::<_, Vec<PeerError>>((shipped, caught_up))
     };
     let (shipped, caught_up) = match phases.await {
@@ -217,7 +238,13 @@ pub async fn change_view(
         }
     };
 
+    let phase_started = Instant::now();
     let committed = commit_everywhere(&run, change).await;
+    tracing::info!(
+        change = change_id,
+        millis = phase_started.elapsed().as_millis() as u64,
+        "phase commit done"
+    );
     let report = ChangeReport {
         epoch,
         view: target.members.clone(),

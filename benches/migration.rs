@@ -1,0 +1,213 @@
+//! Online view-change benchmark: 1,000,000 keys (~100-byte values) on 3 nodes, change to 4
+//! and back to 3 while clients keep reading; then, as the baseline a naive reshard pays,
+//! a change to 3 fresh nodes that ships every key. Prints one table.
+//!
+//! `cargo bench --bench migration` runs the full size; under `cargo test --benches` it runs
+//! a small one so the suite stays quick.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use ringkv::config::{Args, Config};
+use ringkv::node::Node;
+use ringkv::ring::{key_hash, HashRing};
+use ringkv::server;
+use ringkv::wire::ChangeReport;
+
+use clap::Parser;
+
+fn node_config(address: &str, view: &[String]) -> Config {
+    let (ip, port) = address.rsplit_once(':').unwrap();
+    let args = Args::try_parse_from([
+        "ringkv".to_string(),
+        format!("--ip={ip}"),
+        format!("--port={port}"),
+        format!("--address={address}"),
+        format!("--view={}", view.join(",")),
+    ])
+    .unwrap();
+    Config::from_args(args).unwrap()
+}
+
+async fn start(address: &str, view: &[String]) -> Arc<Node> {
+    let node = Node::new(node_config(address, view)).unwrap();
+    let listener = server::bind(&node).await.unwrap();
+    tokio::spawn(server::serve(
+        node.clone(),
+        listener,
+        std::future::pending(),
+    ));
+    node
+}
+
+struct Step {
+    name: &'static str,
+    wall: Duration,
+    owner_changed: usize,
+    report: ChangeReport,
+    get_p99_ms: f64,
+    gets: usize,
+    get_errors: usize,
+}
+
+/// Keys whose owner differs between the two views.
+fn owner_changed(keys: &[String], from: &[String], to: &[String], vnodes: u32) -> usize {
+    let old = HashRing::new(from, vnodes).unwrap();
+    let new = HashRing::new(to, vnodes).unwrap();
+    keys.iter()
+        .filter(|k| old.owner(k.as_bytes()) != new.owner(k.as_bytes()))
+        .count()
+}
+
+async fn change(
+    name: &'static str,
+    coordinator: &str,
+    from: &[String],
+    to: &[String],
+    keys: &[String],
+    nodes: &[Arc<Node>],
+) -> Step {
+    let vnodes = nodes[0].config.vnodes;
+    let owner_changed = owner_changed(keys, from, to, vnodes);
+    let client = reqwest::Client::new();
+    // Readers keep GETting random keys through every node of the old view during the change.
+    let running = Arc::new(AtomicBool::new(true));
+    let readers: Vec<_> = (0..4)
+        .map(|r| {
+            let (client, running) = (client.clone(), running.clone());
+            let targets = from.to_vec();
+            let keys: Vec<String> = keys.iter().step_by(97).cloned().collect();
+            tokio::spawn(async move {
+                let (mut latencies, mut errors, mut i) = (Vec::new(), 0usize, r * 7919);
+                while running.load(Ordering::Relaxed) {
+                    let key = &keys[i % keys.len()];
+                    let target = &targets[i % targets.len()];
+                    i += 1;
+                    let begun = Instant::now();
+                    match client
+                        .get(format!("http://{target}/kvs/keys/{key}"))
+                        .send()
+                        .await
+                    {
+                        Ok(r) if r.status() == 200 => latencies.push(begun.elapsed()),
+                        Ok(r) => {
+                            errors += 1;
+                            eprintln!(
+                                "GET {key} via {target}: {} {}",
+                                r.status(),
+                                r.text().await.unwrap_or_default()
+                            );
+                        }
+                        Err(e) => {
+                            errors += 1;
+                            eprintln!("GET {key} via {target}: {e}");
+                        }
+                    }
+                }
+                (latencies, errors)
+            })
+        })
+        .collect();
+    let begun = Instant::now();
+    let answer = client
+        .put(format!("http://{coordinator}/kvs/view-change"))
+        .json(&serde_json::json!({ "view": to.join(",") }))
+        .send()
+        .await
+        .unwrap();
+    let wall = begun.elapsed();
+    assert_eq!(answer.status(), 200, "{}", answer.text().await.unwrap());
+    running.store(false, Ordering::Relaxed);
+    let mut latencies = Vec::new();
+    let mut get_errors = 0;
+    for reader in readers {
+        let (l, e) = reader.await.unwrap();
+        latencies.extend(l);
+        get_errors += e;
+    }
+    latencies.sort();
+    let p99 = latencies
+        .get(latencies.len().saturating_sub(1) * 99 / 100)
+        .copied()
+        .unwrap_or_default();
+    let coordinator_node = nodes.iter().find(|n| *n.address == *coordinator).unwrap();
+    let report = coordinator_node.last_change.lock().clone().unwrap();
+    Step {
+        name,
+        wall,
+        owner_changed,
+        report,
+        get_p99_ms: p99.as_secs_f64() * 1000.0,
+        gets: latencies.len(),
+        get_errors,
+    }
+}
+
+fn main() {
+    let full = std::env::args().any(|a| a == "--bench");
+    let key_count = if full { 1_000_000 } else { 20_000 };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async move {
+        let addresses: Vec<String> = (1..=7).map(|i| format!("127.88.0.{i}:13800")).collect();
+        let three = addresses[..3].to_vec();
+        let four = addresses[..4].to_vec();
+        let fresh = addresses[4..7].to_vec();
+        let mut nodes = Vec::new();
+        for address in &addresses {
+            nodes.push(start(address, &three).await);
+        }
+        // Load the keys straight into their owners' stores: the benchmark is the change.
+        let keys: Vec<String> = (0..key_count).map(|i| format!("key{i}")).collect();
+        let value = Bytes::from(format!("\"{}\"", "v".repeat(98)));
+        let ring = HashRing::new(&three, nodes[0].config.vnodes).unwrap();
+        for key in &keys {
+            let owner = ring.owner(key.as_bytes());
+            let node = nodes.iter().find(|n| n.address == *owner).unwrap();
+            node.store.put(key_hash(key.as_bytes()), key, value.clone());
+        }
+
+        let steps = vec![
+            change("3 -> 4", &three[0], &three, &four, &keys, &nodes).await,
+            change("4 -> 3", &four[1], &four, &three, &keys, &nodes).await,
+            change("3 -> 3 new (ships all)", &three[0], &three, &fresh, &keys, &nodes).await,
+        ];
+        let baseline = &steps[2];
+        let baseline_rate = baseline.report.keys_shipped as f64 / baseline.wall.as_secs_f64();
+        println!("\nview-change benchmark: {key_count} keys, ~100-byte values, loopback");
+        println!(
+            "{:<24} {:>9} {:>10} {:>10} {:>9} {:>10} {:>8} {:>10} {:>9} {:>8}",
+            "change", "wall ms", "shipped", "moved", "caught", "keys/s", "MB/s", "vs all", "GET p99", "GETs"
+        );
+        for step in &steps {
+            let secs = step.wall.as_secs_f64();
+            println!(
+                "{:<24} {:>9.0} {:>10} {:>10} {:>9} {:>10.0} {:>8.1} {:>9.2}x {:>7.1}ms {:>8}",
+                step.name,
+                secs * 1000.0,
+                step.report.keys_shipped,
+                step.owner_changed,
+                step.report.keys_caught_up,
+                step.report.keys_shipped as f64 / secs,
+                step.report.bytes_shipped as f64 / secs / 1e6,
+                baseline.wall.as_secs_f64() / secs,
+                step.get_p99_ms,
+                step.gets
+            );
+            assert_eq!(
+                step.report.keys_shipped, step.owner_changed,
+                "{}: shipped keys must equal keys whose owner changed",
+                step.name
+            );
+            assert_eq!(step.get_errors, 0, "{}: GETs failed during the change", step.name);
+        }
+        println!(
+            "(shipped = distinct keys of the bulk transfer, moved = keys whose owner changed; \
+             'vs all' = wall time of shipping every key / this change's; baseline rate {baseline_rate:.0} keys/s)"
+        );
+    });
+}
