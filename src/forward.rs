@@ -78,9 +78,12 @@ pub struct Relayed {
     pub body: Bytes,
 }
 
+/// The internal URL of `key` on `peer`. The encoded key follows a fixed `k` so that no key
+/// makes a dot segment (`%2E`, `%2E%2E`): the URL parser under reqwest would remove it from
+/// the path and send the request for another key, or for no key at all.
 fn key_url(peer: &str, key: &str) -> String {
     format!(
-        "http://{peer}/internal/kv/{}",
+        "http://{peer}/internal/kv/k{}",
         utf8_percent_encode(key, NON_ALPHANUMERIC)
     )
 }
@@ -176,6 +179,8 @@ impl Peers {
         body: Bytes,
     ) -> Result<Relayed, PeerError> {
         let unreachable = || PeerError::Unreachable(main.to_string());
+        // The URL parser under reqwest reads `\` as `/` in an http URL; `%5C` is the same key.
+        let path_and_query = path_and_query.replace('\\', "%5C");
         let response = self
             .client
             .request(method, format!("http://{main}{path_and_query}"))

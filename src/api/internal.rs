@@ -88,8 +88,8 @@ where
         Err(error) => return failure(StatusCode::PAYLOAD_TOO_LARGE, error),
     };
     let result = match (method.as_str(), rest) {
-        (_, kv) if kv.starts_with("kv/") => {
-            Ok(forwarded_key(node, method, &kv[3..], headers, body).await)
+        (_, kv) if kv.starts_with("kv/k") => {
+            Ok(forwarded_key(node, method, &kv[4..], headers, body).await)
         }
         ("GET", "state") => Ok(ok(&node.node_state())),
         ("GET", outcome) if outcome.starts_with("outcome/") => match outcome[8..].parse::<u64>() {
