@@ -160,19 +160,20 @@ impl Store {
     }
 
     /// Drops every key of the non-wrapping segment `start..=end`; returns how many.
+    /// The keys are freed after the stripe's lock is released, so readers barely wait.
     pub fn remove_segment(&self, start: u64, end: u64) -> usize {
         let mut removed = 0;
         for stripe_index in stripe_of(start)..=stripe_of(end) {
-            let mut stripe = self.stripes[stripe_index].write();
-            let doomed: Vec<u64> = stripe.range(start..=end).map(|(&h, _)| h).collect();
-            for hash in doomed {
-                if let Some(bucket) = stripe.remove(&hash) {
-                    removed += bucket.len();
-                    let bytes: usize = bucket.iter().map(|(_, v)| v.len()).sum();
-                    self.keys.fetch_sub(bucket.len(), Ordering::Relaxed);
-                    self.value_bytes.fetch_sub(bytes, Ordering::Relaxed);
-                }
-            }
+            let doomed: Vec<Bucket> = self.stripes[stripe_index]
+                .write()
+                .extract_if(start..=end, |_, _| true)
+                .map(|(_, bucket)| bucket)
+                .collect();
+            let keys: usize = doomed.iter().map(Vec::len).sum();
+            let bytes: usize = doomed.iter().flatten().map(|(_, v)| v.len()).sum();
+            self.keys.fetch_sub(keys, Ordering::Relaxed);
+            self.value_bytes.fetch_sub(bytes, Ordering::Relaxed);
+            removed += keys;
         }
         removed
     }

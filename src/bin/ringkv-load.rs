@@ -12,7 +12,10 @@ use clap::{Parser, Subcommand, ValueEnum};
 use warp::Filter;
 
 #[derive(Parser)]
-#[command(name = "ringkv-load", about = "Load generator and HTTP-ceiling server for ringkv")]
+#[command(
+    name = "ringkv-load",
+    about = "Load generator and HTTP-ceiling server for ringkv"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -71,9 +74,8 @@ const CEILING_BODY: &str =
 async fn main() {
     match Cli::parse().command {
         Command::Ceiling { listen } => {
-            let route = warp::any().map(|| {
-                warp::reply::with_header(CEILING_BODY, "content-type", "application/json")
-            });
+            let route = warp::any()
+                .map(|| warp::reply::with_header(CEILING_BODY, "content-type", "application/json"));
             println!("bare warp ceiling server on {listen}");
             warp::serve(route).run(listen).await;
         }
@@ -191,7 +193,7 @@ impl Load {
                     let write = match self.op {
                         Op::Get => false,
                         Op::Put => true,
-                        Op::Mixed => next_random(&mut random) % 10 == 0,
+                        Op::Mixed => next_random(&mut random).is_multiple_of(10),
                     };
                     let request = if write {
                         client
@@ -206,7 +208,8 @@ impl Load {
                         Ok(response) => {
                             let status = response.status().as_u16() as usize;
                             let _ = response.bytes().await;
-                            latencies.push(begun.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                            latencies
+                                .push(begun.elapsed().as_micros().min(u32::MAX as u128) as u32);
                             statuses[(status / 100).min(5)] += 1;
                         }
                         Err(_) => errors += 1,
