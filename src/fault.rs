@@ -1,8 +1,8 @@
-//! Test-only fault hooks (enabled by the hidden `--fault-hooks` flag): a pause point in the
-//! transfer phase and a coordinator that dies right after its first commit, so tests hit
-//! the failure windows of a view change deterministically instead of by timing.
+//! Test-only fault hooks (enabled by the hidden `--fault-hooks` flag): pause points in the
+//! transfer and commit phases and a coordinator that dies right after its first commit, so
+//! tests hit the failure windows of a view change deterministically instead of by timing.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -13,6 +13,10 @@ pub struct FaultSettings {
     /// Hold every transfer at its start until this is cleared.
     #[serde(default)]
     pub pause_transfer: bool,
+    /// Hold every commit on this node (from the coordinator, a peer or the watchdog) at its
+    /// start until this is cleared.
+    #[serde(default)]
+    pub pause_commit: bool,
     /// Exit the process right after the first participant (other than this node) commits.
     #[serde(default)]
     pub exit_after_first_commit: bool,
@@ -24,12 +28,50 @@ pub struct FaultStatus {
     pub enabled: bool,
     /// A transfer is waiting at the pause point.
     pub waiting_in_transfer: bool,
+    /// A commit is waiting at the pause point.
+    pub waiting_in_commit: bool,
+}
+
+/// A point where a phase waits while a test holds it.
+struct PausePoint {
+    paused: watch::Sender<bool>,
+    waiting: AtomicUsize,
+}
+
+impl PausePoint {
+    fn new() -> Self {
+        PausePoint {
+            paused: watch::Sender::new(false),
+            waiting: AtomicUsize::new(0),
+        }
+    }
+
+    fn is_waiting(&self) -> bool {
+        self.waiting.load(Ordering::SeqCst) > 0
+    }
+
+    async fn pass(&self) {
+        if !*self.paused.borrow() {
+            return;
+        }
+        /// Counts a waiter out even when its request is cancelled while it waits.
+        struct Waiting<'a>(&'a AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        let _waiting = Waiting(&self.waiting);
+        let mut paused = self.paused.subscribe();
+        let _ = paused.wait_for(|paused| !*paused).await;
+    }
 }
 
 pub struct Faults {
     enabled: bool,
-    pause_transfer: watch::Sender<bool>,
-    waiting_in_transfer: AtomicBool,
+    transfer: PausePoint,
+    commit: PausePoint,
     exit_after_first_commit: AtomicBool,
 }
 
@@ -37,8 +79,8 @@ impl Faults {
     pub fn new(enabled: bool) -> Self {
         Faults {
             enabled,
-            pause_transfer: watch::Sender::new(false),
-            waiting_in_transfer: AtomicBool::new(false),
+            transfer: PausePoint::new(),
+            commit: PausePoint::new(),
             exit_after_first_commit: AtomicBool::new(false),
         }
     }
@@ -51,7 +93,8 @@ impl Faults {
         if !self.enabled {
             return;
         }
-        self.pause_transfer.send_replace(settings.pause_transfer);
+        self.transfer.paused.send_replace(settings.pause_transfer);
+        self.commit.paused.send_replace(settings.pause_commit);
         self.exit_after_first_commit
             .store(settings.exit_after_first_commit, Ordering::SeqCst);
     }
@@ -59,19 +102,23 @@ impl Faults {
     pub fn status(&self) -> FaultStatus {
         FaultStatus {
             enabled: self.enabled,
-            waiting_in_transfer: self.waiting_in_transfer.load(Ordering::SeqCst),
+            waiting_in_transfer: self.transfer.is_waiting(),
+            waiting_in_commit: self.commit.is_waiting(),
         }
     }
 
-    /// Holds a transfer while the pause is set.
+    /// Holds a transfer while its pause is set.
     pub async fn transfer_pause_point(&self) {
-        if !self.enabled || !*self.pause_transfer.borrow() {
-            return;
+        if self.enabled {
+            self.transfer.pass().await;
         }
-        self.waiting_in_transfer.store(true, Ordering::SeqCst);
-        let mut paused = self.pause_transfer.subscribe();
-        let _ = paused.wait_for(|paused| !*paused).await;
-        self.waiting_in_transfer.store(false, Ordering::SeqCst);
+    }
+
+    /// Holds a commit while its pause is set.
+    pub async fn commit_pause_point(&self) {
+        if self.enabled {
+            self.commit.pass().await;
+        }
     }
 
     pub fn exit_after_first_commit(&self) -> bool {

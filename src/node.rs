@@ -123,18 +123,21 @@ impl Node {
     }
 
     /// Executes `op` here if this node owns the key, keeping a range that is being handed
-    /// over consistent: writes to it are recorded for re-sending, or wait while it is frozen.
+    /// over consistent: writes to it are recorded for re-sending; once it is frozen, every
+    /// operation waits, reads too, since the new owner may commit first and take writes.
     pub fn try_local(&self, key: &str, hash: u64, op: &KvOp) -> Local {
         let state = self.state.read();
         if *state.view.ring.owner_of_hash(hash) != self.address {
             return Local::NotOwner(state.view.clone());
         }
         if let Some(migration) = &state.migration {
-            if op.is_write() && migration.hands_over(hash) {
+            if migration.hands_over(hash) {
                 if migration.is_frozen() {
                     return Local::Wait(migration.ended());
                 }
-                migration.mark_dirty(key);
+                if op.is_write() {
+                    migration.mark_dirty(key);
+                }
             }
         }
         Local::Done(match op {
@@ -284,7 +287,9 @@ impl Node {
         self.adopt(epoch, members);
     }
 
-    /// Takes a newer view that this node had no part in changing to.
+    /// Takes a newer view that this node had no part in changing to. A prepared change to
+    /// a still newer epoch stays: a node that was behind (one joining after missing earlier
+    /// changes) learns the view in force while that change is under way.
     fn adopt(&self, epoch: u64, members: Vec<String>) {
         let Ok(view) = View::new(epoch, members, self.config.vnodes) else {
             tracing::warn!(epoch, "refusing an invalid view from a peer");
@@ -294,7 +299,7 @@ impl Node {
         if state.view.epoch >= epoch {
             return;
         }
-        if let Some(stale) = state.migration.take() {
+        if let Some(stale) = state.migration.take_if(|m| m.view.epoch <= epoch) {
             tracing::warn!(
                 change = stale.change_id,
                 "a newer view superseded the prepared change"

@@ -10,6 +10,7 @@ use common::{
     assert_contents, assert_states, assert_view_change_ok, load, poll_until, sample_data, Answer,
     Client, Cluster, TestNode,
 };
+use ringkv::ring::{HashRing, DEFAULT_VNODES};
 use serde_json::json;
 
 const HOOKS: &[&str] = &["--fault-hooks"];
@@ -243,5 +244,117 @@ fn participants_finish_a_change_whose_coordinator_died_after_the_commit_point() 
     assert_states(&client, &view, 1, &view);
     let total: u64 = view.iter().map(|n| client.key_count(n)).sum();
     assert_eq!(total, 200);
+    assert_contents(&client, &view, &view, &data);
+}
+
+#[test]
+fn a_joining_node_that_learns_an_older_view_mid_change_keeps_its_prepared_change() {
+    let mut cluster = Cluster::start(2, HOOKS);
+    let client = Client::new();
+    let old = cluster.addresses();
+    let (third, late) = (common::fresh_address(), common::fresh_address());
+    cluster.nodes.push(TestNode::start(&third, &old, HOOKS));
+    cluster.nodes.push(TestNode::start(&late, &old, HOOKS));
+    let data = sample_data("late", 200);
+    load(&client, &old, &data);
+    // The late node hears nothing of the first change: it stays at epoch 0.
+    let first = strings(&[&old[0], &old[1], &third]);
+    let answer = client.view_change(&old[0], &first.join(","));
+    assert_view_change_ok(&client, &answer, &first);
+    let owners = assert_contents(&client, &first, &first, &data);
+    assert_eq!(common::epoch_of(&client, &late), 0);
+
+    let senders = [&old[0], &old[1], &third];
+    for sender in senders {
+        client.set_fault(sender, &json!({"pause_transfer": true}));
+    }
+    let second = strings(&[&old[0], &old[1], &third, &late]);
+    let change = view_change_in_background(&old[1], &second);
+    wait_in_transfer(&client, &senders);
+    assert!(
+        !client.state(&late)["pending"].is_null(),
+        "the late node prepared"
+    );
+
+    // A request through the late node routes by its epoch-0 view, is told of epoch 1 ...
+    let (key, owner) = owners.iter().find(|(_, o)| **o == third).unwrap();
+    let answer = client.get_key(&late, key);
+    assert_eq!(
+        answer.body,
+        json!({"doesExist": true, "message": "Retrieved successfully",
+               "value": data[key], "address": owner})
+    );
+    // ... which must not cost it the change to epoch 2 it has prepared.
+    let state = client.state(&late);
+    assert!(
+        !state["pending"].is_null(),
+        "the prepared change was dropped: {state}"
+    );
+
+    for sender in senders {
+        client.set_fault(sender, &json!({"pause_transfer": false}));
+    }
+    let answer = change.join().unwrap();
+    let counts = assert_view_change_ok(&client, &answer, &second);
+    assert_eq!(counts.iter().sum::<u64>(), 200);
+    assert!(counts[3] > 0, "the late node took over keys");
+    assert_states(&client, &second, 2, &second);
+    assert_contents(&client, &second, &second, &data);
+}
+
+#[test]
+fn the_old_owner_never_serves_a_value_overwritten_at_the_new_owner() {
+    let mut cluster = Cluster::start(2, HOOKS);
+    let client = Client::new();
+    let old = cluster.addresses();
+    let joining = common::fresh_address();
+    cluster.nodes.push(TestNode::start(&joining, &old, HOOKS));
+    let data = sample_data("stale", 200);
+    load(&client, &old, &data);
+    let owners_before = assert_contents(&client, &old, &old, &data);
+
+    // The old owners hold their commits; the joining node commits and serves its keys.
+    for node in &old {
+        client.set_fault(node, &json!({"pause_commit": true}));
+    }
+    let view = strings(&[&old[0], &old[1], &joining]);
+    let change = view_change_in_background(&old[0], &view);
+    poll_until(
+        Duration::from_secs(10),
+        "the joining node to commit",
+        || (common::epoch_of(&client, &joining) == 1).then_some(()),
+    );
+    poll_until(
+        Duration::from_secs(10),
+        "a held commit on the old owner",
+        || (client.fault_status(&old[0])["waiting_in_commit"] == json!(true)).then_some(()),
+    );
+    // (Asking the joining node would not do: it forwards other keys to the held nodes.)
+    let ring = HashRing::new(&view, DEFAULT_VNODES).unwrap();
+    let (key, _) = owners_before
+        .iter()
+        .find(|(key, owner)| **owner == old[0] && **ring.owner(key.as_bytes()) == *joining)
+        .expect("some key moved from the coordinator to the joining node");
+    let answer = client.put_key(&joining, key, &json!("newer"));
+    assert_eq!(
+        answer.body,
+        json!({"message": "Updated successfully", "replaced": true})
+    );
+
+    // The old owner has not switched yet; it must not answer with the overwritten value.
+    let answer = client.get_key(&old[0], key);
+    assert!(
+        answer.status == 503 || answer.body["value"] == json!("newer"),
+        "GET {key} via its old owner after the new owner acknowledged a write: {answer:?}"
+    );
+
+    for node in &old {
+        client.set_fault(node, &json!({"pause_commit": false}));
+    }
+    let answer = change.join().unwrap();
+    assert_view_change_ok(&client, &answer, &view);
+    assert_states(&client, &view, 1, &view);
+    let mut data = data;
+    data.insert(key.clone(), json!("newer"));
     assert_contents(&client, &view, &view, &data);
 }

@@ -111,6 +111,7 @@ pub async fn catch_up(node: &Arc<Node>, change_id: u64) -> Result<Shipped, Chang
 /// Phase 4: make received keys live, switch to the new view, drop what was handed over.
 /// Idempotent: committing a change that already committed here reports the key count.
 pub async fn commit(node: &Arc<Node>, change_id: u64) -> Result<Committed, ChangeError> {
+    node.faults.commit_pause_point().await;
     let _serial = node.change_lock.lock().await;
     let migration = match prepared(node, change_id) {
         Ok(migration) => migration,
