@@ -5,6 +5,9 @@
 use std::time::Duration;
 
 use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
 use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
 use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
@@ -65,7 +68,11 @@ pub enum PeerError {
 
 /// One pooled client for all traffic to other nodes.
 pub struct Peers {
+    /// Control-plane calls (JSON phases of a view change, state probes).
     client: reqwest::Client,
+    /// The data plane (forwarded key requests, relays): a bare pooled hyper client, since
+    /// every forwarded request pays its cost on the same cores as the two server passes.
+    data: HyperClient,
     own_address: String,
     vnodes: u32,
     timeout: Duration,
@@ -88,6 +95,12 @@ fn key_url(peer: &str, key: &str) -> String {
     )
 }
 
+type HyperClient = hyper_util::client::legacy::Client<HttpConnector, Full<Bytes>>;
+
+fn view_header(view: &View) -> String {
+    format!("{:016x}", view.id)
+}
+
 impl Peers {
     pub fn new(own_address: &str, vnodes: u32, timeout: Duration, max_forwards: usize) -> Self {
         let client = reqwest::Client::builder()
@@ -98,8 +111,16 @@ impl Peers {
             .no_proxy()
             .build()
             .expect("an HTTP client without TLS always builds");
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(timeout));
+        let data = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(256)
+            .build(connector);
         Peers {
             client,
+            data,
             own_address: own_address.to_string(),
             vnodes,
             timeout,
@@ -116,7 +137,7 @@ impl Peers {
         self.client
             .request(method, url)
             .header(EPOCH_HEADER, view.epoch)
-            .header(VIEW_HEADER, format!("{:016x}", view.id))
+            .header(VIEW_HEADER, view_header(view))
             .header(VNODES_HEADER, self.vnodes)
             .header(FROM_HEADER, &self.own_address)
     }
@@ -139,15 +160,18 @@ impl Peers {
             KvOp::Put(_) => Method::PUT,
             KvOp::Delete => Method::DELETE,
         };
-        let mut request = self
-            .internal(method, key_url(peer, key), view)
-            .timeout(self.timeout);
-        if let KvOp::Put(value) = op {
-            request = request.body(value.clone());
-        }
-        let response = request.send().await.map_err(|_| unreachable())?;
-        let status = response.status();
-        let body = response.bytes().await.map_err(|_| unreachable())?;
+        let request = hyper::Request::builder()
+            .method(method)
+            .uri(key_url(peer, key))
+            .header(EPOCH_HEADER, view.epoch)
+            .header(VIEW_HEADER, view_header(view))
+            .header(VNODES_HEADER, self.vnodes)
+            .header(FROM_HEADER, &self.own_address);
+        let body = match op {
+            KvOp::Put(value) => value.clone(),
+            _ => Bytes::new(),
+        };
+        let (status, body) = self.send(request, body).await.map_err(|_| unreachable())?;
         let outcome = match (op, status.as_u16()) {
             (_, 421) => {
                 return serde_json::from_slice(&body)
@@ -181,18 +205,30 @@ impl Peers {
         let unreachable = || PeerError::Unreachable(main.to_string());
         // The URL parser under reqwest reads `\` as `/` in an http URL; `%5C` is the same key.
         let path_and_query = path_and_query.replace('\\', "%5C");
-        let response = self
-            .client
-            .request(method, format!("http://{main}{path_and_query}"))
-            .header("content-type", "application/json")
-            .body(body)
-            .timeout(self.timeout)
-            .send()
-            .await
-            .map_err(|_| unreachable())?;
-        let status = response.status();
-        let body = response.bytes().await.map_err(|_| unreachable())?;
+        let request = hyper::Request::builder()
+            .method(method)
+            .uri(format!("http://{main}{path_and_query}"))
+            .header("content-type", "application/json");
+        let (status, body) = self.send(request, body).await.map_err(|_| unreachable())?;
         Ok(Relayed { status, body })
+    }
+
+    /// Sends one data-plane request and reads the whole answer within the forwarding timeout.
+    async fn send(
+        &self,
+        request: hyper::http::request::Builder,
+        body: Bytes,
+    ) -> Result<(StatusCode, Bytes), ()> {
+        let request = request.body(Full::new(body)).map_err(|_| ())?;
+        let exchange = async {
+            let response = self.data.request(request).await.map_err(|_| ())?;
+            let status = response.status();
+            let body = response.into_body().collect().await.map_err(|_| ())?;
+            Ok((status, body.to_bytes()))
+        };
+        tokio::time::timeout(self.timeout, exchange)
+            .await
+            .map_err(|_| ())?
     }
 
     /// Calls an internal control endpoint with a JSON body (or none) and reads a JSON answer.
