@@ -68,6 +68,9 @@ pub struct Node {
     pub(crate) change_lock: tokio::sync::Mutex<()>,
     /// Held while this node coordinates a view change.
     pub(crate) coordinating: tokio::sync::Mutex<()>,
+    /// The change this node coordinates and has not decided yet: pending to peers that ask,
+    /// even when this node takes no part in it (it is in neither view).
+    undecided: Mutex<Option<u64>>,
     outcomes: Mutex<VecDeque<(u64, Outcome)>>,
     /// The last view change this node coordinated.
     pub last_change: Mutex<Option<ChangeReport>>,
@@ -93,6 +96,7 @@ impl Node {
             }),
             change_lock: tokio::sync::Mutex::new(()),
             coordinating: tokio::sync::Mutex::new(()),
+            undecided: Mutex::new(None),
             outcomes: Mutex::new(VecDeque::new()),
             last_change: Mutex::new(None),
             config,
@@ -347,6 +351,20 @@ impl Node {
         }
     }
 
+    /// Notes that this node coordinates `change_id`, pending until [`Node::decide`].
+    pub(crate) fn coordinate(&self, change_id: u64) {
+        *self.undecided.lock() = Some(change_id);
+    }
+
+    /// Records the coordinator's decision on the change it coordinates.
+    pub(crate) fn decide(&self, change_id: u64, outcome: Outcome) {
+        self.record_outcome(change_id, outcome);
+        let mut undecided = self.undecided.lock();
+        if *undecided == Some(change_id) {
+            *undecided = None;
+        }
+    }
+
     pub(crate) fn record_outcome(&self, change_id: u64, outcome: Outcome) {
         let mut outcomes = self.outcomes.lock();
         outcomes.retain(|(id, _)| *id != change_id);
@@ -358,7 +376,9 @@ impl Node {
 
     /// What this node knows of a change.
     pub fn outcome(&self, change_id: u64) -> Outcome {
-        if self.migration().is_some_and(|m| m.change_id == change_id) {
+        if self.migration().is_some_and(|m| m.change_id == change_id)
+            || *self.undecided.lock() == Some(change_id)
+        {
             return Outcome::Pending;
         }
         self.outcomes

@@ -358,3 +358,88 @@ fn the_old_owner_never_serves_a_value_overwritten_at_the_new_owner() {
     data.insert(key.clone(), json!("newer"));
     assert_contents(&client, &view, &view, &data);
 }
+
+#[test]
+fn participants_wait_for_a_busy_coordinator_outside_both_views() {
+    let flags = ["--fault-hooks", "--phase-timeout", "1"];
+    let mut cluster = Cluster::start(2, &flags);
+    let client = Client::new();
+    let old = cluster.addresses();
+    let (joining, outsider) = (common::fresh_address(), common::fresh_address());
+    cluster.nodes.push(TestNode::start(&joining, &old, &flags));
+    cluster.nodes.push(TestNode::start(&outsider, &old, &flags));
+    let data = sample_data("outsider", 200);
+    load(&client, &old, &data);
+
+    // The transfer outlasts the phase timeout: the participants' watchdogs ask around.
+    for sender in &old {
+        client.set_fault(sender, &json!({"pause_transfer": true}));
+    }
+    let view = strings(&[&old[0], &old[1], &joining]);
+    let change = view_change_in_background(&outsider, &view);
+    wait_in_transfer(&client, &[&old[0], &old[1]]);
+    poll_until(
+        Duration::from_secs(10),
+        "the joining node's watchdog to ask about the change",
+        || {
+            cluster.nodes[2]
+                .log_contains("coordinator silent past the phase timeout")
+                .then_some(())
+        },
+    );
+    for sender in &old {
+        client.set_fault(sender, &json!({"pause_transfer": false}));
+    }
+
+    let answer = change.join().unwrap();
+    let counts = assert_view_change_ok(&client, &answer, &view);
+    assert_eq!(counts.iter().sum::<u64>(), 200);
+    assert_states(&client, &view, 1, &view);
+    let all = cluster.addresses();
+    assert_contents(&client, &all, &view, &data);
+}
+
+#[test]
+fn a_change_whose_client_hung_up_still_completes() {
+    let mut cluster = Cluster::start(2, HOOKS);
+    let client = Client::new();
+    let old = cluster.addresses();
+    let joining = common::fresh_address();
+    cluster.nodes.push(TestNode::start(&joining, &old, HOOKS));
+    let data = sample_data("hangup", 200);
+    load(&client, &old, &data);
+
+    for sender in &old {
+        client.set_fault(sender, &json!({"pause_transfer": true}));
+    }
+    let view = strings(&[&old[0], &old[1], &joining]);
+    let (coordinator, body) = (old[0].clone(), json!({"view": view.join(",")}).to_string());
+    let impatient = std::thread::spawn(move || {
+        Client::with_timeout(Duration::from_millis(500)).try_send(
+            "PUT",
+            &format!("http://{coordinator}/kvs/view-change"),
+            Some(&body),
+        )
+    });
+    wait_in_transfer(&client, &[&old[0], &old[1]]);
+    let answer = impatient.join().unwrap();
+    assert!(
+        answer.is_err(),
+        "the change was held, yet answered: {answer:?}"
+    );
+    for sender in &old {
+        client.set_fault(sender, &json!({"pause_transfer": false}));
+    }
+
+    // The default phase timeout (30 s) is far away: only the coordinator can finish it.
+    for node in &view {
+        poll_until(Duration::from_secs(10), "the change to complete", || {
+            let state = client.state(node);
+            (state["epoch"] == json!(1) && state["pending"].is_null()).then_some(())
+        });
+    }
+    assert_states(&client, &view, 1, &view);
+    let total: u64 = view.iter().map(|n| client.key_count(n)).sum();
+    assert_eq!(total, 200);
+    assert_contents(&client, &view, &view, &data);
+}

@@ -16,7 +16,7 @@ use super::ChangeError;
 use crate::forward::PeerError;
 use crate::node::Node;
 use crate::view::{View, ViewError};
-use crate::wire::{ChangeRef, ChangeReport, Committed, NodeState, Prepare, Shipped};
+use crate::wire::{ChangeRef, ChangeReport, Committed, NodeState, Outcome, Prepare, Shipped};
 
 /// How long the transfer and catch-up phases may take on one node.
 const PHASE_CALL_TIMEOUT: Duration = Duration::from_secs(120);
@@ -99,10 +99,22 @@ impl Run<'_> {
 }
 
 /// Carries out a view change to `members`; answers the new view's shards in view order.
+///
+/// The change runs in its own task, to its end, even if the client hangs up: dropped
+/// half-way, it would leave the participants prepared (ranges frozen after the catch-up)
+/// until their watchdogs settle it.
 pub async fn change_view(
     node: &Arc<Node>,
     members: Vec<String>,
 ) -> Result<Vec<Shard>, ChangeError> {
+    let node = node.clone();
+    match tokio::spawn(async move { coordinate(&node, members).await }).await {
+        Ok(result) => result,
+        Err(failure) => std::panic::resume_unwind(failure.into_panic()),
+    }
+}
+
+async fn coordinate(node: &Arc<Node>, members: Vec<String>) -> Result<Vec<Shard>, ChangeError> {
     let Ok(_coordinating) = node.coordinating.try_lock() else {
         return Err(ChangeError::InProgress);
     };
@@ -167,6 +179,7 @@ pub async fn change_view(
     let epoch = states.iter().map(|s| s.epoch).max().unwrap_or(0) + 1;
     let change_id = xxh3_64(format!("{}#{epoch}#{:?}", node.address, Instant::now()).as_bytes());
     let change = ChangeRef { change_id };
+    node.coordinate(change_id);
     tracing::info!(
         change = change_id,
         epoch,
@@ -233,11 +246,14 @@ pub async fn change_view(
         Err(errors) => {
             let error = as_change_error(errors);
             tracing::warn!(change = change_id, %error, ?error, "view change failed before commit; aborting");
+            node.decide(change_id, Outcome::Aborted);
             run.abort_everywhere(change).await;
             return Err(error);
         }
     };
 
+    // The commit point: from here on the change completes, whoever is asked about it.
+    node.decide(change_id, Outcome::Committed);
     let phase_started = Instant::now();
     let committed = commit_everywhere(&run, change).await;
     tracing::info!(

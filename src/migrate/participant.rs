@@ -212,9 +212,11 @@ async fn resolve(node: &Arc<Node>, migration: &Migration) -> Resolution {
     }
     let view = node.view();
     let path = format!("/internal/outcome/{}", migration.change_id);
+    // The coordinator too, which takes no part when it is in neither view.
     let asks = migration
         .participants
         .iter()
+        .chain(Some(&migration.coordinator).filter(|c| !migration.participants.contains(c)))
         .filter(|peer| **peer != *node.address)
         .map(|peer| {
             let path = path.clone();
