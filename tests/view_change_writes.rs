@@ -159,7 +159,7 @@ fn no_write_is_lost_across_successive_view_changes_under_load() {
     let initial: Vec<String> = pool[..3].to_vec();
     let _nodes: Vec<TestNode> = pool
         .iter()
-        .map(|a| TestNode::start(a, &initial, &[]))
+        .map(|a| TestNode::start(a, &initial, &["--fault-hooks"]))
         .collect();
     let client = Client::new();
     let view =
@@ -192,9 +192,33 @@ fn no_write_is_lost_across_successive_view_changes_under_load() {
     };
 
     wait_for_traffic("traffic before the first change");
-    for (receiver, members) in &plan {
+    for (i, (receiver, members)) in plan.iter().enumerate() {
         let started = Instant::now();
-        let answer = client.view_change(&pool[*receiver], &members.join(","));
+        // Every other change is held at the start of its transfer while the clients go on,
+        // so writes land between prepare and catch-up; the others run at full speed.
+        let hold = i % 2 == 1;
+        if hold {
+            for node in &pool {
+                client.set_fault(node, &json!({"pause_transfer": true}));
+            }
+        }
+        let change = {
+            let (receiver, view) = (pool[*receiver].clone(), members.join(","));
+            std::thread::spawn(move || Client::new().view_change(&receiver, &view))
+        };
+        if hold {
+            poll_until(Duration::from_secs(10), "a transfer held", || {
+                members
+                    .iter()
+                    .any(|n| client.fault_status(n)["waiting_in_transfer"] == json!(true))
+                    .then_some(())
+            });
+            wait_for_traffic("traffic while the transfer is held");
+            for node in &pool {
+                client.set_fault(node, &json!({"pause_transfer": false}));
+            }
+        }
+        let answer = change.join().unwrap();
         eprintln!(
             "view change to {members:?} via {}: {} in {:?}",
             pool[*receiver],
