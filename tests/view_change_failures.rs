@@ -443,3 +443,112 @@ fn a_change_whose_client_hung_up_still_completes() {
     assert_eq!(total, 200);
     assert_contents(&client, &view, &view, &data);
 }
+
+#[test]
+fn participants_abort_a_change_whose_coordinator_died_before_the_commit_point() {
+    let flags = ["--fault-hooks", "--phase-timeout", "1"];
+    let mut cluster = Cluster::start(2, &flags);
+    let client = Client::new();
+    let old = cluster.addresses();
+    let (joining, coordinator) = (common::fresh_address(), common::fresh_address());
+    cluster.nodes.push(TestNode::start(&joining, &old, &flags));
+    cluster
+        .nodes
+        .push(TestNode::start(&coordinator, &old, &flags));
+    let data = sample_data("headless", 200);
+    load(&client, &old, &data);
+    let counts = key_counts(&client, &old);
+
+    for sender in &old {
+        client.set_fault(sender, &json!({"pause_transfer": true}));
+    }
+    let view = strings(&[&old[0], &old[1], &joining]);
+    let (to, body) = (
+        coordinator.clone(),
+        json!({"view": view.join(",")}).to_string(),
+    );
+    let orphaned = std::thread::spawn(move || {
+        Client::new().try_send("PUT", &format!("http://{to}/kvs/view-change"), Some(&body))
+    });
+    wait_in_transfer(&client, &[&old[0], &old[1]]);
+    cluster.nodes[3].kill();
+    assert!(orphaned.join().unwrap().is_err());
+    for sender in &old {
+        client.set_fault(sender, &json!({"pause_transfer": false}));
+    }
+
+    let participants = strings(&[&old[0], &old[1], &joining]);
+    for node in &participants {
+        poll_until(Duration::from_secs(10), "the participants to abort", || {
+            client.state(node)["pending"].is_null().then_some(())
+        });
+    }
+    assert_states(&client, &participants, 0, &old);
+    assert_eq!(key_counts(&client, &old), counts);
+    assert_eq!(client.key_count(&joining), 0);
+    assert_contents(&client, &participants, &old, &data);
+}
+
+#[test]
+fn two_changes_sent_at_once_leave_one_view_and_every_key() {
+    let mut cluster = Cluster::start(3, &[]);
+    let client = Client::new();
+    let old = cluster.addresses();
+    let extra = common::fresh_addresses(2);
+    for address in &extra {
+        cluster.nodes.push(TestNode::start(address, &old, &[]));
+    }
+    let all = cluster.addresses();
+    let data = sample_data("clash", 200);
+    load(&client, &old, &data);
+
+    let views = [
+        strings(&[&old[0], &old[1], &old[2], &extra[0]]),
+        strings(&[&old[1], &old[2], &extra[1]]),
+    ];
+    let receivers = [&old[2], &extra[1]];
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(2));
+    let changes: Vec<_> = views
+        .iter()
+        .zip(receivers)
+        .map(|(view, receiver)| {
+            let (view, receiver, barrier) = (view.join(","), receiver.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                Client::new().view_change(&receiver, &view)
+            })
+        })
+        .collect();
+    let answers: Vec<Answer> = changes.into_iter().map(|c| c.join().unwrap()).collect();
+
+    // Each is refused or carried out; if both went through, one after the other.
+    let in_progress = json!({"error": "View change in progress", "message": "Error in PUT"});
+    let mut succeeded = Vec::new();
+    for (answer, view) in answers.iter().zip(&views) {
+        match answer.status {
+            200 => succeeded.push(view.clone()),
+            409 => assert_eq!(answer.body, in_progress),
+            _ => panic!("{answer:?}"),
+        }
+    }
+    eprintln!(
+        "answers {:?}",
+        answers.iter().map(|a| a.status).collect::<Vec<_>>()
+    );
+    let state = client.state(&old[1]);
+    let epoch = succeeded.len() as u64;
+    let view = match succeeded.as_slice() {
+        [] => old.clone(),
+        [view] => view.clone(),
+        _ => views
+            .iter()
+            .find(|v| v.len() == state["view"].as_array().unwrap().len())
+            .unwrap()
+            .clone(),
+    };
+    let members: Vec<String> = all.iter().filter(|n| view.contains(n)).cloned().collect();
+    assert_states(&client, &members, epoch, &view);
+    let total: u64 = view.iter().map(|n| client.key_count(n)).sum();
+    assert_eq!(total, 200);
+    assert_contents(&client, &all, &view, &data);
+}
