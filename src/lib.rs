@@ -6,13 +6,16 @@
 //! [`migrate`] changes the view; [`ring`] and [`store`] know nothing about HTTP.
 
 pub mod api;
+pub mod auth;
 pub mod config;
 pub mod fault;
 pub mod forward;
+pub mod metrics;
 pub mod migrate;
 pub mod node;
 pub mod ring;
 pub mod server;
 pub mod store;
 pub mod view;
+pub mod viz;
 pub mod wire;

@@ -1,0 +1,316 @@
+//! Prometheus metrics: counters and a latency histogram kept once per process (a node is one
+//! process), and gauges read from the node itself at scrape time. `GET /metrics` renders
+//! them in the Prometheus text format.
+//!
+//! The process-wide set is created on first use and never installed anywhere global, so
+//! several nodes in one process (tests, benchmarks) share its counters without any
+//! "already installed" failure; the gauges always describe the node that is scraped.
+
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use prometheus::{
+    Encoder, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
+};
+use warp::http::Method;
+
+use crate::node::Node;
+
+/// The `Content-Type` of the text exposition format.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Request latency buckets, in seconds: a local key request takes tens of microseconds,
+/// a view change seconds.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// The route label of a request: the course's key, key-count and view-change routes, the
+/// node-to-node routes, and everything else.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteLabel {
+    Key,
+    KeyCount,
+    ViewChange,
+    Internal,
+    Other,
+}
+
+impl RouteLabel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RouteLabel::Key => "key",
+            RouteLabel::KeyCount => "key-count",
+            RouteLabel::ViewChange => "view-change",
+            RouteLabel::Internal => "internal",
+            RouteLabel::Other => "other",
+        }
+    }
+}
+
+/// How a view change coordinated by this node went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangeOutcome {
+    Started,
+    Committed,
+    Aborted,
+}
+
+impl ChangeOutcome {
+    fn as_str(self) -> &'static str {
+        match self {
+            ChangeOutcome::Started => "started",
+            ChangeOutcome::Committed => "committed",
+            ChangeOutcome::Aborted => "aborted",
+        }
+    }
+}
+
+/// The process-wide counters and histogram.
+struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    latency: HistogramVec,
+    forwards: IntCounterVec,
+    forward_failures: IntCounterVec,
+    view_changes: IntCounterVec,
+    keys_shipped: IntCounter,
+    bytes_shipped: IntCounter,
+    keys_received: IntCounter,
+    bytes_received: IntCounter,
+}
+
+fn counter(registry: &Registry, name: &str, help: &str) -> prometheus::Result<IntCounter> {
+    let counter = IntCounter::new(name, help)?;
+    registry.register(Box::new(counter.clone()))?;
+    Ok(counter)
+}
+
+fn counter_vec(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::Result<IntCounterVec> {
+    let counter = IntCounterVec::new(Opts::new(name, help), labels)?;
+    registry.register(Box::new(counter.clone()))?;
+    Ok(counter)
+}
+
+impl Metrics {
+    fn new() -> prometheus::Result<Metrics> {
+        let registry = Registry::new();
+        let latency = HistogramVec::new(
+            HistogramOpts::new(
+                "ringkv_request_duration_seconds",
+                "Time from a request's arrival to its answer, by route.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["route"],
+        )?;
+        registry.register(Box::new(latency.clone()))?;
+        Ok(Metrics {
+            requests: counter_vec(
+                &registry,
+                "ringkv_requests_total",
+                "Requests answered, by route, method and status.",
+                &["route", "method", "status"],
+            )?,
+            latency,
+            forwards: counter_vec(
+                &registry,
+                "ringkv_forwards_total",
+                "Key requests forwarded to their owner (or relayed to the main instance), by peer.",
+                &["peer"],
+            )?,
+            forward_failures: counter_vec(
+                &registry,
+                "ringkv_forward_failures_total",
+                "Forwarded key requests the peer did not answer or refused, by peer.",
+                &["peer"],
+            )?,
+            view_changes: counter_vec(
+                &registry,
+                "ringkv_view_changes_total",
+                "View changes this node coordinated: started, committed, aborted.",
+                &["outcome"],
+            )?,
+            keys_shipped: counter(
+                &registry,
+                "ringkv_transfer_keys_shipped_total",
+                "Keys (and tombstones) this node sent to new owners during view changes.",
+            )?,
+            bytes_shipped: counter(
+                &registry,
+                "ringkv_transfer_bytes_shipped_total",
+                "Bytes of keys and values this node sent to new owners during view changes.",
+            )?,
+            keys_received: counter(
+                &registry,
+                "ringkv_transfer_keys_received_total",
+                "Keys (and tombstones) this node received for ranges it takes over.",
+            )?,
+            bytes_received: counter(
+                &registry,
+                "ringkv_transfer_bytes_received_total",
+                "Bytes of keys and values this node received for ranges it takes over.",
+            )?,
+            registry,
+        })
+    }
+}
+
+static METRICS: LazyLock<Option<Metrics>> = LazyLock::new(|| match Metrics::new() {
+    Ok(metrics) => Some(metrics),
+    Err(error) => {
+        tracing::error!(%error, "metrics disabled: the registry could not be built");
+        None
+    }
+});
+
+fn with(record: impl FnOnce(&Metrics)) {
+    if let Some(metrics) = METRICS.as_ref() {
+        record(metrics);
+    }
+}
+
+/// A method label from a fixed set, so odd methods cannot grow the label space.
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::POST => "POST",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::PATCH => "PATCH",
+        _ => "other",
+    }
+}
+
+/// Counts one answered request and its latency.
+pub fn request(route: RouteLabel, method: &Method, status: u16, elapsed: Duration) {
+    with(|m| {
+        let status = status.to_string();
+        m.requests
+            .with_label_values(&[route.as_str(), method_label(method), &status])
+            .inc();
+        m.latency
+            .with_label_values(&[route.as_str()])
+            .observe(elapsed.as_secs_f64());
+    });
+}
+
+/// Counts one request forwarded to `peer`, and whether it failed.
+pub fn forward(peer: &str, ok: bool) {
+    with(|m| {
+        m.forwards.with_label_values(&[peer]).inc();
+        if !ok {
+            m.forward_failures.with_label_values(&[peer]).inc();
+        }
+    });
+}
+
+/// Counts a step of a view change this node coordinates.
+pub fn view_change(outcome: ChangeOutcome) {
+    with(|m| m.view_changes.with_label_values(&[outcome.as_str()]).inc());
+}
+
+/// Counts a batch sent to a new owner.
+pub fn shipped(keys: usize, bytes: usize) {
+    with(|m| {
+        m.keys_shipped.inc_by(keys as u64);
+        m.bytes_shipped.inc_by(bytes as u64);
+    });
+}
+
+/// Counts a batch received for a range this node takes over.
+pub fn received(keys: usize, bytes: usize) {
+    with(|m| {
+        m.keys_received.inc_by(keys as u64);
+        m.bytes_received.inc_by(bytes as u64);
+    });
+}
+
+/// The gauges that describe `node` right now.
+fn node_gauges(node: &Node) -> prometheus::Result<Registry> {
+    let registry = Registry::new();
+    let int_gauge = |name: &str, help: &str, value: i64| -> prometheus::Result<()> {
+        let gauge = IntGauge::new(name, help)?;
+        gauge.set(value);
+        registry.register(Box::new(gauge))
+    };
+    let state = node.node_state();
+    int_gauge(
+        "ringkv_keys",
+        "Keys stored on this node.",
+        state.key_count as i64,
+    )?;
+    int_gauge(
+        "ringkv_value_bytes",
+        "Bytes of values stored on this node.",
+        node.store.value_bytes() as i64,
+    )?;
+    int_gauge(
+        "ringkv_epoch",
+        "Epoch of the view in force on this node.",
+        state.epoch as i64,
+    )?;
+    int_gauge(
+        "ringkv_view_nodes",
+        "Nodes in the view in force on this node.",
+        state.view.len() as i64,
+    )?;
+    int_gauge(
+        "ringkv_view_change_pending",
+        "1 while this node has a prepared view change that is not committed or aborted.",
+        i64::from(state.pending.is_some()),
+    )?;
+    let info = IntGaugeVec::new(
+        Opts::new("ringkv_node_info", "Always 1; labels describe the node."),
+        &["address", "vnodes", "version"],
+    )?;
+    info.with_label_values(&[
+        state.address.as_str(),
+        &state.vnodes.to_string(),
+        env!("CARGO_PKG_VERSION"),
+    ])
+    .set(1);
+    registry.register(Box::new(info))?;
+    if let Some(report) = node.last_change.lock().clone() {
+        let seconds = Gauge::new(
+            "ringkv_last_view_change_seconds",
+            "Duration of the last view change this node coordinated.",
+        )?;
+        seconds.set(report.millis as f64 / 1000.0);
+        registry.register(Box::new(seconds))?;
+        int_gauge(
+            "ringkv_last_view_change_keys_shipped",
+            "Keys shipped by the last view change this node coordinated.",
+            report.keys_shipped as i64,
+        )?;
+    }
+    Ok(registry)
+}
+
+/// Why the metrics could not be rendered.
+#[derive(Debug, thiserror::Error)]
+pub enum RenderError {
+    #[error("metrics are disabled")]
+    Disabled,
+    #[error("cannot render metrics: {0}")]
+    Prometheus(#[from] prometheus::Error),
+}
+
+/// Every metric of this process and of `node`, in the Prometheus text format.
+pub fn render(node: &Node) -> Result<String, RenderError> {
+    let metrics = METRICS.as_ref().ok_or(RenderError::Disabled)?;
+    let mut families = metrics.registry.gather();
+    families.extend(node_gauges(node)?.gather());
+    families.sort_by(|a, b| a.name().cmp(b.name()));
+    let mut out = Vec::new();
+    TextEncoder::new().encode(&families, &mut out)?;
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
