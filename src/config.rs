@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use crate::auth::{ClusterToken, TokenError};
 use crate::ring::{validate_address, DEFAULT_VNODES};
 use crate::view::{parse_members, ViewError};
 
@@ -23,6 +24,8 @@ pub enum ConfigError {
     ZeroVnodes,
     #[error("--{0} must be a positive number of seconds")]
     BadDuration(&'static str),
+    #[error("--cluster-token/CLUSTER_TOKEN: {0}")]
+    BadToken(TokenError),
 }
 
 /// A ringkv node: one shard of a sharded key-value store on a consistent-hash ring.
@@ -66,6 +69,10 @@ pub struct Args {
     /// for the outcome (commit if anyone committed, abort if nobody did).
     #[arg(long, default_value_t = 30.0)]
     pub phase_timeout: f64,
+    /// Shared secret that every node-to-node (/internal/) request must carry; the same on
+    /// every node of a cluster. Unset: internal endpoints are open.
+    #[arg(long, env = "CLUSTER_TOKEN", hide_env_values = true)]
+    pub cluster_token: Option<String>,
     /// Enable the test-only fault hooks under /internal/fault (never in production).
     #[arg(long, hide = true, env = "RINGKV_FAULT_HOOKS")]
     pub fault_hooks: bool,
@@ -86,6 +93,7 @@ pub struct Config {
     pub header_read_timeout: Duration,
     pub phase_timeout: Duration,
     pub fault_hooks: bool,
+    pub cluster_token: Option<ClusterToken>,
 }
 
 fn non_empty(value: Option<String>) -> Option<String> {
@@ -136,6 +144,10 @@ impl Config {
             header_read_timeout: seconds(args.header_read_timeout, "header-read-timeout")?,
             phase_timeout: seconds(args.phase_timeout, "phase-timeout")?,
             fault_hooks: args.fault_hooks,
+            cluster_token: non_empty(args.cluster_token)
+                .map(|token| ClusterToken::new(&token))
+                .transpose()
+                .map_err(ConfigError::BadToken)?,
         })
     }
 
@@ -195,5 +207,13 @@ mod tests {
             parse(&["--forward-timeout", "0"]),
             Err(ConfigError::BadDuration(_))
         ));
+        assert!(matches!(
+            parse(&["--cluster-token", "two words"]),
+            Err(ConfigError::BadToken(_))
+        ));
+        assert!(parse(&["--cluster-token", "s3cret"])
+            .unwrap()
+            .cluster_token
+            .is_some_and(|t| t.accepts(Some(b"s3cret"))));
     }
 }

@@ -14,6 +14,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::Semaphore;
 
+use crate::auth::{ClusterToken, TOKEN_HEADER};
 use crate::view::View;
 use crate::wire::{
     Misdirected, PeerFailure, EPOCH_HEADER, FROM_HEADER, VIEW_HEADER, VNODES_HEADER,
@@ -77,6 +78,8 @@ pub struct Peers {
     vnodes: u32,
     timeout: Duration,
     forward_slots: Semaphore,
+    /// The cluster token, sent on every internal request.
+    token: Option<reqwest::header::HeaderValue>,
 }
 
 /// A status and body relayed unchanged from a main instance.
@@ -125,7 +128,14 @@ impl Peers {
             vnodes,
             timeout,
             forward_slots: Semaphore::new(max_forwards),
+            token: None,
         }
+    }
+
+    /// Sends `token` on every internal request (the cluster's `--cluster-token`).
+    pub fn with_token(mut self, token: Option<&ClusterToken>) -> Self {
+        self.token = token.map(ClusterToken::header_value);
+        self
     }
 
     /// The forwarding timeout: how long a client request may wait on another node.
@@ -134,12 +144,17 @@ impl Peers {
     }
 
     fn internal(&self, method: Method, url: String, view: &View) -> reqwest::RequestBuilder {
-        self.client
+        let request = self
+            .client
             .request(method, url)
             .header(EPOCH_HEADER, view.epoch)
             .header(VIEW_HEADER, view_header(view))
             .header(VNODES_HEADER, self.vnodes)
-            .header(FROM_HEADER, &self.own_address)
+            .header(FROM_HEADER, &self.own_address);
+        match &self.token {
+            Some(token) => request.header(TOKEN_HEADER, token.clone()),
+            None => request,
+        }
     }
 
     /// Sends `op` on `key` to its owner `peer`, as seen in `view`.
@@ -160,13 +175,16 @@ impl Peers {
             KvOp::Put(_) => Method::PUT,
             KvOp::Delete => Method::DELETE,
         };
-        let request = hyper::Request::builder()
+        let mut request = hyper::Request::builder()
             .method(method)
             .uri(key_url(peer, key))
             .header(EPOCH_HEADER, view.epoch)
             .header(VIEW_HEADER, view_header(view))
             .header(VNODES_HEADER, self.vnodes)
             .header(FROM_HEADER, &self.own_address);
+        if let Some(token) = &self.token {
+            request = request.header(TOKEN_HEADER, token.clone());
+        }
         let body = match op {
             KvOp::Put(value) => value.clone(),
             _ => Bytes::new(),

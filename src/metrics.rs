@@ -163,7 +163,17 @@ impl Metrics {
 }
 
 static METRICS: LazyLock<Option<Metrics>> = LazyLock::new(|| match Metrics::new() {
-    Ok(metrics) => Some(metrics),
+    Ok(metrics) => {
+        // Every outcome shows from the first scrape on, at 0, so rates work from the start.
+        for outcome in [
+            ChangeOutcome::Started,
+            ChangeOutcome::Committed,
+            ChangeOutcome::Aborted,
+        ] {
+            metrics.view_changes.with_label_values(&[outcome.as_str()]);
+        }
+        Some(metrics)
+    }
     Err(error) => {
         tracing::error!(%error, "metrics disabled: the registry could not be built");
         None

@@ -84,7 +84,8 @@ impl Node {
             config.vnodes,
             config.forward_timeout,
             config.max_forwards,
-        );
+        )
+        .with_token(config.cluster_token.as_ref());
         Ok(Arc::new(Node {
             address: Arc::from(config.address.as_str()),
             store: Store::new(),
@@ -192,7 +193,9 @@ impl Node {
                 Local::NotOwner(view) => view,
             };
             let owner = view.ring.owner_of_hash(hash).clone();
-            match self.peers.forward_kv(&owner, key, &op, &view).await {
+            let answer = self.peers.forward_kv(&owner, key, &op, &view).await;
+            crate::metrics::forward(&owner, answer.is_ok());
+            match answer {
                 Ok(ForwardReply::Served(outcome)) => {
                     return Ok(Served {
                         outcome,

@@ -113,7 +113,9 @@ where
         Ok(body) => body,
         Err(error) => return error.into_reply(),
     };
-    match node.peers.relay(main, method, path, body).await {
+    let relayed = node.peers.relay(main, method, path, body).await;
+    crate::metrics::forward(main, relayed.is_ok());
+    match relayed {
         Ok(relayed) => Reply::raw(
             StatusCode::from_u16(relayed.status.as_u16()).unwrap_or(StatusCode::BAD_GATEWAY),
             relayed.body,

@@ -13,6 +13,7 @@ use warp::http::{HeaderMap, Method, StatusCode};
 
 use super::body::read_limited;
 use super::reply::Reply;
+use crate::auth::TOKEN_HEADER;
 use crate::fault::FaultSettings;
 use crate::forward::{KvOp, KvOutcome};
 use crate::migrate::{self, ChangeError};
@@ -72,6 +73,18 @@ where
     S: Stream<Item = Result<B, warp::Error>>,
     B: Buf,
 {
+    if let Some(token) = &node.config.cluster_token {
+        let offered = headers.get(TOKEN_HEADER).map(|v| v.as_bytes());
+        if !token.accepts(offered) {
+            let from = header(headers, FROM_HEADER).unwrap_or("?");
+            tracing::warn!(
+                path = rest,
+                from,
+                "internal request without the cluster token"
+            );
+            return failure(StatusCode::UNAUTHORIZED, "Unauthorized");
+        }
+    }
     if let Some(vnodes) = header(headers, VNODES_HEADER) {
         if vnodes != node.config.vnodes.to_string() {
             return failure(
@@ -104,9 +117,19 @@ where
             Err(reply) => Err(reply),
         },
         ("POST", "stage") => match decode_batch(body) {
-            Ok((change_id, entries)) => Ok(migrate::stage(node, change_id, entries)
-                .map(|_| ok(&json!({})))
-                .unwrap_or_else(change_failure)),
+            Ok((change_id, entries)) => {
+                let keys = entries.len();
+                let bytes = entries
+                    .iter()
+                    .map(|e| e.key.len() + e.value.as_ref().map_or(0, |v| v.len()))
+                    .sum();
+                Ok(migrate::stage(node, change_id, entries)
+                    .map(|_| {
+                        crate::metrics::received(keys, bytes);
+                        ok(&json!({}))
+                    })
+                    .unwrap_or_else(change_failure))
+            }
             Err(e) => Err(failure(StatusCode::BAD_REQUEST, e)),
         },
         ("POST", phase @ ("transfer" | "catchup" | "commit" | "abort")) => {

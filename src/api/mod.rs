@@ -4,15 +4,18 @@
 mod body;
 mod course;
 mod internal;
+pub mod ops;
 pub mod reply;
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Buf;
 use futures_util::Stream;
 use warp::http::{HeaderMap, Method};
 use warp::Filter;
 
+use crate::metrics::{self, RouteLabel};
 use crate::node::Node;
 use reply::{ApiError, Reply};
 
@@ -40,7 +43,21 @@ enum Route<'a> {
     KeyCount,
     ViewChange,
     Internal(&'a str),
+    Metrics,
+    ClusterStatus,
     NotFound,
+}
+
+impl Route<'_> {
+    fn label(&self) -> RouteLabel {
+        match self {
+            Route::Key(_) => RouteLabel::Key,
+            Route::KeyCount => RouteLabel::KeyCount,
+            Route::ViewChange => RouteLabel::ViewChange,
+            Route::Internal(_) => RouteLabel::Internal,
+            Route::Metrics | Route::ClusterStatus | Route::NotFound => RouteLabel::Other,
+        }
+    }
 }
 
 /// A single non-empty path segment, or `None`.
@@ -55,6 +72,11 @@ fn route(path: &str) -> Route<'_> {
     if let Some(rest) = path.strip_prefix("/internal/") {
         return Route::Internal(rest);
     }
+    match path {
+        "/metrics" => return Route::Metrics,
+        "/cluster/status" => return Route::ClusterStatus,
+        _ => {}
+    }
     match path.strip_prefix("/kvs/").and_then(segment) {
         Some("key-count") => Route::KeyCount,
         Some("view-change") => Route::ViewChange,
@@ -63,7 +85,35 @@ fn route(path: &str) -> Route<'_> {
     }
 }
 
+/// Serves one request, then counts it in the metrics and logs it at debug level.
 async fn dispatch<S, B>(
+    node: Arc<Node>,
+    method: Method,
+    path: &str,
+    headers: HeaderMap,
+    body: S,
+) -> Reply
+where
+    S: Stream<Item = Result<B, warp::Error>> + Send,
+    B: Buf,
+{
+    let started = Instant::now();
+    let label = route(path).label();
+    let reply = serve(node, method.clone(), path, headers, body).await;
+    let elapsed = started.elapsed();
+    let status = reply.status.as_u16();
+    metrics::request(label, &method, status, elapsed);
+    tracing::debug!(
+        %method,
+        path,
+        status,
+        micros = elapsed.as_micros() as u64,
+        "request"
+    );
+    reply
+}
+
+async fn serve<S, B>(
     node: Arc<Node>,
     method: Method,
     path: &str,
@@ -87,7 +137,11 @@ where
         },
         Route::KeyCount if method == Method::GET => reply::key_count_reply(node.store.len()),
         Route::ViewChange if method == Method::PUT => course::view_change(&node, body).await.into(),
-        Route::KeyCount | Route::ViewChange => not_allowed(),
+        Route::Metrics if method == Method::GET => ops::metrics(&node),
+        Route::ClusterStatus if method == Method::GET => ops::cluster_status_reply(&node).await,
+        Route::KeyCount | Route::ViewChange | Route::Metrics | Route::ClusterStatus => {
+            not_allowed()
+        }
         Route::Internal(rest) => internal::dispatch(&node, &method, rest, &headers, body).await,
         Route::NotFound => ApiError::NotFound(method.to_string()).into_reply(),
     }
@@ -108,5 +162,8 @@ mod tests {
         assert!(matches!(route("/kvs/sampleKey"), Route::Key("sampleKey")));
         assert!(matches!(route("/kvs/"), Route::NotFound));
         assert!(matches!(route("/other"), Route::NotFound));
+        assert!(matches!(route("/metrics"), Route::Metrics));
+        assert!(matches!(route("/cluster/status"), Route::ClusterStatus));
+        assert!(matches!(route("/kvs/metrics"), Route::Key("metrics")));
     }
 }

@@ -29,18 +29,22 @@ impl KvMethod {
     }
 }
 
-/// A rendered answer: a status and a JSON body.
+/// A rendered answer: a status and a body, JSON unless made by [`Reply::text`].
 #[derive(Debug)]
 pub struct Reply {
     pub status: StatusCode,
     pub body: Bytes,
+    pub content_type: &'static str,
 }
+
+const JSON: &str = "application/json";
 
 impl Reply {
     pub fn json(status: StatusCode, value: &serde_json::Value) -> Reply {
         Reply {
             status,
             body: Bytes::from(value.to_string()),
+            content_type: JSON,
         }
     }
 
@@ -48,6 +52,16 @@ impl Reply {
         Reply {
             status,
             body: body.into(),
+            content_type: JSON,
+        }
+    }
+
+    /// A body that is not JSON (the metrics' text format).
+    pub fn text(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Reply {
+        Reply {
+            status,
+            body: body.into(),
+            content_type,
         }
     }
 }
@@ -58,7 +72,7 @@ impl warp::Reply for Reply {
         *response.status_mut() = self.status;
         response.headers_mut().insert(
             header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
+            HeaderValue::from_static(self.content_type),
         );
         response
     }

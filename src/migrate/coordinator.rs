@@ -14,6 +14,7 @@ use xxhash_rust::xxh3::xxh3_64;
 
 use super::ChangeError;
 use crate::forward::PeerError;
+use crate::metrics::{self, ChangeOutcome};
 use crate::node::Node;
 use crate::view::{View, ViewError};
 use crate::wire::{ChangeRef, ChangeReport, Committed, NodeState, Outcome, Prepare, Shipped};
@@ -180,6 +181,7 @@ async fn coordinate(node: &Arc<Node>, members: Vec<String>) -> Result<Vec<Shard>
     let change_id = xxh3_64(format!("{}#{epoch}#{:?}", node.address, Instant::now()).as_bytes());
     let change = ChangeRef { change_id };
     node.coordinate(change_id);
+    metrics::view_change(ChangeOutcome::Started);
     tracing::info!(
         change = change_id,
         epoch,
@@ -247,6 +249,7 @@ async fn coordinate(node: &Arc<Node>, members: Vec<String>) -> Result<Vec<Shard>
             let error = as_change_error(errors);
             tracing::warn!(change = change_id, %error, ?error, "view change failed before commit; aborting");
             node.decide(change_id, Outcome::Aborted);
+            metrics::view_change(ChangeOutcome::Aborted);
             run.abort_everywhere(change).await;
             return Err(error);
         }
@@ -254,6 +257,7 @@ async fn coordinate(node: &Arc<Node>, members: Vec<String>) -> Result<Vec<Shard>
 
     // The commit point: from here on the change completes, whoever is asked about it.
     node.decide(change_id, Outcome::Committed);
+    metrics::view_change(ChangeOutcome::Committed);
     let phase_started = Instant::now();
     let committed = commit_everywhere(&run, change).await;
     tracing::info!(

@@ -3,12 +3,13 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 
 use super::{ChangeError, Migration};
 use crate::forward::PeerError;
+use crate::metrics;
 use crate::node::Node;
 use crate::ring::HashRange;
 use crate::store::Entry;
@@ -20,6 +21,69 @@ pub const BATCH_KEYS: usize = 4096;
 pub const BATCH_BYTES: usize = 1 << 20;
 /// How long one batch may take to be accepted.
 const BATCH_TIMEOUT: Duration = Duration::from_secs(30);
+/// Least time between two progress lines for one destination.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+
+/// One destination's bulk transfer, for the progress log: what share of the hash space of
+/// its ranges is done, what went out, and since when.
+struct Progress<'a> {
+    change_id: u64,
+    destination: &'a str,
+    /// Hashes in all the destination's ranges.
+    total: u128,
+    /// Hashes in the segments already shipped.
+    done: u128,
+    started: Instant,
+    logged: Instant,
+}
+
+impl<'a> Progress<'a> {
+    fn new(change_id: u64, destination: &'a str, ranges: &[HashRange]) -> Self {
+        let now = Instant::now();
+        Progress {
+            change_id,
+            destination,
+            total: ranges.iter().map(HashRange::len).sum::<u128>().max(1),
+            done: 0,
+            started: now,
+            logged: now,
+        }
+    }
+
+    fn percent(&self, within_segment: u128) -> f64 {
+        (self.done + within_segment) as f64 * 100.0 / self.total as f64
+    }
+
+    /// Logs at most one line per [`PROGRESS_EVERY`]; `within_segment` hashes of the
+    /// current segment are done.
+    fn tick(&mut self, shipped: &Shipped, within_segment: u128) {
+        if self.logged.elapsed() < PROGRESS_EVERY {
+            return;
+        }
+        self.logged = Instant::now();
+        tracing::info!(
+            change = self.change_id,
+            to = self.destination,
+            keys = shipped.keys,
+            bytes = shipped.bytes,
+            percent = format_args!("{:.1}", self.percent(within_segment)),
+            elapsed_ms = self.started.elapsed().as_millis() as u64,
+            "transfer progress"
+        );
+    }
+
+    fn finish(&self, shipped: &Shipped) {
+        tracing::info!(
+            change = self.change_id,
+            to = self.destination,
+            ranges = shipped.ranges,
+            keys = shipped.keys,
+            bytes = shipped.bytes,
+            elapsed_ms = self.started.elapsed().as_millis() as u64,
+            "transfer to destination done"
+        );
+    }
+}
 
 fn failure(errors: Vec<PeerError>) -> ChangeError {
     ChangeError::Unreachable(
@@ -81,6 +145,7 @@ async fn ship_to(
         ranges: ranges.len(),
         ..Shipped::default()
     };
+    let mut progress = Progress::new(migration.change_id, destination, &ranges);
     for (start, end) in ranges.iter().flat_map(HashRange::segments) {
         let mut from = start;
         loop {
@@ -89,17 +154,33 @@ async fn ship_to(
                 shipped.keys += batch.entries.len();
                 shipped.bytes += batch.bytes;
                 let body = encode_batch(migration.change_id, &batch.entries);
-                node.peers
+                if let Err(error) = node
+                    .peers
                     .stage(destination, body, &view, BATCH_TIMEOUT)
-                    .await?;
+                    .await
+                {
+                    tracing::warn!(
+                        change = migration.change_id,
+                        to = destination,
+                        %error,
+                        "transfer batch not accepted"
+                    );
+                    return Err(error);
+                }
+                metrics::shipped(batch.entries.len(), batch.bytes);
                 migration.touch();
             }
             match batch.next {
-                Some(next) => from = next,
+                Some(next) => {
+                    from = next;
+                    progress.tick(&shipped, u128::from(next - start));
+                }
                 None => break,
             }
         }
+        progress.done += u128::from(end - start) + 1;
     }
+    progress.finish(&shipped);
     Ok(shipped)
 }
 
@@ -120,15 +201,27 @@ pub async fn ship_entries(
         async move {
             let mut shipped = Shipped::default();
             for chunk in entries.chunks(BATCH_KEYS) {
-                shipped.keys += chunk.len();
-                shipped.bytes += chunk
+                let bytes = chunk
                     .iter()
                     .map(|e| e.key.len() + e.value.as_ref().map_or(0, |v| v.len()))
                     .sum::<usize>();
+                shipped.keys += chunk.len();
+                shipped.bytes += bytes;
                 let body = encode_batch(migration.change_id, chunk);
-                node.peers
+                if let Err(error) = node
+                    .peers
                     .stage(&destination, body, &view, BATCH_TIMEOUT)
-                    .await?;
+                    .await
+                {
+                    tracing::warn!(
+                        change = migration.change_id,
+                        to = %destination,
+                        %error,
+                        "catch-up batch not accepted"
+                    );
+                    return Err(error);
+                }
+                metrics::shipped(chunk.len(), bytes);
             }
             Ok(shipped)
         }

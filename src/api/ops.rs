@@ -1,0 +1,165 @@
+//! Operator endpoints outside the course contract: `GET /metrics` (Prometheus text format)
+//! and `GET /cluster/status` (JSON: the view, every node's reachability, key count and share
+//! of the ring, and the last view change). Neither asks for the cluster token.
+
+use std::sync::Arc;
+
+use futures_util::future::join_all;
+use reqwest::Method;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use warp::http::StatusCode;
+
+use super::reply::Reply;
+use crate::node::Node;
+use crate::wire::{ChangeReport, NodeState};
+
+/// One node of the view, as `GET /cluster/status` reports it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub address: String,
+    /// Whether it answered `GET /internal/state` within the forwarding timeout.
+    pub reachable: bool,
+    /// Keys it stores (`None` when unreachable).
+    #[serde(rename = "key-count")]
+    pub key_count: Option<usize>,
+    /// Its share of the ring under the answering node's view, in `0.0..=1.0`.
+    pub ownership: f64,
+    /// The epoch it serves (`None` when unreachable).
+    pub epoch: Option<u64>,
+    /// Whether it has a prepared view change that is not committed or aborted yet.
+    pub pending: bool,
+    /// Why it is not reachable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The view change prepared on the answering node, while it runs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PendingChange {
+    pub change_id: u64,
+    pub epoch: u64,
+    pub view: Vec<String>,
+    pub coordinator: String,
+}
+
+/// The answer of `GET /cluster/status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    /// The node that answered.
+    pub address: String,
+    pub epoch: u64,
+    pub view: Vec<String>,
+    pub vnodes: u32,
+    /// One entry per node of the view, in view order.
+    pub nodes: Vec<NodeStatus>,
+    /// Keys stored on the reachable nodes.
+    #[serde(rename = "key-count")]
+    pub key_count: usize,
+    /// How many nodes of the view answered.
+    pub reachable: usize,
+    /// The change prepared on the answering node, if one is under way.
+    pub change: Option<PendingChange>,
+    /// The last view change the answering node coordinated.
+    pub last_change: Option<ChangeReport>,
+}
+
+/// `GET /metrics`.
+pub fn metrics(node: &Node) -> Reply {
+    match crate::metrics::render(node) {
+        Ok(text) => Reply::text(StatusCode::OK, crate::metrics::CONTENT_TYPE, text),
+        Err(error) => {
+            tracing::warn!(%error, "cannot render metrics");
+            Reply::json(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &json!({"error": error.to_string(), "message": "Error in GET"}),
+            )
+        }
+    }
+}
+
+/// What one node of the view said about itself.
+async fn probe(node: &Arc<Node>, peer: &str) -> Result<NodeState, String> {
+    if peer == &*node.address {
+        return Ok(node.node_state());
+    }
+    node.peers
+        .call::<(), NodeState>(
+            peer,
+            Method::GET,
+            "/internal/state",
+            None,
+            &node.view(),
+            node.peers.timeout(),
+        )
+        .await
+        .map_err(|error| error.to_string())
+}
+
+/// Asks every node of the view for its state, all at once, each bounded by the forwarding
+/// timeout.
+pub async fn cluster_status(node: &Arc<Node>) -> ClusterStatus {
+    let view = node.view();
+    let shares = view.ring.ownership();
+    let answers = join_all(view.members.iter().map(|peer| probe(node, peer))).await;
+    let nodes: Vec<NodeStatus> = view
+        .members
+        .iter()
+        .zip(answers)
+        .map(|(address, answer)| {
+            let ownership = shares
+                .iter()
+                .find(|(a, _)| **a == **address)
+                .map_or(0.0, |(_, share)| *share);
+            match answer {
+                Ok(state) => NodeStatus {
+                    address: address.clone(),
+                    reachable: true,
+                    key_count: Some(state.key_count),
+                    ownership,
+                    epoch: Some(state.epoch),
+                    pending: state.pending.is_some(),
+                    error: None,
+                },
+                Err(error) => NodeStatus {
+                    address: address.clone(),
+                    reachable: false,
+                    key_count: None,
+                    ownership,
+                    epoch: None,
+                    pending: false,
+                    error: Some(error),
+                },
+            }
+        })
+        .collect();
+    let change = node.migration().map(|m| PendingChange {
+        change_id: m.change_id,
+        epoch: m.view.epoch,
+        view: m.view.members.clone(),
+        coordinator: m.coordinator.clone(),
+    });
+    ClusterStatus {
+        address: node.address.to_string(),
+        epoch: view.epoch,
+        view: view.members.clone(),
+        vnodes: node.config.vnodes,
+        key_count: nodes.iter().filter_map(|n| n.key_count).sum(),
+        reachable: nodes.iter().filter(|n| n.reachable).count(),
+        nodes,
+        change,
+        last_change: node.last_change.lock().clone(),
+    }
+}
+
+/// `GET /cluster/status`.
+pub async fn cluster_status_reply(node: &Arc<Node>) -> Reply {
+    let status = cluster_status(node).await;
+    match serde_json::to_value(status) {
+        Ok(body) => Reply::json(StatusCode::OK, &body),
+        Err(error) => Reply::json(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &json!({"error": error.to_string(), "message": "Error in GET"}),
+        ),
+    }
+}
