@@ -259,7 +259,7 @@ async fn coordinate(node: &Arc<Node>, members: Vec<String>) -> Result<Vec<Shard>
     node.decide(change_id, Outcome::Committed);
     metrics::view_change(ChangeOutcome::Committed);
     let phase_started = Instant::now();
-    let committed = commit_everywhere(&run, change).await;
+    let (committed, unconfirmed) = commit_everywhere(&run, change).await;
     tracing::info!(
         change = change_id,
         millis = phase_started.elapsed().as_millis() as u64,
@@ -276,14 +276,25 @@ async fn coordinate(node: &Arc<Node>, members: Vec<String>) -> Result<Vec<Shard>
     };
     tracing::info!(change = change_id, ?report, "view change committed");
     *node.last_change.lock() = Some(report);
+    if !unconfirmed.is_empty() {
+        tracing::warn!(
+            change = change_id,
+            ?unconfirmed,
+            "committed, but these nodes did not confirm within the phase timeout; \
+             they finish the change when they hear of the new epoch"
+        );
+        return Err(ChangeError::Unreachable(unconfirmed));
+    }
     Ok(shards(&target, |a| committed.get(a).copied()))
 }
 
 /// The commit point: once the first participant switches, the change is decided. Every
 /// participant is told; one that misses it learns from its peers (see the watchdog).
-async fn commit_everywhere(run: &Run<'_>, change: ChangeRef) -> HashMap<String, usize> {
+async fn commit_everywhere(
+    run: &Run<'_>,
+    change: ChangeRef,
+) -> (HashMap<String, usize>, Vec<String>) {
     let node = run.node;
-    let mut counts = HashMap::new();
     if node.faults.exit_after_first_commit() {
         for peer in run.participants.iter().filter(|p| **p != *node.address) {
             let answer: Result<Committed, _> = node
@@ -303,8 +314,12 @@ async fn commit_everywhere(run: &Run<'_>, change: ChangeRef) -> HashMap<String, 
             }
         }
     }
+    // The change is decided: keep telling each participant until it confirms, for up to
+    // the phase timeout, so the answer reflects every node serving the new view.
+    let deadline = Instant::now() + node.config.phase_timeout;
     let calls = run.participants.iter().map(|peer| async move {
-        for _ in 0..3 {
+        let mut pause = Duration::from_millis(50);
+        loop {
             let answer: Result<Committed, _> = node
                 .peers
                 .call(
@@ -317,16 +332,27 @@ async fn commit_everywhere(run: &Run<'_>, change: ChangeRef) -> HashMap<String, 
                 )
                 .await;
             match answer {
-                Ok(done) => return Some((peer.clone(), done.key_count)),
-                Err(error) => tracing::warn!(%peer, %error, "commit not acknowledged; retrying"),
+                Ok(done) => return Ok((peer.clone(), done.key_count)),
+                Err(error) if Instant::now() + pause < deadline => {
+                    tracing::warn!(%peer, %error, "commit not confirmed; retrying");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                }
+                Err(_) => return Err(peer.clone()),
             }
         }
-        None
     });
-    for (peer, count) in join_all(calls).await.into_iter().flatten() {
-        counts.insert(peer, count);
+    let mut counts = HashMap::new();
+    let mut unconfirmed = Vec::new();
+    for answer in join_all(calls).await {
+        match answer {
+            Ok((peer, count)) => {
+                counts.insert(peer, count);
+            }
+            Err(peer) => unconfirmed.push(peer),
+        }
     }
-    counts
+    (counts, unconfirmed)
 }
 
 fn shards(view: &View, count: impl Fn(&str) -> Option<usize>) -> Vec<Shard> {
