@@ -86,7 +86,7 @@ where
         }
     }
     if let Some(vnodes) = header(headers, VNODES_HEADER) {
-        if vnodes != node.config.vnodes.to_string() {
+        if vnodes.parse::<u32>().ok() != Some(node.config.vnodes) {
             return failure(
                 StatusCode::CONFLICT,
                 format!(
