@@ -53,6 +53,7 @@ impl TestNode {
             .env_remove("ADDRESS")
             .env_remove("VIEW")
             .env_remove("FORWARDING_ADDRESS")
+            .env_remove("CLUSTER_TOKEN")
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log_file.try_clone().unwrap())
@@ -285,6 +286,19 @@ impl RawAnswer {
 }
 
 impl Client {
+    /// A client that sends the cluster token on every request, as nodes do to each other.
+    pub fn with_token(token: &str) -> Client {
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert("x-ringkv-token", token.parse().unwrap());
+        Client {
+            http: reqwest::blocking::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .default_headers(headers)
+                .build()
+                .unwrap(),
+        }
+    }
+
     /// A client whose requests give up after `timeout`.
     pub fn with_timeout(timeout: Duration) -> Client {
         Client {
