@@ -283,8 +283,9 @@ fn main() {
     for vnodes in vnode_counts() {
         let ring = |n: usize| HashRing::new(course_view(n), vnodes).expect("valid view");
         let big = ring(64);
-        // A token is a u64 position plus a u32 owner index.
-        let memory_kib = big.token_count() * 12 / 1024;
+        // A token is a u64 position and a u32 owner index, plus about one byte of the
+        // lookup index (a u32 per four tokens).
+        let memory_kib = big.token_count() * 13 / 1024;
         println!(
             "| {:<13} | {:>12} | {:>8} KiB | {:>13} | {:>13} |",
             Scheme::Ring(vnodes).name(),

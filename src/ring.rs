@@ -132,7 +132,8 @@ const TOKENS_PER_BUCKET_LOG2: u32 = 2;
 
 /// `(bucket_start, bucket_shift)` for sorted `tokens`.
 fn bucket_index(tokens: &[u64]) -> (Vec<u32>, u32) {
-    let bits = (tokens.len().max(1).ilog2())
+    let log2_tokens = tokens.len().max(1).ilog2();
+    let bits = log2_tokens
         .saturating_sub(TOKENS_PER_BUCKET_LOG2)
         .clamp(1, 24);
     let shift = 64 - bits;

@@ -246,9 +246,11 @@ proptest! {
         change in change(),
         vnodes in vnodes(),
         random in prop::collection::vec(any::<u64>(), 64),
+        keys in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..24), 32),
     ) {
         let new_view = apply(&old_view, &change);
-        check_diff(&old_view, &new_view, vnodes, &random)?;
+        let hashes: Vec<u64> = random.into_iter().chain(keys.iter().map(|k| key_hash(k))).collect();
+        check_diff(&old_view, &new_view, vnodes, &hashes)?;
     }
 
     #[test]
