@@ -6,7 +6,7 @@ use std::time::Duration;
 use clap::Parser;
 
 use crate::auth::{ClusterToken, TokenError};
-use crate::ring::{validate_address, DEFAULT_VNODES};
+use crate::ring::{canonical_address, validate_address, DEFAULT_VNODES};
 use crate::view::{parse_members, ViewError};
 
 /// Why a node refused to start.
@@ -113,10 +113,10 @@ impl Config {
     pub fn from_args(args: Args) -> Result<Config, ConfigError> {
         let listen = SocketAddr::new(args.ip, args.port);
         let explicit_address = non_empty(args.address);
-        let address = explicit_address
+        let given = explicit_address
             .clone()
             .unwrap_or_else(|| listen.to_string());
-        validate_address(&address).map_err(|_| ConfigError::BadAddress(address.clone()))?;
+        let address = canonical_address(&given).map_err(|_| ConfigError::BadAddress(given))?;
         let view = match non_empty(args.view) {
             Some(text) => parse_members(&text).map_err(ConfigError::BadView)?,
             None => vec![address.clone()],

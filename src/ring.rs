@@ -47,6 +47,15 @@ pub fn validate_address(addr: &str) -> Result<(), RingError> {
         .map_err(|_| RingError::BadAddress(addr.to_string()))
 }
 
+/// The canonical spelling of an `ip:port` address (`10.0.0.1:080` → `10.0.0.1:80`,
+/// `[0:0::1]:80` → `[::1]:80`), so that nodes that spell an address differently still
+/// compute the same ring.
+pub fn canonical_address(addr: &str) -> Result<String, RingError> {
+    addr.parse::<SocketAddr>()
+        .map(|a| a.to_string())
+        .map_err(|_| RingError::BadAddress(addr.to_string()))
+}
+
 /// An inclusive range of key hashes; wraps through zero when `start > end`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct HashRange {

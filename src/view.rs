@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use xxhash_rust::xxh3::xxh3_64;
 
-use crate::ring::{validate_address, HashRing, RingError};
+use crate::ring::{canonical_address, HashRing, RingError};
 
 /// Why a view string was refused; the message is the `error` of a 400 reply.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -19,7 +19,8 @@ pub enum ViewError {
     BadEntry(String),
 }
 
-/// Splits `"ip:port,ip:port"` into its entries, refusing empty or malformed ones.
+/// Splits `"ip:port,ip:port"` into its entries in canonical spelling, refusing empty or
+/// malformed ones.
 pub fn parse_members(text: &str) -> Result<Vec<String>, ViewError> {
     if text.trim().is_empty() {
         return Err(ViewError::Empty);
@@ -27,9 +28,7 @@ pub fn parse_members(text: &str) -> Result<Vec<String>, ViewError> {
     text.split(',')
         .map(|entry| {
             let entry = entry.trim();
-            validate_address(entry)
-                .map(|_| entry.to_string())
-                .map_err(|_| ViewError::BadEntry(entry.to_string()))
+            canonical_address(entry).map_err(|_| ViewError::BadEntry(entry.to_string()))
         })
         .collect()
 }
@@ -93,6 +92,14 @@ mod tests {
         assert_eq!(
             parse_members("node1:13800"),
             Err(ViewError::BadEntry("node1:13800".into()))
+        );
+    }
+
+    #[test]
+    fn spellings_of_one_address_are_one_member() {
+        assert_eq!(
+            parse_members("10.0.0.1:080,[0:0::1]:80").unwrap(),
+            vec!["10.0.0.1:80", "[::1]:80"]
         );
     }
 
