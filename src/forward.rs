@@ -111,6 +111,12 @@ impl Peers {
             .connect_timeout(timeout)
             .pool_max_idle_per_host(256)
             .pool_idle_timeout(Duration::from_secs(60))
+            // A peer cut off mid-call (a partition, not a closed socket) is noticed within
+            // seconds even on a long transfer call, instead of when the kernel gives up.
+            .tcp_keepalive(Duration::from_secs(2))
+            .tcp_keepalive_interval(Duration::from_secs(1))
+            .tcp_keepalive_retries(3)
+            .tcp_user_timeout(Duration::from_secs(5))
             .no_proxy()
             .build()
             .expect("an HTTP client without TLS always builds");
