@@ -171,17 +171,21 @@ impl Ctl {
             )
             .await?;
         if !answer.status.is_success() {
-            println!("{}", answer.text);
             return Err(CtlError::Refused {
                 node: node.to_string(),
                 status: answer.status,
             });
         }
-        serde_json::from_str(&answer.text).map_err(|e| CtlError::BadAnswer {
-            node: node.to_string(),
-            cause: e.to_string(),
-        })
+        parse_status(node, &answer)
     }
+}
+
+/// A `/cluster/status` answer, typed.
+fn parse_status(node: &str, answer: &Answer) -> Result<ClusterStatus, CtlError> {
+    serde_json::from_str(&answer.text).map_err(|e| CtlError::BadAnswer {
+        node: node.to_string(),
+        cause: e.to_string(),
+    })
 }
 
 /// The URL path of `key`. `.` and `..` cannot be sent: every URL parser removes them as
@@ -305,23 +309,27 @@ fn print_answer(node: &str, answer: Answer) -> Result<(), CtlError> {
     }
 }
 
-/// Where a running view change stands, from the coordinator's status.
-fn progress(status: &ClusterStatus) -> String {
+/// Where a running view change stands, from the coordinator's status; `start` is the epoch
+/// in force when the change was asked for.
+fn progress(status: &ClusterStatus, start: Option<u64>) -> String {
     let pending = status.nodes.iter().filter(|n| n.pending).count();
     let down = status.nodes.iter().filter(|n| !n.reachable).count();
+    let nodes = status.nodes.len();
+    let committed = start.is_some_and(|start| status.epoch > start);
     let mut line = match &status.change {
         Some(change) => format!(
-            "epoch {} -> {}: prepared on {pending} of {} nodes of the old view",
-            status.epoch,
-            change.epoch,
-            status.nodes.len()
+            "epoch {} -> {} under way: prepared on {pending} of {nodes} nodes of the old view",
+            status.epoch, change.epoch
+        ),
+        None if committed => format!(
+            "epoch {} in force: committing, {pending} of {nodes} nodes still switching",
+            status.epoch
         ),
         None if pending > 0 => format!(
-            "epoch {}: {pending} of {} nodes have a change prepared",
-            status.epoch,
-            status.nodes.len()
+            "epoch {}: {pending} of {nodes} nodes have a change prepared",
+            status.epoch
         ),
-        None => format!("epoch {}: probing nodes", status.epoch),
+        None => format!("epoch {}: checking the nodes", status.epoch),
     };
     if down > 0 {
         line += &format!(", {down} not answering");
@@ -384,6 +392,7 @@ fn view_change_result(node: &str, answer: Answer) -> Result<(), CtlError> {
 async fn view_change(ctl: &Ctl, node: &str, view: &str) -> Result<(), CtlError> {
     let members = parse_members(view).map_err(|e| CtlError::Usage(format!("VIEW: {e}")))?;
     let body = serde_json::json!({ "view": members.join(",") });
+    let start = ctl.cluster_status(node).await.ok().map(|s| s.epoch);
     let started = Instant::now();
     let mut change =
         std::pin::pin!(ctl.send(Method::PUT, node, "/kvs/view-change", Some(body), None));
@@ -396,7 +405,7 @@ async fn view_change(ctl: &Ctl, node: &str, view: &str) -> Result<(), CtlError> 
         }
         // The status call is bounded, so a slow one never holds up the change's answer.
         let state = match tokio::time::timeout(ctl.timeout, ctl.cluster_status(node)).await {
-            Ok(Ok(status)) => progress(&status),
+            Ok(Ok(status)) => progress(&status, start),
             _ => format!("waiting for {node}"),
         };
         if state != last_state || last_print.elapsed() >= Duration::from_secs(2) {
@@ -437,14 +446,13 @@ async fn run(cli: Cli) -> Result<(), CtlError> {
     let within = Some(timeout);
     match cli.command {
         Command::Status { node, json } => {
-            if json {
-                let answer = ctl
-                    .send(Method::GET, &node.node, "/cluster/status", None, within)
-                    .await?;
+            let answer = ctl
+                .send(Method::GET, &node.node, "/cluster/status", None, within)
+                .await?;
+            if json || !answer.status.is_success() {
                 return print_answer(&node.node, answer);
             }
-            let status = ctl.cluster_status(&node.node).await?;
-            print!("{}", status_table(&status));
+            print!("{}", status_table(&parse_status(&node.node, &answer)?));
             Ok(())
         }
         Command::Get { key, node } => {

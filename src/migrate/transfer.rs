@@ -228,3 +228,26 @@ pub async fn ship_entries(
     });
     collect(join_all(sends).await).await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_is_the_share_of_the_hash_space_done() {
+        let ranges = [
+            HashRange { start: 0, end: 99 },
+            HashRange {
+                start: u64::MAX - 49,
+                end: 49 + 1000,
+            },
+        ];
+        let mut progress = Progress::new(7, "10.0.0.1:1", &ranges);
+        assert_eq!(progress.total, 100 + 1100);
+        assert_eq!(progress.percent(0), 0.0);
+        progress.done += 100;
+        assert_eq!(progress.percent(500), 50.0);
+        progress.done += 1100;
+        assert_eq!(progress.percent(0), 100.0);
+    }
+}
