@@ -238,17 +238,31 @@ impl Peers {
     }
 
     /// Sends one data-plane request and reads the whole answer within the forwarding timeout.
+    /// A request that fails on a pooled connection (one a partition or a peer's restart left
+    /// dead) is sent once more on a fresh connection; a refused connection is not retried.
     async fn send(
         &self,
         request: hyper::http::request::Builder,
         body: Bytes,
     ) -> Result<(StatusCode, Bytes), ()> {
-        let request = request.body(Full::new(body)).map_err(|_| ())?;
+        let (parts, ()) = request.body(()).map_err(|_| ())?.into_parts();
         let exchange = async {
-            let response = self.data.request(request).await.map_err(|_| ())?;
-            let status = response.status();
-            let body = response.into_body().collect().await.map_err(|_| ())?;
-            Ok((status, body.to_bytes()))
+            let mut retried = false;
+            loop {
+                let mut request = hyper::Request::new(Full::new(body.clone()));
+                *request.method_mut() = parts.method.clone();
+                *request.uri_mut() = parts.uri.clone();
+                *request.headers_mut() = parts.headers.clone();
+                match self.data.request(request).await {
+                    Ok(response) => {
+                        let status = response.status();
+                        let body = response.into_body().collect().await.map_err(|_| ())?;
+                        return Ok((status, body.to_bytes()));
+                    }
+                    Err(error) if !retried && !error.is_connect() => retried = true,
+                    Err(_) => return Err(()),
+                }
+            }
         };
         tokio::time::timeout(self.timeout, exchange)
             .await
@@ -299,15 +313,19 @@ impl Peers {
         peer: &str,
         request: reqwest::RequestBuilder,
     ) -> Result<Resp, PeerError> {
-        let response = request
-            .send()
-            .await
-            .map_err(|_| PeerError::Unreachable(peer.to_string()))?;
+        let unreachable = || PeerError::Unreachable(peer.to_string());
+        // Every control message is idempotent, so one that failed on a dead pooled
+        // connection (not a refused connection, not a timeout) is sent once more.
+        let retry = request.try_clone();
+        let response = match (request.send().await, retry) {
+            (Ok(response), _) => response,
+            (Err(error), Some(retry)) if !error.is_connect() && !error.is_timeout() => {
+                retry.send().await.map_err(|_| unreachable())?
+            }
+            (Err(_), _) => return Err(unreachable()),
+        };
         let status = response.status();
-        let body = response
-            .bytes()
-            .await
-            .map_err(|_| PeerError::Unreachable(peer.to_string()))?;
+        let body = response.bytes().await.map_err(|_| unreachable())?;
         if !status.is_success() {
             return Err(PeerError::Refused {
                 peer: peer.to_string(),
