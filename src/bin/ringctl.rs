@@ -222,12 +222,20 @@ fn bytes_text(bytes: usize) -> String {
     }
 }
 
+/// "1 node", "3 nodes".
+fn nodes(count: usize) -> String {
+    match count {
+        1 => "1 node".to_string(),
+        n => format!("{n} nodes"),
+    }
+}
+
 /// The `status` table, like `nodetool status`.
 fn status_table(status: &ClusterStatus) -> String {
     let mut out = format!(
-        "View at epoch {} ({} nodes, {} vnodes per node), as seen by {}\n\n",
+        "View at epoch {} ({}, {} vnodes per node), as seen by {}\n\n",
         status.epoch,
-        status.view.len(),
+        nodes(status.view.len()),
         status.vnodes,
         status.address
     );
@@ -281,11 +289,11 @@ fn status_table(status: &ClusterStatus) -> String {
     }
     if let Some(last) = &status.last_change {
         out += &format!(
-            "\nLast view change coordinated by {}: to epoch {} ({} nodes) in {} ms; \
+            "\nLast view change coordinated by {}: to epoch {} ({}) in {} ms; \
              {} ranges moved, {} keys ({}) shipped, {} caught up\n",
             status.address,
             last.epoch,
-            last.view.len(),
+            nodes(last.view.len()),
             last.millis,
             last.moved_ranges,
             last.keys_shipped,
@@ -371,9 +379,9 @@ fn view_change_result(node: &str, answer: Answer) -> Result<(), CtlError> {
         .unwrap_or(0)
         .max(7);
     println!(
-        "{} ({} nodes)\n",
+        "{} ({})\n",
         body["message"].as_str().unwrap_or("View change successful"),
-        shards.len()
+        nodes(shards.len())
     );
     println!("{:<width$}  {:>10}", "Address", "Keys");
     let mut total = 0;
