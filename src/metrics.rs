@@ -13,7 +13,7 @@ use prometheus::{
     Encoder, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
     Opts, Registry, TextEncoder,
 };
-use warp::http::Method;
+use warp::http::{Method, StatusCode};
 
 use crate::node::Node;
 
@@ -201,11 +201,10 @@ fn method_label(method: &Method) -> &'static str {
 }
 
 /// Counts one answered request and its latency.
-pub fn request(route: RouteLabel, method: &Method, status: u16, elapsed: Duration) {
+pub fn request(route: RouteLabel, method: &Method, status: StatusCode, elapsed: Duration) {
     with(|m| {
-        let status = status.to_string();
         m.requests
-            .with_label_values(&[route.as_str(), method_label(method), &status])
+            .with_label_values(&[route.as_str(), method_label(method), status.as_str()])
             .inc();
         m.latency
             .with_label_values(&[route.as_str()])

@@ -101,12 +101,11 @@ where
     let label = route(path).label();
     let reply = serve(node, method.clone(), path, headers, body).await;
     let elapsed = started.elapsed();
-    let status = reply.status.as_u16();
-    metrics::request(label, &method, status, elapsed);
+    metrics::request(label, &method, reply.status, elapsed);
     tracing::debug!(
         %method,
         path,
-        status,
+        status = reply.status.as_u16(),
         micros = elapsed.as_micros() as u64,
         "request"
     );
