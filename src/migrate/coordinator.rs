@@ -87,6 +87,27 @@ impl Run<'_> {
         }
     }
 
+    /// Runs the transfer or catch-up phase on every participant; logs what it shipped.
+    async fn shipping_phase(
+        &self,
+        change: ChangeRef,
+        path: &str,
+        phase: &str,
+    ) -> Result<Vec<Shipped>, Vec<PeerError>> {
+        let started = Instant::now();
+        let shipped: Vec<Shipped> = self
+            .everyone(Method::POST, path, Some(&change), PHASE_CALL_TIMEOUT)
+            .await?;
+        tracing::info!(
+            change = change.change_id,
+            millis = started.elapsed().as_millis() as u64,
+            keys = shipped.iter().map(|s| s.keys).sum::<usize>(),
+            bytes = shipped.iter().map(|s| s.bytes).sum::<usize>(),
+            "phase {phase} done"
+        );
+        Ok(shipped)
+    }
+
     async fn abort_everywhere(&self, change: ChangeRef) {
         let _ = self
             .everyone::<ChangeRef, serde_json::Value>(
@@ -210,37 +231,12 @@ async fn coordinate(node: &Arc<Node>, members: Vec<String>) -> Result<Vec<Shard>
             millis = phase_started.elapsed().as_millis() as u64,
             "phase prepare done"
         );
-        let phase_started = Instant::now();
-        let shipped: Vec<Shipped> = run
-            .everyone(
-                Method::POST,
-                "/internal/transfer",
-                Some(&change),
-                PHASE_CALL_TIMEOUT,
-            )
+        let shipped = run
+            .shipping_phase(change, "/internal/transfer", "transfer")
             .await?;
-        tracing::info!(
-            change = change_id,
-            millis = phase_started.elapsed().as_millis() as u64,
-            keys = shipped.iter().map(|s| s.keys).sum::<usize>(),
-            bytes = shipped.iter().map(|s| s.bytes).sum::<usize>(),
-            "phase transfer done"
-        );
-        let phase_started = Instant::now();
-        let caught_up: Vec<Shipped> = run
-            .everyone(
-                Method::POST,
-                "/internal/catchup",
-                Some(&change),
-                PHASE_CALL_TIMEOUT,
-            )
+        let caught_up = run
+            .shipping_phase(change, "/internal/catchup", "catch-up")
             .await?;
-        tracing::info!(
-            change = change_id,
-            millis = phase_started.elapsed().as_millis() as u64,
-            keys = caught_up.iter().map(|s| s.keys).sum::<usize>(),
-            "phase catch-up done"
-        );
         Ok::<_, Vec<PeerError>>((shipped, caught_up))
     };
     let (shipped, caught_up) = match phases.await {
