@@ -65,6 +65,9 @@ pub struct Args {
     /// Seconds a client may take to send a request's headers before the connection is closed.
     #[arg(long, default_value_t = 10.0)]
     pub header_read_timeout: f64,
+    /// Seconds a client may take to send a request's body (slower: 408).
+    #[arg(long, default_value_t = 30.0)]
+    pub body_read_timeout: f64,
     /// Seconds a view-change participant waits for its coordinator before asking its peers
     /// for the outcome (commit if anyone committed, abort if nobody did).
     #[arg(long, default_value_t = 30.0)]
@@ -91,6 +94,7 @@ pub struct Config {
     pub max_connections: usize,
     pub max_forwards: usize,
     pub header_read_timeout: Duration,
+    pub body_read_timeout: Duration,
     pub phase_timeout: Duration,
     pub fault_hooks: bool,
     pub cluster_token: Option<ClusterToken>,
@@ -142,6 +146,7 @@ impl Config {
             max_connections: args.max_connections.max(1),
             max_forwards: args.max_forwards.max(1),
             header_read_timeout: seconds(args.header_read_timeout, "header-read-timeout")?,
+            body_read_timeout: seconds(args.body_read_timeout, "body-read-timeout")?,
             phase_timeout: seconds(args.phase_timeout, "phase-timeout")?,
             fault_hooks: args.fault_hooks,
             cluster_token: non_empty(args.cluster_token)

@@ -1638,3 +1638,37 @@ fn dot_keys_are_keys_through_every_node() {
     let total: u64 = nodes.iter().map(|n| client.key_count(n)).sum();
     assert_eq!(total, 4, "., .., ... and a. are four keys");
 }
+
+#[test]
+fn a_body_that_stalls_gets_408_after_the_body_read_timeout() {
+    let node = TestNode::start(
+        &common::fresh_address(),
+        &[],
+        &["--body-read-timeout", "0.5"],
+    );
+    let mut stream = TcpStream::connect(&node.address).unwrap();
+    let start = Instant::now();
+    stream
+        .write_all(
+            b"PUT /kvs/keys/k HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+              Content-Length: 20\r\n\r\n{\"value\":",
+        )
+        .unwrap();
+    let received = read_until_closed(&mut stream, Duration::from_secs(8));
+    let elapsed = start.elapsed();
+    let text = String::from_utf8(received).unwrap();
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("{text:?}"));
+    assert!(head.starts_with("HTTP/1.1 408 "), "{head}");
+    let body: Value = serde_json::from_str(body).unwrap();
+    assert_eq!(
+        body,
+        json!({"error": "Request body not received in time", "message": "Error in PUT"})
+    );
+    assert!(elapsed >= Duration::from_millis(400), "{elapsed:?}");
+    assert!(elapsed < Duration::from_secs(5), "{elapsed:?}");
+    // The key was not written.
+    let client = Client::new();
+    assert_eq!(client.get_key(&node.address, "k").status, 404);
+}

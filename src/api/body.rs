@@ -1,6 +1,8 @@
 //! Reading request bodies under the size limit, and parsing a PUT body into the raw JSON
 //! text of its `value`.
 
+use std::time::Duration;
+
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures_util::{Stream, StreamExt};
 use serde::Deserialize;
@@ -15,10 +17,22 @@ pub enum BodyError {
     TooLarge,
     #[error("body could not be read")]
     Broken,
+    #[error("body not received in time")]
+    TimedOut,
 }
 
-/// Reads the whole body, refusing it once it grows past `limit` bytes.
-pub async fn read_limited<S, B>(body: S, limit: usize) -> Result<Bytes, BodyError>
+/// Reads the whole body within `time`, refusing it once it grows past `limit` bytes.
+pub async fn read_limited<S, B>(body: S, limit: usize, time: Duration) -> Result<Bytes, BodyError>
+where
+    S: Stream<Item = Result<B, warp::Error>>,
+    B: Buf,
+{
+    tokio::time::timeout(time, read_all(body, limit))
+        .await
+        .unwrap_or(Err(BodyError::TimedOut))
+}
+
+async fn read_all<S, B>(body: S, limit: usize) -> Result<Bytes, BodyError>
 where
     S: Stream<Item = Result<B, warp::Error>>,
     B: Buf,

@@ -33,12 +33,17 @@ where
     S: Stream<Item = Result<B, warp::Error>>,
     B: Buf,
 {
-    read_limited(body, node.config.max_body_bytes)
-        .await
-        .map_err(|error| match error {
-            BodyError::TooLarge => ApiError::TooLarge(method.to_string()),
-            BodyError::Broken => ApiError::InvalidJson(method.to_string()),
-        })
+    read_limited(
+        body,
+        node.config.max_body_bytes,
+        node.config.body_read_timeout,
+    )
+    .await
+    .map_err(|error| match error {
+        BodyError::TooLarge => ApiError::TooLarge(method.to_string()),
+        BodyError::Broken => ApiError::InvalidJson(method.to_string()),
+        BodyError::TimedOut => ApiError::BodyTimeout(method.to_string()),
+    })
 }
 
 /// `GET|PUT|DELETE /kvs/keys/<key>` and `/kvs/<key>`.

@@ -96,7 +96,7 @@ where
             );
         }
     }
-    let body = match read_limited(body, MAX_INTERNAL_BODY).await {
+    let body = match read_limited(body, MAX_INTERNAL_BODY, node.config.body_read_timeout).await {
         Ok(body) => body,
         Err(error) => return failure(StatusCode::PAYLOAD_TOO_LARGE, error),
     };

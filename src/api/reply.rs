@@ -89,6 +89,8 @@ pub enum ApiError {
     InvalidKey(String),
     #[error("Value is too large")]
     TooLarge(String),
+    #[error("Request body not received in time")]
+    BodyTimeout(String),
     #[error("Invalid JSON")]
     InvalidJson(String),
     #[error("Value is missing")]
@@ -123,6 +125,7 @@ impl ApiError {
             ApiError::NotFound(_) | ApiError::KeyDoesNotExist(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::InvalidKey(_)
             | ApiError::InvalidJson(_)
             | ApiError::ValueMissing
@@ -147,6 +150,7 @@ impl ApiError {
             | ApiError::MethodNotAllowed(method)
             | ApiError::InvalidKey(method)
             | ApiError::TooLarge(method)
+            | ApiError::BodyTimeout(method)
             | ApiError::InvalidJson(method)
             | ApiError::MainDown(method) => {
                 json!({"error": error, "message": method_message(&method)})
