@@ -108,6 +108,21 @@ impl Run<'_> {
         Ok(shipped)
     }
 
+    /// Tells one participant to commit.
+    async fn commit_on(&self, peer: &str, change: ChangeRef) -> Result<Committed, PeerError> {
+        let node = self.node;
+        node.peers
+            .call(
+                peer,
+                Method::POST,
+                "/internal/commit",
+                Some(&change),
+                &self.view,
+                node.peers.timeout(),
+            )
+            .await
+    }
+
     async fn abort_everywhere(&self, change: ChangeRef) {
         let _ = self
             .everyone::<ChangeRef, serde_json::Value>(
@@ -293,17 +308,7 @@ async fn commit_everywhere(
     let node = run.node;
     if node.faults.exit_after_first_commit() {
         for peer in run.participants.iter().filter(|p| **p != *node.address) {
-            let answer: Result<Committed, _> = node
-                .peers
-                .call(
-                    peer,
-                    Method::POST,
-                    "/internal/commit",
-                    Some(&change),
-                    &run.view,
-                    node.peers.timeout(),
-                )
-                .await;
+            let answer = run.commit_on(peer, change).await;
             if answer.is_ok() {
                 tracing::warn!(%peer, "fault hook: coordinator exits after the first commit");
                 std::process::exit(17);
@@ -316,17 +321,7 @@ async fn commit_everywhere(
     let calls = run.participants.iter().map(|peer| async move {
         let mut pause = Duration::from_millis(50);
         loop {
-            let answer: Result<Committed, _> = node
-                .peers
-                .call(
-                    peer,
-                    Method::POST,
-                    "/internal/commit",
-                    Some(&change),
-                    &run.view,
-                    node.peers.timeout(),
-                )
-                .await;
+            let answer = run.commit_on(peer, change).await;
             match answer {
                 Ok(done) => return Ok((peer.clone(), done.key_count)),
                 Err(error) if Instant::now() + pause < deadline => {
