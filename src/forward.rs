@@ -14,6 +14,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::Semaphore;
 
+use crate::http1::{encode_request, Http1Pool};
+
 use crate::auth::{ClusterToken, TOKEN_HEADER};
 use crate::view::View;
 use crate::wire::{
@@ -71,11 +73,14 @@ pub enum PeerError {
 pub struct Peers {
     /// Control-plane calls (JSON phases of a view change, state probes).
     client: reqwest::Client,
-    /// The data plane (forwarded key requests, relays): a bare pooled hyper client, since
-    /// every forwarded request pays its cost on the same cores as the two server passes.
+    /// Relays of a forwarding instance: a bare pooled hyper client (the main instance may
+    /// be any implementation of the course API).
     data: HyperClient,
+    /// Forwarded key requests, the hot path: ringkv's own minimal HTTP/1.1 client.
+    forwards: Http1Pool,
     own_address: String,
     vnodes: u32,
+    vnodes_text: String,
     timeout: Duration,
     forward_slots: Semaphore,
     /// The cluster token, sent on every internal request.
@@ -88,12 +93,11 @@ pub struct Relayed {
     pub body: Bytes,
 }
 
-/// The internal URL of `key` on `peer`. The encoded key follows a fixed `k` so that no key
-/// makes a dot segment (`%2E`, `%2E%2E`): the URL parser under reqwest would remove it from
-/// the path and send the request for another key, or for no key at all.
-fn key_url(peer: &str, key: &str) -> String {
+/// The internal path of `key`. The encoded key follows a fixed `k` so that no key makes a
+/// dot segment (`%2E`, `%2E%2E`) that a URL normaliser on the way could remove.
+fn key_path(key: &str) -> String {
     format!(
-        "http://{peer}/internal/kv/k{}",
+        "/internal/kv/k{}",
         utf8_percent_encode(key, NON_ALPHANUMERIC)
     )
 }
@@ -130,8 +134,10 @@ impl Peers {
         Peers {
             client,
             data,
+            forwards: Http1Pool::new(256, timeout),
             own_address: own_address.to_string(),
             vnodes,
+            vnodes_text: vnodes.to_string(),
             timeout,
             forward_slots: Semaphore::new(max_forwards),
             token: None,
@@ -176,27 +182,29 @@ impl Peers {
             .await
             .map_err(|_| unreachable())?
             .map_err(|_| unreachable())?;
-        let method = match op {
-            KvOp::Get => Method::GET,
-            KvOp::Put(_) => Method::PUT,
-            KvOp::Delete => Method::DELETE,
+        let (method, body): (&str, &[u8]) = match op {
+            KvOp::Get => ("GET", b""),
+            KvOp::Put(value) => ("PUT", value),
+            KvOp::Delete => ("DELETE", b""),
         };
-        let mut request = hyper::Request::builder()
-            .method(method)
-            .uri(key_url(peer, key))
-            .header(EPOCH_HEADER, view.epoch)
-            .header(VIEW_HEADER, view_header(view))
-            .header(VNODES_HEADER, self.vnodes)
-            .header(FROM_HEADER, &self.own_address);
+        let epoch = view.epoch.to_string();
+        let view_id = view_header(view);
+        let mut headers: Vec<(&str, &[u8])> = vec![
+            (EPOCH_HEADER, epoch.as_bytes()),
+            (VIEW_HEADER, view_id.as_bytes()),
+            (VNODES_HEADER, self.vnodes_text.as_bytes()),
+            (FROM_HEADER, self.own_address.as_bytes()),
+        ];
         if let Some(token) = &self.token {
-            request = request.header(TOKEN_HEADER, token.clone());
+            headers.push((TOKEN_HEADER, token.as_bytes()));
         }
-        let body = match op {
-            KvOp::Put(value) => value.clone(),
-            _ => Bytes::new(),
-        };
-        let (status, body) = self.send(request, body).await.map_err(|_| unreachable())?;
-        let outcome = match (op, status.as_u16()) {
+        let request = encode_request(method, peer, &key_path(key), &headers, body);
+        let answer = tokio::time::timeout(self.timeout, self.forwards.send(peer, &request))
+            .await
+            .map_err(|_| unreachable())?
+            .map_err(|_| unreachable())?;
+        let (status, body) = (answer.status, answer.body);
+        let outcome = match (op, status) {
             (_, 421) => {
                 return serde_json::from_slice(&body)
                     .map(ForwardReply::Misdirected)

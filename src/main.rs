@@ -7,6 +7,11 @@ use ringkv::config::{Args, Config};
 use ringkv::node::Node;
 use ringkv::server;
 
+/// glibc's allocator spent ~10% of a forwarding node's time (malloc_consolidate on the
+/// request buffers); mimalloc's thread-local free lists make that a few percent.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
