@@ -112,7 +112,16 @@ pub async fn catch_up(node: &Arc<Node>, change_id: u64) -> Result<Shipped, Chang
 /// Idempotent: committing a change that already committed here reports the key count.
 pub async fn commit(node: &Arc<Node>, change_id: u64) -> Result<Committed, ChangeError> {
     node.faults.commit_pause_point().await;
-    let _serial = node.change_lock.lock().await;
+    let node = node.clone();
+    // On a blocking thread: applying and dropping a large range takes a while, and once
+    // begun it must finish even if the caller goes away (half a commit loses staged keys).
+    tokio::task::spawn_blocking(move || commit_now(&node, change_id))
+        .await
+        .unwrap_or(Err(ChangeError::UnknownChange(change_id)))
+}
+
+fn commit_now(node: &Node, change_id: u64) -> Result<Committed, ChangeError> {
+    let _serial = node.change_lock.blocking_lock();
     let migration = match prepared(node, change_id) {
         Ok(migration) => migration,
         Err(error) => {
