@@ -35,6 +35,7 @@ fn shrink_four_to_three_empties_the_removed_node_which_then_forwards() {
             assert_eq!(after[key], *owner, "{key} moved between staying nodes");
         }
     }
+    common::assert_shipped_exactly_the_moved_keys(&client, removed, &before, &after);
 
     // The removed node keeps serving writes by forwarding them, naming the owner.
     for (key, owner) in after.iter().take(20) {
@@ -77,6 +78,7 @@ fn replace_adds_one_node_and_removes_another_in_one_change() {
     assert_eq!(client.key_count(removed), 0);
     assert_states(&client, &all, 1, &view);
     let after = assert_contents(&client, &all, &view, &data);
+    common::assert_shipped_exactly_the_moved_keys(&client, &added, &before, &after);
     for (key, old_owner) in &before {
         if old_owner != removed {
             assert!(
@@ -100,6 +102,7 @@ fn a_view_of_new_nodes_only_moves_all_data() {
     let all = cluster.addresses();
     let data = sample_data("evict", 150);
     load(&client, &all, &data);
+    let before = assert_contents(&client, &all, &old, &data);
 
     let answer = client.view_change(&old[0], &new.join(","));
     let counts = assert_view_change_ok(&client, &answer, &new);
@@ -109,7 +112,8 @@ fn a_view_of_new_nodes_only_moves_all_data() {
         assert_eq!(client.key_count(node), 0, "{node} was removed");
     }
     assert_states(&client, &all, 1, &new);
-    assert_contents(&client, &all, &new, &data);
+    let after = assert_contents(&client, &all, &new, &data);
+    common::assert_shipped_exactly_the_moved_keys(&client, &old[0], &before, &after);
 
     // And back again: everything returns to the first two.
     let answer = client.view_change(&new[1], &old.join(","));

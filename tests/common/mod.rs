@@ -467,6 +467,27 @@ pub fn assert_contents(
     owners
 }
 
+/// Asserts that the last view change `coordinator` ran shipped, in its bulk transfer,
+/// exactly the keys whose owner changed between `before` and `after` (owners as observed
+/// through the API), and re-sent none (nobody wrote during the change).
+pub fn assert_shipped_exactly_the_moved_keys(
+    client: &Client,
+    coordinator: &str,
+    before: &std::collections::BTreeMap<String, String>,
+    after: &std::collections::BTreeMap<String, String>,
+) {
+    let moved = before
+        .iter()
+        .filter(|(key, owner)| after.get(*key) != Some(*owner))
+        .count() as u64;
+    let status = client
+        .get(&format!("http://{coordinator}/cluster/status"))
+        .body;
+    let report = &status["last_change"];
+    assert_eq!(report["keys_shipped"].as_u64(), Some(moved), "{report}");
+    assert_eq!(report["keys_caught_up"].as_u64(), Some(0), "{report}");
+}
+
 /// Asserts that every key of `keys` is absent through every node of `through` (404 exactly).
 pub fn assert_absent<'a>(
     client: &Client,
