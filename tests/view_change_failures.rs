@@ -552,3 +552,54 @@ fn two_changes_sent_at_once_leave_one_view_and_every_key() {
     assert_eq!(total, 200);
     assert_contents(&client, &all, &view, &data);
 }
+
+#[test]
+fn an_operator_can_drop_a_dead_member_at_the_cost_of_its_keys() {
+    let mut cluster = Cluster::start(3, &[]);
+    let client = Client::new();
+    let all = cluster.addresses();
+    let data = sample_data("dead", 150);
+    load(&client, &all, &data);
+    let owners = assert_contents(&client, &all, &all, &data);
+    let dead = all[2].clone();
+    cluster.nodes[2].kill();
+    let survivors = all[..2].to_vec();
+
+    // The course's view change needs every member: it refuses and changes nothing.
+    let answer = client.view_change(&survivors[0], &survivors.join(","));
+    assert_eq!(
+        (answer.status, &answer.body),
+        (
+            503,
+            &json!({"error": "Unable to satisfy request", "message": "Error in PUT",
+                    "unreachable": [dead]})
+        )
+    );
+    assert_states(&client, &survivors, 0, &all);
+
+    // The operator's change may not drop a member of the new view ...
+    let forced = |view: &[String]| {
+        client.put(
+            &format!("http://{}/cluster/view-change", survivors[1]),
+            &json!({ "view": view.join(",") }),
+        )
+    };
+    let answer = forced(&all);
+    assert_eq!(answer.status, 503, "{answer:?}");
+    assert_eq!(answer.body["unreachable"], json!([dead]));
+    assert_states(&client, &survivors, 0, &all);
+
+    // ... but it drops a dead member of the old view, whose keys are lost with it.
+    let answer = forced(&survivors);
+    let counts = assert_view_change_ok(&client, &answer, &survivors);
+    let (lost, kept): (Vec<_>, Vec<_>) = data.iter().partition(|(key, _)| owners[*key] == dead);
+    assert!(!lost.is_empty() && !kept.is_empty());
+    let kept: std::collections::BTreeMap<String, serde_json::Value> = kept
+        .into_iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    assert_eq!(counts.iter().sum::<u64>(), kept.len() as u64);
+    assert_states(&client, &survivors, 1, &survivors);
+    assert_contents(&client, &survivors, &survivors, &kept);
+    common::assert_absent(&client, &survivors, lost.iter().map(|(k, _)| *k));
+}

@@ -86,8 +86,13 @@ struct ViewChangeBody {
     view: Option<serde_json::Value>,
 }
 
-/// `PUT /kvs/view-change`.
-pub async fn view_change<S, B>(node: &Arc<Node>, body: S) -> Result<Reply, ApiError>
+/// `PUT /kvs/view-change`; with `drop_unreachable`, the operator's
+/// `PUT /cluster/view-change`, which removes old members that do not answer.
+pub async fn view_change<S, B>(
+    node: &Arc<Node>,
+    body: S,
+    drop_unreachable: bool,
+) -> Result<Reply, ApiError>
 where
     S: Stream<Item = Result<B, warp::Error>>,
     B: Buf,
@@ -101,7 +106,7 @@ where
         Some(serde_json::Value::String(text)) => parse_members(&text).map_err(bad_view)?,
         Some(_) => return Err(bad_view(ViewError::NotText)),
     };
-    let shards = coordinator::change_view(node, members)
+    let shards = coordinator::change_view(node, members, drop_unreachable)
         .await
         .map_err(ApiError::ViewChange)?;
     Ok(view_change_reply(&shards))

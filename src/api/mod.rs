@@ -42,6 +42,8 @@ enum Route<'a> {
     Key(&'a str),
     KeyCount,
     ViewChange,
+    /// `PUT /cluster/view-change`: a view change that drops unreachable old members.
+    ForcedViewChange,
     Internal(&'a str),
     Metrics,
     ClusterStatus,
@@ -53,7 +55,7 @@ impl Route<'_> {
         match self {
             Route::Key(_) => RouteLabel::Key,
             Route::KeyCount => RouteLabel::KeyCount,
-            Route::ViewChange => RouteLabel::ViewChange,
+            Route::ViewChange | Route::ForcedViewChange => RouteLabel::ViewChange,
             Route::Internal(_) => RouteLabel::Internal,
             Route::Metrics | Route::ClusterStatus | Route::NotFound => RouteLabel::Other,
         }
@@ -75,6 +77,7 @@ fn route(path: &str) -> Route<'_> {
     match path {
         "/metrics" => return Route::Metrics,
         "/cluster/status" => return Route::ClusterStatus,
+        "/cluster/view-change" => return Route::ForcedViewChange,
         _ => {}
     }
     match path.strip_prefix("/kvs/").and_then(segment) {
@@ -135,12 +138,19 @@ where
             None => not_allowed(),
         },
         Route::KeyCount if method == Method::GET => reply::key_count_reply(node.store.len()),
-        Route::ViewChange if method == Method::PUT => course::view_change(&node, body).await.into(),
+        Route::ViewChange if method == Method::PUT => {
+            course::view_change(&node, body, false).await.into()
+        }
+        Route::ForcedViewChange if method == Method::PUT => {
+            course::view_change(&node, body, true).await.into()
+        }
         Route::Metrics if method == Method::GET => ops::metrics(&node),
         Route::ClusterStatus if method == Method::GET => ops::cluster_status_reply(&node).await,
-        Route::KeyCount | Route::ViewChange | Route::Metrics | Route::ClusterStatus => {
-            not_allowed()
-        }
+        Route::KeyCount
+        | Route::ViewChange
+        | Route::ForcedViewChange
+        | Route::Metrics
+        | Route::ClusterStatus => not_allowed(),
         Route::Internal(rest) => internal::dispatch(&node, &method, rest, &headers, body).await,
         Route::NotFound => ApiError::NotFound(method.to_string()).into_reply(),
     }

@@ -136,6 +136,9 @@ impl Run<'_> {
 }
 
 /// Carries out a view change to `members`; answers the new view's shards in view order.
+/// With `drop_unreachable`, members of the old view that do not answer the probe are left
+/// out instead of failing the change: their keys are lost (there is no replication). A
+/// member of the new view must answer either way.
 ///
 /// The change runs in its own task, to its end, even if the client hangs up: dropped
 /// half-way, it would leave the participants prepared (ranges frozen after the catch-up)
@@ -143,15 +146,21 @@ impl Run<'_> {
 pub async fn change_view(
     node: &Arc<Node>,
     members: Vec<String>,
+    drop_unreachable: bool,
 ) -> Result<Vec<Shard>, ChangeError> {
     let node = node.clone();
-    match tokio::spawn(async move { coordinate(&node, members).await }).await {
+    let coordinating = async move { coordinate(&node, members, drop_unreachable).await };
+    match tokio::spawn(coordinating).await {
         Ok(result) => result,
         Err(failure) => std::panic::resume_unwind(failure.into_panic()),
     }
 }
 
-async fn coordinate(node: &Arc<Node>, members: Vec<String>) -> Result<Vec<Shard>, ChangeError> {
+async fn coordinate(
+    node: &Arc<Node>,
+    members: Vec<String>,
+    drop_unreachable: bool,
+) -> Result<Vec<Shard>, ChangeError> {
     let Ok(_coordinating) = node.coordinating.try_lock() else {
         return Err(ChangeError::InProgress);
     };
@@ -177,10 +186,23 @@ async fn coordinate(node: &Arc<Node>, members: Vec<String>) -> Result<Vec<Shard>
     // This node may be behind (a removed node hears of no later change): whoever serves
     // the newest epoch knows its members, who hold the data and must take part too.
     let states: Vec<NodeState> = loop {
-        let states: Vec<NodeState> = run
-            .everyone::<(), _>(Method::GET, "/internal/state", None, node.peers.timeout())
-            .await
-            .map_err(as_change_error)?;
+        let probed = run
+            .everyone::<(), NodeState>(Method::GET, "/internal/state", None, node.peers.timeout())
+            .await;
+        let states = match probed.map_err(as_change_error) {
+            Ok(states) => states,
+            Err(ChangeError::Unreachable(gone))
+                if drop_unreachable && !gone.iter().any(|g| target.members.contains(g)) =>
+            {
+                tracing::warn!(
+                    ?gone,
+                    "dropping unreachable members of the old view; the keys they held are lost"
+                );
+                run.participants.retain(|p| !gone.contains(p));
+                continue;
+            }
+            Err(error) => return Err(error),
+        };
         let newest = states.iter().max_by_key(|s| s.epoch);
         let missing: Vec<String> = newest
             .filter(|s| s.epoch > old.epoch)
