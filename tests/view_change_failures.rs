@@ -37,6 +37,13 @@ fn view_change_in_background(node: &str, view: &[String]) -> std::thread::JoinHa
     std::thread::spawn(move || Client::new().view_change(&node, &view))
 }
 
+/// Sets (or clears) the pause at the start of the transfer on every node of `nodes`.
+fn hold_transfers<'a>(client: &Client, nodes: impl IntoIterator<Item = &'a String>, hold: bool) {
+    for node in nodes {
+        client.set_fault(node, &json!({ "pause_transfer": hold }));
+    }
+}
+
 /// Waits until every node of `nodes` holds a transfer at the pause point.
 fn wait_in_transfer(client: &Client, nodes: &[&String]) {
     for node in nodes {
@@ -82,8 +89,7 @@ fn a_node_of_the_new_view_that_is_down_fails_the_change_and_nothing_moves() {
     assert_contents(&client, &old, &old, &data);
 
     // Nothing was left half-done: a change to live nodes goes through.
-    let joining = common::fresh_address();
-    cluster.nodes.push(TestNode::start(&joining, &old, &[]));
+    cluster.add_node(&old, &[]);
     let grown = cluster.addresses();
     let answer = client.view_change(&old[0], &grown.join(","));
     let counts = assert_view_change_ok(&client, &answer, &grown);
@@ -115,21 +121,16 @@ fn a_receiver_killed_during_the_transfer_leaves_the_old_view_in_force() {
     let mut cluster = Cluster::start(2, HOOKS);
     let client = Client::new();
     let old = cluster.addresses();
-    let receiver = common::fresh_address();
-    cluster.nodes.push(TestNode::start(&receiver, &old, HOOKS));
+    let receiver = cluster.add_node(&old, HOOKS);
     let data = sample_data("killed", 300);
     load(&client, &cluster.addresses(), &data);
     let counts = key_counts(&client, &old);
 
-    for sender in &old {
-        client.set_fault(sender, &json!({"pause_transfer": true}));
-    }
+    hold_transfers(&client, &old, true);
     let change = view_change_in_background(&old[0], &strings(&[&old[0], &old[1], &receiver]));
     wait_in_transfer(&client, &[&old[0], &old[1]]);
     cluster.nodes[2].kill();
-    for sender in &old {
-        client.set_fault(sender, &json!({"pause_transfer": false}));
-    }
+    hold_transfers(&client, &old, false);
 
     let answer = change.join().unwrap();
     assert_eq!(
@@ -158,15 +159,12 @@ fn a_second_change_while_one_is_in_flight_is_refused_and_the_first_completes() {
     let mut cluster = Cluster::start(2, HOOKS);
     let client = Client::new();
     let old = cluster.addresses();
-    let (joining, outsider) = (common::fresh_address(), common::fresh_address());
-    cluster.nodes.push(TestNode::start(&joining, &old, HOOKS));
-    cluster.nodes.push(TestNode::start(&outsider, &old, HOOKS));
+    let joining = cluster.add_node(&old, HOOKS);
+    let outsider = cluster.add_node(&old, HOOKS);
     let data = sample_data("race", 200);
     load(&client, &old, &data);
 
-    for sender in &old {
-        client.set_fault(sender, &json!({"pause_transfer": true}));
-    }
+    hold_transfers(&client, &old, true);
     let first = strings(&[&old[0], &old[1], &joining]);
     let change = view_change_in_background(&old[0], &first);
     wait_in_transfer(&client, &[&old[0], &old[1]]);
@@ -182,9 +180,7 @@ fn a_second_change_while_one_is_in_flight_is_refused_and_the_first_completes() {
             "second change via {receiver}"
         );
     }
-    for sender in &old {
-        client.set_fault(sender, &json!({"pause_transfer": false}));
-    }
+    hold_transfers(&client, &old, false);
 
     let answer = change.join().unwrap();
     let counts = assert_view_change_ok(&client, &answer, &first);
@@ -209,8 +205,7 @@ fn participants_finish_a_change_whose_coordinator_died_after_the_commit_point() 
     let mut cluster = Cluster::start(3, &flags);
     let client = Client::new();
     let old = cluster.addresses();
-    let joining = common::fresh_address();
-    cluster.nodes.push(TestNode::start(&joining, &old, &flags));
+    let joining = cluster.add_node(&old, &flags);
     let data = sample_data("orphan", 200);
     load(&client, &old, &data);
 
@@ -252,9 +247,8 @@ fn a_joining_node_that_learns_an_older_view_mid_change_keeps_its_prepared_change
     let mut cluster = Cluster::start(2, HOOKS);
     let client = Client::new();
     let old = cluster.addresses();
-    let (third, late) = (common::fresh_address(), common::fresh_address());
-    cluster.nodes.push(TestNode::start(&third, &old, HOOKS));
-    cluster.nodes.push(TestNode::start(&late, &old, HOOKS));
+    let third = cluster.add_node(&old, HOOKS);
+    let late = cluster.add_node(&old, HOOKS);
     let data = sample_data("late", 200);
     load(&client, &old, &data);
     // The late node hears nothing of the first change: it stays at epoch 0.
@@ -265,9 +259,7 @@ fn a_joining_node_that_learns_an_older_view_mid_change_keeps_its_prepared_change
     assert_eq!(common::epoch_of(&client, &late), 0);
 
     let senders = [&old[0], &old[1], &third];
-    for sender in senders {
-        client.set_fault(sender, &json!({"pause_transfer": true}));
-    }
+    hold_transfers(&client, senders, true);
     let second = strings(&[&old[0], &old[1], &third, &late]);
     let change = view_change_in_background(&old[1], &second);
     wait_in_transfer(&client, &senders);
@@ -291,9 +283,7 @@ fn a_joining_node_that_learns_an_older_view_mid_change_keeps_its_prepared_change
         "the prepared change was dropped: {state}"
     );
 
-    for sender in senders {
-        client.set_fault(sender, &json!({"pause_transfer": false}));
-    }
+    hold_transfers(&client, senders, false);
     let answer = change.join().unwrap();
     let counts = assert_view_change_ok(&client, &answer, &second);
     assert_eq!(counts.iter().sum::<u64>(), 200);
@@ -307,8 +297,7 @@ fn the_old_owner_never_serves_a_value_overwritten_at_the_new_owner() {
     let mut cluster = Cluster::start(2, HOOKS);
     let client = Client::new();
     let old = cluster.addresses();
-    let joining = common::fresh_address();
-    cluster.nodes.push(TestNode::start(&joining, &old, HOOKS));
+    let joining = cluster.add_node(&old, HOOKS);
     let data = sample_data("stale", 200);
     load(&client, &old, &data);
     let owners_before = assert_contents(&client, &old, &old, &data);
@@ -365,16 +354,13 @@ fn participants_wait_for_a_busy_coordinator_outside_both_views() {
     let mut cluster = Cluster::start(2, &flags);
     let client = Client::new();
     let old = cluster.addresses();
-    let (joining, outsider) = (common::fresh_address(), common::fresh_address());
-    cluster.nodes.push(TestNode::start(&joining, &old, &flags));
-    cluster.nodes.push(TestNode::start(&outsider, &old, &flags));
+    let joining = cluster.add_node(&old, &flags);
+    let outsider = cluster.add_node(&old, &flags);
     let data = sample_data("outsider", 200);
     load(&client, &old, &data);
 
     // The transfer outlasts the phase timeout: the participants' watchdogs ask around.
-    for sender in &old {
-        client.set_fault(sender, &json!({"pause_transfer": true}));
-    }
+    hold_transfers(&client, &old, true);
     let view = strings(&[&old[0], &old[1], &joining]);
     let change = view_change_in_background(&outsider, &view);
     wait_in_transfer(&client, &[&old[0], &old[1]]);
@@ -387,9 +373,7 @@ fn participants_wait_for_a_busy_coordinator_outside_both_views() {
                 .then_some(())
         },
     );
-    for sender in &old {
-        client.set_fault(sender, &json!({"pause_transfer": false}));
-    }
+    hold_transfers(&client, &old, false);
 
     let answer = change.join().unwrap();
     let counts = assert_view_change_ok(&client, &answer, &view);
@@ -404,14 +388,11 @@ fn a_change_whose_client_hung_up_still_completes() {
     let mut cluster = Cluster::start(2, HOOKS);
     let client = Client::new();
     let old = cluster.addresses();
-    let joining = common::fresh_address();
-    cluster.nodes.push(TestNode::start(&joining, &old, HOOKS));
+    let joining = cluster.add_node(&old, HOOKS);
     let data = sample_data("hangup", 200);
     load(&client, &old, &data);
 
-    for sender in &old {
-        client.set_fault(sender, &json!({"pause_transfer": true}));
-    }
+    hold_transfers(&client, &old, true);
     let view = strings(&[&old[0], &old[1], &joining]);
     let (coordinator, body) = (old[0].clone(), json!({"view": view.join(",")}).to_string());
     let impatient = std::thread::spawn(move || {
@@ -427,9 +408,7 @@ fn a_change_whose_client_hung_up_still_completes() {
         answer.is_err(),
         "the change was held, yet answered: {answer:?}"
     );
-    for sender in &old {
-        client.set_fault(sender, &json!({"pause_transfer": false}));
-    }
+    hold_transfers(&client, &old, false);
 
     // The default phase timeout (30 s) is far away: only the coordinator can finish it.
     for node in &view {
@@ -459,9 +438,7 @@ fn participants_abort_a_change_whose_coordinator_died_before_the_commit_point() 
     load(&client, &old, &data);
     let counts = key_counts(&client, &old);
 
-    for sender in &old {
-        client.set_fault(sender, &json!({"pause_transfer": true}));
-    }
+    hold_transfers(&client, &old, true);
     let view = strings(&[&old[0], &old[1], &joining]);
     let (to, body) = (
         coordinator.clone(),
@@ -473,9 +450,7 @@ fn participants_abort_a_change_whose_coordinator_died_before_the_commit_point() 
     wait_in_transfer(&client, &[&old[0], &old[1]]);
     cluster.nodes[3].kill();
     assert!(orphaned.join().unwrap().is_err());
-    for sender in &old {
-        client.set_fault(sender, &json!({"pause_transfer": false}));
-    }
+    hold_transfers(&client, &old, false);
 
     let participants = strings(&[&old[0], &old[1], &joining]);
     for node in &participants {

@@ -61,8 +61,7 @@ fn replace_adds_one_node_and_removes_another_in_one_change() {
     let mut cluster = Cluster::start(3, &[]);
     let client = Client::new();
     let old = cluster.addresses();
-    let added = common::fresh_address();
-    cluster.nodes.push(TestNode::start(&added, &old, &[]));
+    let added = cluster.add_node(&old, &[]);
     let all = cluster.addresses();
     let data = sample_data("replace", 200);
     load(&client, &all, &data);
@@ -144,8 +143,7 @@ fn the_view_in_force_everywhere_is_a_no_op() {
     assert_contents(&client, &all, &all, &data);
 
     // After a real change, repeating it is a no-op at the new epoch.
-    let joining = common::fresh_address();
-    cluster.nodes.push(TestNode::start(&joining, &all, &[]));
+    let joining = cluster.add_node(&all, &[]);
     let grown = cluster.addresses();
     let answer = client.view_change(&all[0], &grown.join(","));
     assert_view_change_ok(&client, &answer, &grown);
@@ -201,8 +199,7 @@ fn a_change_received_by_a_node_left_behind_still_moves_every_key() {
     let client = Client::new();
     let first = cluster.addresses();
     let (a, b, r) = (&first[0], &first[1], &first[2]);
-    let c = common::fresh_address();
-    cluster.nodes.push(TestNode::start(&c, &first, &[]));
+    let c = cluster.add_node(&first, &[]);
     let data = sample_data("behind", 200);
     load(&client, &first, &data);
 

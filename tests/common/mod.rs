@@ -153,6 +153,13 @@ impl Cluster {
         Cluster { nodes }
     }
 
+    /// Starts one more node at a fresh address with `view` and `extra` flags; its address.
+    pub fn add_node(&mut self, view: &[String], extra: &[&str]) -> String {
+        let address = fresh_address();
+        self.nodes.push(TestNode::start(&address, view, extra));
+        address
+    }
+
     pub fn addresses(&self) -> Vec<String> {
         self.nodes.iter().map(|n| n.address.clone()).collect()
     }
