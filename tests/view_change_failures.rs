@@ -44,6 +44,26 @@ fn hold_transfers<'a>(client: &Client, nodes: impl IntoIterator<Item = &'a Strin
     }
 }
 
+/// Waits until every node of `view` serves `epoch` with no change pending, then checks that
+/// the view holds exactly `data`.
+fn wait_until_settled(
+    client: &Client,
+    view: &[String],
+    epoch: u64,
+    data: &std::collections::BTreeMap<String, serde_json::Value>,
+) {
+    for node in view {
+        poll_until(Duration::from_secs(10), "the change to settle", || {
+            let state = client.state(node);
+            (state["epoch"] == json!(epoch) && state["pending"].is_null()).then_some(())
+        });
+    }
+    assert_states(client, view, epoch, view);
+    let total: u64 = view.iter().map(|n| client.key_count(n)).sum();
+    assert_eq!(total, data.len() as u64);
+    assert_contents(client, view, view, data);
+}
+
 /// Waits until every node of `nodes` holds a transfer at the pause point.
 fn wait_in_transfer(client: &Client, nodes: &[&String]) {
     for node in nodes {
@@ -226,20 +246,7 @@ fn participants_finish_a_change_whose_coordinator_died_after_the_commit_point() 
         "the coordinator exited"
     );
 
-    for node in &view {
-        poll_until(
-            Duration::from_secs(10),
-            "the survivors to settle the change",
-            || {
-                let state = client.state(node);
-                (state["epoch"] == json!(1) && state["pending"].is_null()).then_some(())
-            },
-        );
-    }
-    assert_states(&client, &view, 1, &view);
-    let total: u64 = view.iter().map(|n| client.key_count(n)).sum();
-    assert_eq!(total, 200);
-    assert_contents(&client, &view, &view, &data);
+    wait_until_settled(&client, &view, 1, &data);
 }
 
 #[test]
@@ -411,16 +418,7 @@ fn a_change_whose_client_hung_up_still_completes() {
     hold_transfers(&client, &old, false);
 
     // The default phase timeout (30 s) is far away: only the coordinator can finish it.
-    for node in &view {
-        poll_until(Duration::from_secs(10), "the change to complete", || {
-            let state = client.state(node);
-            (state["epoch"] == json!(1) && state["pending"].is_null()).then_some(())
-        });
-    }
-    assert_states(&client, &view, 1, &view);
-    let total: u64 = view.iter().map(|n| client.key_count(n)).sum();
-    assert_eq!(total, 200);
-    assert_contents(&client, &view, &view, &data);
+    wait_until_settled(&client, &view, 1, &data);
 }
 
 #[test]
