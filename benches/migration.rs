@@ -10,29 +10,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use ringkv::config::{Args, Config};
+use ringkv::config::Config;
 use ringkv::node::Node;
 use ringkv::ring::{key_hash, HashRing};
 use ringkv::server;
 use ringkv::wire::ChangeReport;
 
-use clap::Parser;
-
-fn node_config(address: &str, view: &[String]) -> Config {
-    let (ip, port) = address.rsplit_once(':').unwrap();
-    let args = Args::try_parse_from([
-        "ringkv".to_string(),
-        format!("--ip={ip}"),
-        format!("--port={port}"),
-        format!("--address={address}"),
-        format!("--view={}", view.join(",")),
-    ])
-    .unwrap();
-    Config::from_args(args).unwrap()
-}
-
 async fn start(address: &str, view: &[String]) -> Arc<Node> {
-    let node = Node::new(node_config(address, view)).unwrap();
+    let view: Vec<&str> = view.iter().map(String::as_str).collect();
+    let node = Node::new(Config::for_address(address, &view).unwrap()).unwrap();
     let listener = server::bind(&node).await.unwrap();
     tokio::spawn(server::serve(
         node.clone(),

@@ -199,21 +199,19 @@ impl Client {
 
     /// Sends `method url` with an optional raw body; panics if the answer is not JSON.
     pub fn send(&self, method: &str, url: &str, body: Option<&str>) -> Answer {
-        let mut request = self
-            .http
-            .request(method.parse().unwrap(), url)
-            .header("content-type", "application/json");
-        if let Some(body) = body {
-            request = request.body(body.to_string());
-        }
-        let response = request
-            .send()
+        let raw = self
+            .try_send(method, url, body)
             .unwrap_or_else(|e| panic!("{method} {url}: {e}"));
-        let status = response.status().as_u16();
-        let text = response.text().unwrap();
-        let body = serde_json::from_str(&text)
-            .unwrap_or_else(|_| panic!("{method} {url} answered {status} with non-JSON {text:?}"));
-        Answer { status, body }
+        let body = raw.json().unwrap_or_else(|| {
+            panic!(
+                "{method} {url} answered {} with non-JSON {:?}",
+                raw.status, raw.text
+            )
+        });
+        Answer {
+            status: raw.status,
+            body,
+        }
     }
 
     pub fn get(&self, url: &str) -> Answer {
