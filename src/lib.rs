@@ -14,6 +14,7 @@ pub mod http1;
 pub mod metrics;
 pub mod migrate;
 pub mod node;
+pub mod parse_errors;
 pub mod ring;
 pub mod server;
 pub mod store;

@@ -14,6 +14,7 @@ use tokio::sync::Semaphore;
 
 use crate::api;
 use crate::node::Node;
+use crate::parse_errors::JsonParseErrors;
 
 /// How long in-flight requests get to finish after a shutdown signal.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -51,7 +52,7 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener, shutdown: impl Future
             .timer(TokioTimer::new())
             .header_read_timeout(header_timeout)
             .serve_connection(
-                TokioIo::new(stream),
+                TokioIo::new(JsonParseErrors::new(stream)),
                 TowerToHyperService::new(service.clone()),
             );
         let connection = graceful.watch(connection);
