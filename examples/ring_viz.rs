@@ -55,10 +55,13 @@ fn run(args: Args) -> Result<String, String> {
 
 fn main() -> ExitCode {
     match run(Args::parse()) {
-        Ok(text) => {
-            print!("{text}");
-            ExitCode::SUCCESS
-        }
+        Ok(text) => match viz::print_text(&text) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("ring_viz: cannot write the output: {error}");
+                ExitCode::FAILURE
+            }
+        },
         Err(message) => {
             eprintln!("ring_viz: {message}");
             ExitCode::from(2)

@@ -510,6 +510,28 @@ fn ringctl_ring_renders_what_ring_viz_renders() {
     assert!(bad.stderr.contains("node-b:1"), "{bad:?}");
 }
 
+#[test]
+fn ringctl_ring_stops_quietly_when_its_reader_goes_away() {
+    // 64 -> 65 nodes renders ~85 KB, more than a pipe holds: the reader closes after one
+    // line (as `| head -1` does) and ringctl must neither panic nor fail.
+    let view = |n: usize| ringkv::viz::generated_view(n).join(",");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ringctl"))
+        .args(["ring", "--view", &view(64), "--to", &view(65)])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("ringctl runs");
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut first).unwrap();
+    assert!(first.contains(": 64 -> 65 nodes"), "{first:?}");
+    drop(stdout);
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert!(stderr.is_empty(), "{stderr}");
+}
+
 // ---------------------------------------------------------------------------------------
 // Cluster token
 

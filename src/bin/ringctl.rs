@@ -100,6 +100,8 @@ enum CtlError {
     Refused { node: String, status: StatusCode },
     #[error("{node} sent an answer that could not be read: {cause}")]
     BadAnswer { node: String, cause: String },
+    #[error("cannot write the output: {0}")]
+    Output(#[from] std::io::Error),
 }
 
 impl CtlError {
@@ -441,8 +443,7 @@ fn ring(view: &str, to: Option<&str>, vnodes: u32, keys: usize) -> Result<(), Ct
         VizError::New(e) => CtlError::Usage(format!("--to: {e}")),
         other => CtlError::Usage(other.to_string()),
     })?;
-    print!("{text}");
-    Ok(())
+    Ok(viz::print_text(&text)?)
 }
 
 async fn run(cli: Cli) -> Result<(), CtlError> {
@@ -460,8 +461,9 @@ async fn run(cli: Cli) -> Result<(), CtlError> {
             if json || !answer.status.is_success() {
                 return print_answer(&node.node, answer);
             }
-            print!("{}", status_table(&parse_status(&node.node, &answer)?));
-            Ok(())
+            Ok(viz::print_text(&status_table(&parse_status(
+                &node.node, &answer,
+            )?))?)
         }
         Command::Get { key, node } => {
             let answer = ctl
