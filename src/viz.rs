@@ -355,6 +355,17 @@ pub fn render(
     Ok(out)
 }
 
+/// Writes `text` to standard output; a reader that went away early (`ring_viz | head`) is
+/// not an error.
+pub fn print_text(text: &str) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -386,16 +397,5 @@ mod tests {
             render(&old, Some(&[]), 8, 0),
             Err(VizError::New(RingError::EmptyView))
         ));
-    }
-}
-
-/// Writes `text` to standard output; a reader that went away early (`ring_viz | head`) is
-/// not an error.
-pub fn print_text(text: &str) -> std::io::Result<()> {
-    use std::io::Write as _;
-    let mut out = std::io::stdout().lock();
-    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
-        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
-        other => other,
     }
 }
