@@ -48,6 +48,11 @@ impl ClusterToken {
         value
     }
 
+    /// The token itself, for sending it.
+    pub fn secret(&self) -> &str {
+        &self.0
+    }
+
     /// Whether `offered` (the header's bytes, if any) is this token, in constant time.
     pub fn accepts(&self, offered: Option<&[u8]>) -> bool {
         constant_time_eq(self.0.as_bytes(), offered.unwrap_or_default())

@@ -8,13 +8,13 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
 use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::Semaphore;
 
-use crate::http1::{encode_request, Http1Pool};
+use crate::mux::client::{MuxClient, MuxError};
+use crate::mux::{Answer, Hello};
 
 use crate::auth::{ClusterToken, TOKEN_HEADER};
 use crate::view::View;
@@ -76,11 +76,10 @@ pub struct Peers {
     /// Relays of a forwarding instance: a bare pooled hyper client (the main instance may
     /// be any implementation of the course API).
     data: HyperClient,
-    /// Forwarded key requests, the hot path: ringkv's own minimal HTTP/1.1 client.
-    forwards: Http1Pool,
+    /// Forwarded key requests, the hot path: one multiplexed connection per peer.
+    forwards: MuxClient,
     own_address: String,
     vnodes: u32,
-    vnodes_text: String,
     timeout: Duration,
     forward_slots: Semaphore,
     /// The cluster token, sent on every internal request.
@@ -93,16 +92,15 @@ pub struct Relayed {
     pub body: Bytes,
 }
 
-/// The internal path of `key`. The encoded key follows a fixed `k` so that no key makes a
-/// dot segment (`%2E`, `%2E%2E`) that a URL normaliser on the way could remove.
-fn key_path(key: &str) -> String {
-    format!(
-        "/internal/kv/k{}",
-        utf8_percent_encode(key, NON_ALPHANUMERIC)
-    )
-}
-
 type HyperClient = hyper_util::client::legacy::Client<HttpConnector, Full<Bytes>>;
+
+fn forward_hello(own_address: &str, vnodes: u32, token: Option<&ClusterToken>) -> Hello {
+    Hello {
+        from: own_address.to_string(),
+        vnodes,
+        token: token.map(|t| t.secret().to_string()),
+    }
+}
 
 fn view_header(view: &View) -> String {
     format!("{:016x}", view.id)
@@ -134,10 +132,9 @@ impl Peers {
         Peers {
             client,
             data,
-            forwards: Http1Pool::new(256, timeout),
+            forwards: MuxClient::new(&forward_hello(own_address, vnodes, None), timeout),
             own_address: own_address.to_string(),
             vnodes,
-            vnodes_text: vnodes.to_string(),
             timeout,
             forward_slots: Semaphore::new(max_forwards),
             token: None,
@@ -147,6 +144,8 @@ impl Peers {
     /// Sends `token` on every internal request (the cluster's `--cluster-token`).
     pub fn with_token(mut self, token: Option<&ClusterToken>) -> Self {
         self.token = token.map(ClusterToken::header_value);
+        let hello = forward_hello(&self.own_address, self.vnodes, token);
+        self.forwards = MuxClient::new(&hello, self.timeout);
         self
     }
 
@@ -182,40 +181,32 @@ impl Peers {
             .await
             .map_err(|_| unreachable())?
             .map_err(|_| unreachable())?;
-        let (method, body): (&str, &[u8]) = match op {
-            KvOp::Get => ("GET", b""),
-            KvOp::Put(value) => ("PUT", value),
-            KvOp::Delete => ("DELETE", b""),
-        };
-        let epoch = view.epoch.to_string();
-        let view_id = view_header(view);
-        let mut headers: Vec<(&str, &[u8])> = vec![
-            (EPOCH_HEADER, epoch.as_bytes()),
-            (VIEW_HEADER, view_id.as_bytes()),
-            (VNODES_HEADER, self.vnodes_text.as_bytes()),
-            (FROM_HEADER, self.own_address.as_bytes()),
-        ];
-        if let Some(token) = &self.token {
-            headers.push((TOKEN_HEADER, token.as_bytes()));
-        }
-        let request = encode_request(method, peer, &key_path(key), &headers, body);
-        let answer = tokio::time::timeout(self.timeout, self.forwards.send(peer, &request))
+        let answer = self
+            .forwards
+            .call(peer, view.epoch, key, op)
             .await
-            .map_err(|_| unreachable())?
-            .map_err(|_| unreachable())?;
-        let (status, body) = (answer.status, answer.body);
-        let outcome = match (op, status) {
-            (_, 421) => {
+            .map_err(|error| match error {
+                MuxError::Refused { status, error } => PeerError::Refused {
+                    peer: peer.to_string(),
+                    status,
+                    failure: PeerFailure {
+                        error,
+                        unreachable: Vec::new(),
+                    },
+                },
+                error => {
+                    tracing::debug!(peer, %error, "forward failed");
+                    unreachable()
+                }
+            })?;
+        let outcome = match answer {
+            Answer::Served(outcome) => outcome,
+            Answer::Misdirected(body) => {
                 return serde_json::from_slice(&body)
                     .map(ForwardReply::Misdirected)
                     .map_err(|_| PeerError::BadAnswer(peer.to_string()))
             }
-            (KvOp::Get, 200) => KvOutcome::Found(body),
-            (KvOp::Put(_), 201) => KvOutcome::Added,
-            (KvOp::Put(_), 200) => KvOutcome::Replaced,
-            (KvOp::Delete, 200) => KvOutcome::Deleted,
-            (KvOp::Get | KvOp::Delete, 404) => KvOutcome::Absent,
-            (_, status) => {
+            Answer::Failed { status, body } => {
                 return Err(PeerError::Refused {
                     peer: peer.to_string(),
                     status,

@@ -13,6 +13,7 @@ pub mod forward;
 pub mod http1;
 pub mod metrics;
 pub mod migrate;
+pub mod mux;
 pub mod node;
 pub mod parse_errors;
 pub mod ring;

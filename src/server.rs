@@ -9,10 +9,11 @@ use std::time::Duration;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
 use crate::api;
+use crate::mux;
 use crate::node::Node;
 use crate::parse_errors::JsonParseErrors;
 
@@ -48,17 +49,23 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener, shutdown: impl Future
             _ = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let connection = hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(header_timeout)
-            .serve_connection(
-                TokioIo::new(JsonParseErrors::new(stream)),
-                TowerToHyperService::new(service.clone()),
-            );
-        let connection = graceful.watch(connection);
+        let (node, service, watcher) = (node.clone(), service.clone(), graceful.watcher());
         tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%peer, %error, "connection ended with an error");
+            match opening(&stream, header_timeout).await {
+                Some(Opening::Mux) => mux::server::serve(node, stream, header_timeout).await,
+                Some(Opening::Http) => {
+                    let connection = hyper::server::conn::http1::Builder::new()
+                        .timer(TokioTimer::new())
+                        .header_read_timeout(header_timeout)
+                        .serve_connection(
+                            TokioIo::new(JsonParseErrors::new(stream)),
+                            TowerToHyperService::new(service),
+                        );
+                    if let Err(error) = watcher.watch(connection).await {
+                        tracing::debug!(%peer, %error, "connection ended with an error");
+                    }
+                }
+                None => tracing::debug!(%peer, "connection closed or silent before a request"),
             }
             drop(permit);
         });
@@ -71,6 +78,34 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener, shutdown: impl Future
     {
         tracing::warn!("in-flight requests did not finish within the grace period");
     }
+}
+
+/// What a connection speaks, told by its first bytes.
+enum Opening {
+    Http,
+    /// ringkv's multiplexed forwarding protocol (`crate::mux`).
+    Mux,
+}
+
+/// Waits (within `limit`) for a connection's first bytes, without consuming them. `None`
+/// if it closes or stays silent.
+async fn opening(stream: &TcpStream, limit: Duration) -> Option<Opening> {
+    let mut first = [0u8; 8];
+    let sniff = async {
+        loop {
+            let n = stream.peek(&mut first).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            match mux::server::is_mux_preface(&first[..n]) {
+                Some(true) => return Some(Opening::Mux),
+                Some(false) => return Some(Opening::Http),
+                // The start of the magic in a short first segment: wait for the rest.
+                None => tokio::time::sleep(Duration::from_millis(1)).await,
+            }
+        }
+    };
+    tokio::time::timeout(limit, sniff).await.ok().flatten()
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

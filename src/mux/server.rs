@@ -1,0 +1,209 @@
+//! The receiving side of the mux protocol: checks a connection's hello, then serves its
+//! forwarded key requests. Requests that complete at once are answered in the same write
+//! as the rest of their read; one that must wait (its range is being handed over) finishes
+//! in a task of its own and is answered when it is done.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use futures_util::FutureExt;
+use parking_lot::Mutex;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::TcpStream;
+use tokio::sync::{watch, Notify};
+use warp::http::{Method, StatusCode};
+
+use super::{
+    decode_request, encode_answer, encode_json, next_frame, Answer, Hello, HelloAnswer, Request,
+    MAGIC,
+};
+use crate::forward::{KvOp, KvOutcome};
+use crate::metrics::{self, RouteLabel};
+use crate::node::Node;
+
+/// Whether a connection's first bytes are the mux magic. `Some(false)` as soon as they
+/// cannot be; `None` while too few have arrived to tell.
+pub fn is_mux_preface(first: &[u8]) -> Option<bool> {
+    let n = first.len().min(MAGIC.len());
+    if first[..n] != MAGIC[..n] {
+        Some(false)
+    } else if n == MAGIC.len() {
+        Some(true)
+    } else {
+        None
+    }
+}
+
+/// Answers waiting to be written, shared by the reader and the requests that wait.
+struct Outbox {
+    queued: Mutex<BytesMut>,
+    queued_more: Notify,
+    closed: watch::Sender<bool>,
+}
+
+impl Outbox {
+    fn answer(&self, id: u64, answer: &Answer) {
+        encode_answer(&mut self.queued.lock(), id, answer);
+    }
+}
+
+/// Serves one mux connection (its magic already seen, not yet read) until it closes.
+pub async fn serve(node: Arc<Node>, mut stream: TcpStream, hello_timeout: Duration) {
+    let peer = stream
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let mut buffer = BytesMut::with_capacity(64 * 1024);
+    let hello =
+        match tokio::time::timeout(hello_timeout, read_hello(&mut stream, &mut buffer)).await {
+            Ok(Some(hello)) => hello,
+            _ => {
+                tracing::debug!(%peer, "mux connection without a readable hello");
+                return;
+            }
+        };
+    let refusal = check_hello(&node, &hello);
+    let mut answer = BytesMut::new();
+    encode_json(
+        &mut answer,
+        &HelloAnswer {
+            status: refusal.as_ref().map_or(200, |(status, _)| status.as_u16()),
+            error: refusal.as_ref().map(|(_, error)| error.clone()),
+        },
+    );
+    if stream.write_all(&answer).await.is_err() {
+        return;
+    }
+    if let Some((status, error)) = refusal {
+        tracing::warn!(%peer, from = hello.from, %status, error, "mux connection refused");
+        return;
+    }
+    let (mut reader, writer) = stream.into_split();
+    let outbox = Arc::new(Outbox {
+        queued: Mutex::new(BytesMut::with_capacity(16 * 1024)),
+        queued_more: Notify::new(),
+        closed: watch::channel(false).0,
+    });
+    tokio::spawn(write_answers(outbox.clone(), writer));
+    let from: Arc<str> = Arc::from(hello.from);
+    'connection: loop {
+        loop {
+            match next_frame(&mut buffer).map(|f| f.map(decode_request)) {
+                Ok(Some(Ok(request))) => serve_request(&node, &outbox, &from, request),
+                Ok(None) => break,
+                Ok(Some(Err(error))) | Err(error) => {
+                    tracing::warn!(%peer, %error, "mux connection closed: bad frame");
+                    break 'connection;
+                }
+            }
+        }
+        outbox.queued_more.notify_one();
+        if buffer.capacity() - buffer.len() < 4096 {
+            buffer.reserve(64 * 1024);
+        }
+        match reader.read_buf(&mut buffer).await {
+            Ok(n) if n > 0 => {}
+            _ => break,
+        }
+    }
+    outbox.closed.send_replace(true);
+}
+
+async fn read_hello(stream: &mut TcpStream, buffer: &mut BytesMut) -> Option<Hello> {
+    let mut magic = [0u8; MAGIC.len()];
+    stream.read_exact(&mut magic).await.ok()?;
+    loop {
+        if let Some(frame) = next_frame(buffer).ok()? {
+            return serde_json::from_slice(&frame).ok();
+        }
+        if stream.read_buf(buffer).await.ok()? == 0 {
+            return None;
+        }
+    }
+}
+
+/// The refusal an HTTP internal request with this sender's headers would get, if any.
+fn check_hello(node: &Node, hello: &Hello) -> Option<(StatusCode, String)> {
+    if let Some(token) = &node.config.cluster_token {
+        if !token.accepts(hello.token.as_deref().map(str::as_bytes)) {
+            return Some((StatusCode::UNAUTHORIZED, "Unauthorized".into()));
+        }
+    }
+    if hello.vnodes != node.config.vnodes {
+        return Some((
+            StatusCode::CONFLICT,
+            format!(
+                "vnode count mismatch: sender uses {}, this node {}",
+                hello.vnodes, node.config.vnodes
+            ),
+        ));
+    }
+    None
+}
+
+fn method_of(op: &KvOp) -> Method {
+    match op {
+        KvOp::Get => Method::GET,
+        KvOp::Put(_) => Method::PUT,
+        KvOp::Delete => Method::DELETE,
+    }
+}
+
+/// Serves a request now if it can complete without waiting, else in a task of its own.
+fn serve_request(node: &Arc<Node>, outbox: &Arc<Outbox>, from: &Arc<str>, request: Request) {
+    let started = Instant::now();
+    let Request { id, epoch, key, op } = request;
+    let method = method_of(&op);
+    let (node, outbox, from) = (node.clone(), outbox.clone(), from.clone());
+    let mut served = Box::pin(async move {
+        let answer = match node.serve_forwarded(&key, op, epoch, &from).await {
+            Ok(outcome) => Answer::Served(outcome),
+            Err(misdirected) => {
+                Answer::Misdirected(serde_json::to_vec(&misdirected).unwrap_or_default().into())
+            }
+        };
+        let status = match &answer {
+            Answer::Served(KvOutcome::Added) => StatusCode::CREATED,
+            Answer::Served(KvOutcome::Absent) => StatusCode::NOT_FOUND,
+            Answer::Served(_) => StatusCode::OK,
+            Answer::Misdirected(_) => StatusCode::MISDIRECTED_REQUEST,
+            Answer::Failed { status, .. } => {
+                StatusCode::from_u16(*status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+            }
+        };
+        outbox.answer(id, &answer);
+        metrics::request(RouteLabel::Internal, &method, status, started.elapsed());
+        outbox
+    });
+    if (&mut served).now_or_never().is_none() {
+        tokio::spawn(async move {
+            served.await.queued_more.notify_one();
+        });
+    }
+}
+
+/// Writes queued answers until the connection closes.
+async fn write_answers(outbox: Arc<Outbox>, mut writer: OwnedWriteHalf) {
+    let mut closed = outbox.closed.subscribe();
+    loop {
+        tokio::select! {
+            _ = outbox.queued_more.notified() => {}
+            _ = closed.wait_for(|closed| *closed) => return,
+        }
+        loop {
+            let batch = {
+                let mut queued = outbox.queued.lock();
+                if queued.is_empty() {
+                    break;
+                }
+                queued.split().freeze()
+            };
+            if writer.write_all(&batch).await.is_err() {
+                outbox.closed.send_replace(true);
+                return;
+            }
+        }
+    }
+}
