@@ -10,7 +10,6 @@ pub mod auth;
 pub mod config;
 pub mod fault;
 pub mod forward;
-pub mod http1;
 pub mod metrics;
 pub mod migrate;
 pub mod mux;

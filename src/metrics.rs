@@ -277,6 +277,12 @@ fn node_gauges(node: &Node) -> prometheus::Result<Registry> {
         "1 while this node has a prepared view change that is not committed or aborted.",
         i64::from(state.pending.is_some()),
     )?;
+    int_gauge(
+        "ringkv_requests_waiting_for_handover",
+        "Key requests waiting for a range this node is handing over to commit.",
+        node.waiting_for_handover
+            .load(std::sync::atomic::Ordering::Relaxed) as i64,
+    )?;
     let info = IntGaugeVec::new(
         Opts::new("ringkv_node_info", "Always 1; labels describe the node."),
         &["address", "vnodes", "version"],

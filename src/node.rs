@@ -2,6 +2,7 @@
 //! executed: locally when this node owns the key, otherwise by forwarding it to the owner.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
@@ -74,6 +75,8 @@ pub struct Node {
     outcomes: Mutex<VecDeque<(u64, Outcome)>>,
     /// The last view change this node coordinated.
     pub last_change: Mutex<Option<ChangeReport>>,
+    /// Key requests waiting right now for a range being handed over.
+    pub waiting_for_handover: AtomicUsize,
 }
 
 impl Node {
@@ -100,6 +103,7 @@ impl Node {
             undecided: Mutex::new(None),
             outcomes: Mutex::new(VecDeque::new()),
             last_change: Mutex::new(None),
+            waiting_for_handover: AtomicUsize::new(0),
             config,
         }))
     }
@@ -169,6 +173,15 @@ impl Node {
 
     /// Waits (bounded by the forwarding timeout) for a frozen range to be released.
     async fn wait_for_release(&self, mut ended: watch::Receiver<bool>) -> Result<(), KvError> {
+        /// Counts the request out even when it is cancelled while it waits.
+        struct Waiting<'a>(&'a AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        self.waiting_for_handover.fetch_add(1, Ordering::Relaxed);
+        let _waiting = Waiting(&self.waiting_for_handover);
         tokio::time::timeout(self.peers.timeout(), ended.wait_for(|ended| *ended))
             .await
             .map(|_| ())

@@ -576,3 +576,94 @@ fn an_operator_can_drop_a_dead_member_at_the_cost_of_its_keys() {
     assert_contents(&client, &survivors, &survivors, &kept);
     common::assert_absent(&client, &survivors, lost.iter().map(|(k, _)| *k));
 }
+
+/// The value of an unlabelled gauge in `node`'s `/metrics`.
+fn gauge(client: &Client, node: &str, name: &str) -> f64 {
+    let answer = client
+        .try_send("GET", &format!("http://{node}/metrics"), None)
+        .expect("/metrics answers");
+    answer
+        .text
+        .lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in the metrics of {node}"))
+}
+
+#[test]
+fn a_forward_waiting_for_a_handover_holds_up_no_other_forward() {
+    // Forwards from one node to another share one connection: an answer that waits must not
+    // delay the answers behind it.
+    let flags = ["--fault-hooks", "--forward-timeout", "20"];
+    let mut cluster = Cluster::start(2, &flags);
+    let client = Client::new();
+    let old = cluster.addresses();
+    let joining = cluster.add_node(&old, &flags);
+    let data = sample_data("hol", 200);
+    load(&client, &old, &data);
+    let owners_before = assert_contents(&client, &old, &old, &data);
+
+    // Both old nodes hold their commits: their outgoing ranges stay frozen, and the first
+    // node still routes by the old view.
+    for node in &old {
+        client.set_fault(node, &json!({"pause_commit": true}));
+    }
+    let view = strings(&[&old[0], &old[1], &joining]);
+    let change = view_change_in_background(&old[0], &view);
+    poll_until(
+        Duration::from_secs(10),
+        "a held commit on the second node",
+        || (client.fault_status(&old[1])["waiting_in_commit"] == json!(true)).then_some(()),
+    );
+    let ring = HashRing::new(&view, DEFAULT_VNODES).unwrap();
+    let owned_by_second = |moves: bool| {
+        owners_before
+            .iter()
+            .find(|(key, owner)| {
+                **owner == old[1] && (**ring.owner(key.as_bytes()) == *joining) == moves
+            })
+            .map(|(key, _)| key.clone())
+            .expect("the second node owns keys that move and keys that stay")
+    };
+    let (moving, staying) = (owned_by_second(true), owned_by_second(false));
+
+    let waiting = {
+        let (through, key) = (old[0].clone(), moving.clone());
+        std::thread::spawn(move || Client::new().get_key(&through, &key))
+    };
+    poll_until(
+        Duration::from_secs(10),
+        "the forward of the moving key to wait at the second node",
+        || (gauge(&client, &old[1], "ringkv_requests_waiting_for_handover") == 1.0).then_some(()),
+    );
+    let answer = client.get_key(&old[0], &staying);
+    assert_eq!(answer.status, 200, "{answer:?}");
+    assert_eq!(
+        answer.body,
+        json!({
+            "doesExist": true,
+            "message": "Retrieved successfully",
+            "value": data[&staying],
+            "address": old[1],
+        })
+    );
+    assert!(
+        !waiting.is_finished(),
+        "the moving key was answered before the commit"
+    );
+    assert_eq!(
+        gauge(&client, &old[1], "ringkv_requests_waiting_for_handover"),
+        1.0
+    );
+
+    for node in &old {
+        client.set_fault(node, &json!({"pause_commit": false}));
+    }
+    let answer = waiting.join().unwrap();
+    assert_eq!(answer.status, 200, "{answer:?}");
+    assert_eq!(answer.body["value"], data[&moving]);
+    assert_view_change_ok(&client, &change.join().unwrap(), &view);
+    assert_eq!(
+        gauge(&client, &old[1], "ringkv_requests_waiting_for_handover"),
+        0.0
+    );
+}

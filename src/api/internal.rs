@@ -5,7 +5,6 @@ use std::sync::Arc;
 
 use bytes::{Buf, Bytes};
 use futures_util::Stream;
-use percent_encoding::percent_decode_str;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::json;
@@ -15,12 +14,9 @@ use super::body::read_limited;
 use super::reply::Reply;
 use crate::auth::TOKEN_HEADER;
 use crate::fault::FaultSettings;
-use crate::forward::{KvOp, KvOutcome};
 use crate::migrate::{self, ChangeError};
 use crate::node::Node;
-use crate::wire::{
-    decode_batch, ChangeRef, PeerFailure, Prepare, EPOCH_HEADER, FROM_HEADER, VNODES_HEADER,
-};
+use crate::wire::{decode_batch, ChangeRef, PeerFailure, Prepare, FROM_HEADER, VNODES_HEADER};
 
 /// Transfer batches are bounded by the sender; this only stops a runaway body.
 const MAX_INTERNAL_BODY: usize = 256 << 20;
@@ -101,9 +97,6 @@ where
         Err(error) => return failure(StatusCode::PAYLOAD_TOO_LARGE, error),
     };
     let result = match (method.as_str(), rest) {
-        (_, kv) if kv.starts_with("kv/k") => {
-            Ok(forwarded_key(node, method, &kv[4..], headers, body).await)
-        }
         ("GET", "state") => Ok(ok(&node.node_state())),
         ("GET", outcome) if outcome.starts_with("outcome/") => match outcome[8..].parse::<u64>() {
             Ok(id) => Ok(ok(&node.outcome(id))),
@@ -161,36 +154,4 @@ async fn phase_call(node: &Arc<Node>, phase: &str, change_id: u64) -> Reply {
             .map(|_| ok(&json!({}))),
     };
     result.unwrap_or_else(change_failure)
-}
-
-async fn forwarded_key(
-    node: &Arc<Node>,
-    method: &Method,
-    raw_key: &str,
-    headers: &HeaderMap,
-    body: Bytes,
-) -> Reply {
-    let Ok(key) = percent_decode_str(raw_key).decode_utf8() else {
-        return failure(StatusCode::BAD_REQUEST, "Invalid key");
-    };
-    let op = match method.as_str() {
-        "GET" => KvOp::Get,
-        "PUT" => KvOp::Put(body),
-        "DELETE" => KvOp::Delete,
-        _ => return failure(StatusCode::METHOD_NOT_ALLOWED, "Method not allowed"),
-    };
-    let epoch = header(headers, EPOCH_HEADER)
-        .and_then(|e| e.parse().ok())
-        .unwrap_or(0);
-    let sender = header(headers, FROM_HEADER).unwrap_or_default();
-    match node.serve_forwarded(&key, op, epoch, sender).await {
-        Ok(KvOutcome::Found(value)) => Reply::raw(StatusCode::OK, value),
-        Ok(KvOutcome::Absent) => Reply::raw(StatusCode::NOT_FOUND, "{}"),
-        Ok(KvOutcome::Added) => Reply::raw(StatusCode::CREATED, "{}"),
-        Ok(KvOutcome::Replaced | KvOutcome::Deleted) => Reply::raw(StatusCode::OK, "{}"),
-        Err(misdirected) => Reply::json(
-            StatusCode::MISDIRECTED_REQUEST,
-            &serde_json::to_value(misdirected).unwrap_or_default(),
-        ),
-    }
 }
