@@ -10,7 +10,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{watch, Semaphore};
 
 use crate::api;
 use crate::mux;
@@ -32,6 +32,8 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener, shutdown: impl Future
     let graceful = GracefulShutdown::new();
     let header_timeout = node.config.header_read_timeout;
     let mut shutdown = std::pin::pin!(shutdown);
+    // Connections that have not shown what they speak yet stop waiting when this turns true.
+    let (stopping, stopping_seen) = watch::channel(false);
     loop {
         let permit = tokio::select! {
             permit = connections.clone().acquire_owned() => permit.expect("never closed"),
@@ -50,9 +52,19 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener, shutdown: impl Future
         };
         let _ = stream.set_nodelay(true);
         let (node, service, watcher) = (node.clone(), service.clone(), graceful.watcher());
+        let mut stopping = stopping_seen.clone();
         tokio::spawn(async move {
-            match opening(&stream, header_timeout).await {
-                Some(Opening::Mux) => mux::server::serve(node, stream, header_timeout).await,
+            let opening = tokio::select! {
+                opening = opening(&stream, header_timeout) => opening,
+                _ = stopping.wait_for(|stopping| *stopping) => None,
+            };
+            match opening {
+                Some(Opening::Mux) => {
+                    // Forwarding connections carry no request a shutdown should wait for:
+                    // a peer sees the connection close and answers 503 for this node.
+                    drop(watcher);
+                    mux::server::serve(node, stream, header_timeout).await
+                }
                 Some(Opening::Http) => {
                     let connection = hyper::server::conn::http1::Builder::new()
                         .timer(TokioTimer::new())
@@ -71,6 +83,7 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener, shutdown: impl Future
         });
     }
     drop(listener);
+    stopping.send_replace(true);
     tracing::info!("shutting down: no new connections, finishing in-flight requests");
     if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
         .await

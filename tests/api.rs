@@ -1446,6 +1446,38 @@ fn sigterm_exits_promptly_with_success() {
 }
 
 #[test]
+fn sigterm_exits_promptly_with_peers_and_silent_clients_connected() {
+    let mut cluster = Cluster::start(2, &[]);
+    let nodes = cluster.addresses();
+    let client = Client::new();
+    // Writes through both nodes open the forwarding connections each way.
+    for i in 0..20 {
+        let answer = client.put_key(&nodes[i % 2], &format!("k{i}"), &json!(i));
+        assert_eq!(answer.status, 201, "{answer:?}");
+    }
+    // A client that connected and has sent nothing yet.
+    let _silent = TcpStream::connect(&nodes[0]).unwrap();
+    let (status, elapsed) = timed(|| cluster.nodes[0].terminate());
+    assert!(status.expect("running").success());
+    assert!(elapsed < Duration::from_secs(3), "took {elapsed:?} to exit");
+    // The other node notices at once: keys of the stopped node get 503, its own are served.
+    let (answers, elapsed) = timed(|| {
+        (0..20)
+            .map(|i| client.get_key(&nodes[1], &format!("k{i}")).status)
+            .collect::<Vec<_>>()
+    });
+    assert!(
+        answers.iter().all(|s| *s == 200 || *s == 503),
+        "{answers:?}"
+    );
+    assert!(
+        answers.contains(&200) && answers.contains(&503),
+        "{answers:?}"
+    );
+    assert!(elapsed < Duration::from_secs(2), "took {elapsed:?}");
+}
+
+#[test]
 fn sigterm_lets_an_in_flight_request_finish() {
     // A forwarding instance whose main accepts the relayed request and never answers: the
     // request is in flight for the forwarding timeout.
