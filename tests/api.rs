@@ -9,7 +9,7 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
-use common::{Answer, Client, Cluster, TestNode};
+use common::{poll_until, Answer, Client, Cluster, TestNode};
 use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
 use serde_json::{json, Value};
 
@@ -1211,6 +1211,52 @@ fn cluster_answers_503_within_the_forward_timeout_when_the_owner_is_down() {
         &client.put_key(owner, key, &json!("local")),
         200,
         &updated(),
+    );
+}
+
+#[test]
+fn an_owner_that_stops_answering_gets_503_and_is_used_again_when_it_resumes() {
+    let cluster = Cluster::start(2, &["--forward-timeout", "0.5"]);
+    let client = Client::new();
+    let nodes = cluster.addresses();
+    let key = (0..)
+        .map(|i| format!("key{i}"))
+        .find(|key| {
+            let answer = client.put_key(&nodes[0], key, &json!(key));
+            assert_eq!(answer.status, 201, "{answer:?}");
+            answer.body.get("address").is_some()
+        })
+        .unwrap();
+    // The owner freezes: its connections stay open but nothing comes back.
+    cluster.nodes[1].signal("STOP");
+    for method in ["GET", "PUT", "DELETE"] {
+        let body = (method == "PUT").then(|| put_body(&json!("new")));
+        let (answer, elapsed) =
+            timed(|| client.send(method, &key_url(&nodes[0], &key), body.as_deref()));
+        expect(&answer, 503, &unavailable(method));
+        assert!(
+            elapsed >= FORWARD_TIMEOUT - Duration::from_millis(100),
+            "{method} answered after {elapsed:?}"
+        );
+        assert!(
+            elapsed < FORWARD_TIMEOUT + MARGIN,
+            "{method} took {elapsed:?}"
+        );
+    }
+    cluster.nodes[1].signal("CONT");
+    // Once it answers again, forwards reach it again. (Whether the writes that got 503
+    // were applied is uncertain, as for any write whose answer never came.)
+    poll_until(Duration::from_secs(5), "the owner to answer again", || {
+        let answer = client.get_key(&nodes[0], &key);
+        (answer.status != 503).then_some(answer)
+    });
+    let answer = client.put_key(&nodes[0], &key, &json!("back"));
+    assert!([200, 201].contains(&answer.status), "{answer:?}");
+    assert_eq!(answer.body["address"], json!(nodes[1]));
+    expect(
+        &client.get_key(&nodes[0], &key),
+        200,
+        &via(found(&json!("back")), &nodes[0], &nodes[1]),
     );
 }
 

@@ -132,7 +132,9 @@ pub fn next_frame(buffer: &mut BytesMut) -> Result<Option<Bytes>, FrameError> {
         return Err(FrameError::TooLarge(len));
     }
     if buffer.len() < 4 + len {
-        buffer.reserve(4 + len - buffer.len());
+        // Room for the rest of the frame, but never much more than has arrived: a length
+        // alone does not make the node allocate it.
+        buffer.reserve((4 + len - buffer.len()).min(1 << 20));
         return Ok(None);
     }
     buffer.advance(4);

@@ -99,6 +99,16 @@ impl TestNode {
         }
     }
 
+    /// Sends the signal `name` (`STOP`, `CONT`, ...) to the running node.
+    pub fn signal(&self, name: &str) {
+        let child = self.child.as_ref().expect("the node is running");
+        let status = Command::new("kill")
+            .args([format!("-{name}"), child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{name} failed");
+    }
+
     /// Sends SIGTERM and returns the process's exit status.
     pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
         let mut child = self.child.take()?;
