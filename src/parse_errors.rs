@@ -3,9 +3,11 @@
 //!
 //! hyper answers a request it cannot parse (a bad method token, a space in the target, a
 //! malformed header, headers or a target over its limits) itself, before any service runs,
-//! with an empty-bodied `4xx` and `connection: close`, and offers no hook to change it. Every
-//! reply ringkv writes carries a JSON body, so a `4xx` head with `content-length: 0` can only
-//! be one of those automatic replies; the wrapper swaps in a copy with a JSON body.
+//! with an empty-bodied `400`, `414` or `431` and `connection: close`, and offers no hook to
+//! change it. Every reply ringkv writes has a `content-type` (relays of a forwarding instance
+//! too), so such a head without one can only be an automatic reply; the wrapper swaps in a
+//! copy with a JSON body. hyper closes the connection after it, so it is the last buffer
+//! of its write.
 
 use std::io::{self, IoSlice};
 use std::pin::Pin;
@@ -41,7 +43,12 @@ const EMPTY_BODY: &[u8] = b"\r\ncontent-length: 0\r\n";
 
 /// Whether `buf` is the whole head of one of hyper's automatic error replies.
 fn is_automatic_reply(buf: &[u8]) -> bool {
-    buf.starts_with(STATUS_PREFIX) && buf.ends_with(b"\r\n\r\n") && find(buf, EMPTY_BODY).is_some()
+    buf.starts_with(STATUS_PREFIX)
+        && matches!(buf.get(9..13), Some(b"400 " | b"414 " | b"431 "))
+        && buf.ends_with(b"\r\n\r\n")
+        && find(buf, EMPTY_BODY).is_some()
+        && find(buf, b"\r\nconnection: close\r\n").is_some()
+        && find(buf, b"\r\ncontent-type:").is_none()
 }
 
 /// If `head` is one of hyper's automatic error replies, the same reply with a JSON body.
@@ -137,18 +144,19 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for JsonParseErrors<S> {
         if this.rewrite.is_some() {
             return this.poll_rewrite(cx);
         }
-        // hyper queues each head as its own buffer: an automatic reply behind earlier
-        // replies (pipelining) is rewritten once those are written.
-        let first_non_empty = bufs.iter().position(|b| !b.is_empty());
-        for (i, buf) in bufs.iter().enumerate() {
-            if !is_automatic_reply(buf) {
-                continue;
+        // hyper queues each head as its own buffer and writes nothing after an automatic
+        // reply: behind earlier replies (pipelining) it is the last buffer, rewritten once
+        // those are written.
+        let first = bufs.iter().position(|b| !b.is_empty());
+        let last = bufs.iter().rposition(|b| !b.is_empty());
+        if let (Some(first), Some(last)) = (first, last) {
+            if is_automatic_reply(&bufs[last]) {
+                if first == last {
+                    this.start_rewrite(&bufs[last]);
+                    return this.poll_rewrite(cx);
+                }
+                return Pin::new(&mut this.inner).poll_write_vectored(cx, &bufs[..last]);
             }
-            if Some(i) == first_non_empty {
-                this.start_rewrite(buf);
-                return this.poll_rewrite(cx);
-            }
-            return Pin::new(&mut this.inner).poll_write_vectored(cx, &bufs[..i]);
         }
         Pin::new(&mut this.inner).poll_write_vectored(cx, bufs)
     }
@@ -198,6 +206,13 @@ mod tests {
         assert!(rewrite_automatic_reply(ours).is_none());
         let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
         assert!(rewrite_automatic_reply(ok).is_none());
+        // A relayed empty 4xx carries the content-type every ringkv reply has.
+        let relayed = b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\n\
+            content-type: application/json\r\ncontent-length: 0\r\n\r\n";
+        assert!(rewrite_automatic_reply(relayed).is_none());
+        let other_status = b"HTTP/1.1 404 Not Found\r\nconnection: close\r\n\
+            content-length: 0\r\n\r\n";
+        assert!(rewrite_automatic_reply(other_status).is_none());
         // A body chunk that happens to start like a head is not a head.
         assert!(rewrite_automatic_reply(b"HTTP/1.1 400 x\r\ncontent-length: 0\r\n").is_none());
     }
