@@ -2,13 +2,18 @@
 //! and graceful shutdown (stop accepting, let in-flight requests finish, then exit).
 
 use std::future::Future;
+use std::io::IoSlice;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 
@@ -54,23 +59,23 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener, shutdown: impl Future
         let (node, service, watcher) = (node.clone(), service.clone(), graceful.watcher());
         let mut stopping = stopping_seen.clone();
         tokio::spawn(async move {
+            let mut stream = stream;
             let opening = tokio::select! {
-                opening = opening(&stream, header_timeout) => opening,
+                opening = opening(&mut stream, header_timeout) => opening,
                 _ = stopping.wait_for(|stopping| *stopping) => None,
             };
             match opening {
                 Some(Opening::Mux) => {
-                    // Forwarding connections carry no request a shutdown should wait for:
-                    // a peer sees the connection close and answers 503 for this node.
-                    drop(watcher);
-                    mux::server::serve(node, stream, header_timeout).await
+                    // The watcher lives until the connection has answered what it started.
+                    let _watcher = watcher;
+                    mux::server::serve(node, stream, header_timeout, stopping).await
                 }
-                Some(Opening::Http) => {
+                Some(Opening::Http(prefix)) => {
                     let connection = hyper::server::conn::http1::Builder::new()
                         .timer(TokioTimer::new())
                         .header_read_timeout(header_timeout)
                         .serve_connection(
-                            TokioIo::new(JsonParseErrors::new(stream)),
+                            TokioIo::new(JsonParseErrors::new(Rewind::new(prefix, stream))),
                             TowerToHyperService::new(service),
                         );
                     if let Err(error) = watcher.watch(connection).await {
@@ -95,30 +100,91 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener, shutdown: impl Future
 
 /// What a connection speaks, told by its first bytes.
 enum Opening {
-    Http,
-    /// ringkv's multiplexed forwarding protocol (`crate::mux`).
+    /// HTTP; the bytes read to tell (to be read again first).
+    Http(Bytes),
+    /// ringkv's multiplexed forwarding protocol (`crate::mux`); its magic has been read.
     Mux,
 }
 
-/// Waits (within `limit`) for a connection's first bytes, without consuming them. `None`
+/// Waits (within `limit`) for a connection's first bytes and tells what it speaks. `None`
 /// if it closes or stays silent.
-async fn opening(stream: &TcpStream, limit: Duration) -> Option<Opening> {
-    let mut first = [0u8; 8];
-    let sniff = async {
-        loop {
-            let n = stream.peek(&mut first).await.ok()?;
-            if n == 0 {
-                return None;
-            }
-            match mux::server::is_mux_preface(&first[..n]) {
-                Some(true) => return Some(Opening::Mux),
-                Some(false) => return Some(Opening::Http),
-                // The start of the magic in a short first segment: wait for the rest.
-                None => tokio::time::sleep(Duration::from_millis(1)).await,
-            }
+async fn opening(stream: &mut TcpStream, limit: Duration) -> Option<Opening> {
+    let tell = async {
+        let mut first = [0u8; mux::MAGIC.len()];
+        let n = stream.peek(&mut first).await.ok()?;
+        if n == 0 {
+            return None;
         }
+        if mux::server::is_mux_preface(&first[..n]) == Some(false) {
+            return Some(Opening::Http(Bytes::new()));
+        }
+        // Possibly the magic: read as many bytes as it has.
+        stream.read_exact(&mut first).await.ok()?;
+        Some(if first == *mux::MAGIC {
+            Opening::Mux
+        } else {
+            Opening::Http(Bytes::copy_from_slice(&first))
+        })
     };
-    tokio::time::timeout(limit, sniff).await.ok().flatten()
+    tokio::time::timeout(limit, tell).await.ok().flatten()
+}
+
+/// A stream that yields `prefix` before its own bytes.
+struct Rewind<S> {
+    prefix: Bytes,
+    inner: S,
+}
+
+impl<S> Rewind<S> {
+    fn new(prefix: Bytes, inner: S) -> Self {
+        Rewind { prefix, inner }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            let prefix = self.prefix.split_to(n);
+            buf.put_slice(&prefix);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

@@ -164,6 +164,19 @@ fn bad_hellos_and_bad_frames_close_the_connection_and_nothing_else() {
         peer.assert_closed();
     }
 
+    // A hello over 4 KiB is refused before it has all arrived (it comes before the token).
+    let mut stream = TcpStream::connect(a).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream.write_all(MAGIC).unwrap();
+    stream.write_all(&(1u32 << 20).to_le_bytes()).unwrap();
+    let mut peer = Peer {
+        stream,
+        buffer: BytesMut::new(),
+    };
+    peer.assert_closed();
+
     // A peer that announces a large frame and goes away costs nothing lasting.
     let mut peer = Peer::open(a, 1024, Some(token));
     assert_eq!(peer.hello_answer().status, 200);

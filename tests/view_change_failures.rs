@@ -589,60 +589,113 @@ fn gauge(client: &Client, node: &str, name: &str) -> f64 {
         .unwrap_or_else(|| panic!("no {name} in the metrics of {node}"))
 }
 
+/// A change from two nodes to three held at its commit on both old nodes: the second node's
+/// outgoing ranges stay frozen, and the first still routes by the old view.
+struct HeldHandover {
+    cluster: Cluster,
+    client: Client,
+    old: Vec<String>,
+    view: Vec<String>,
+    data: std::collections::BTreeMap<String, serde_json::Value>,
+    change: std::thread::JoinHandle<Answer>,
+    /// A key the second node owns that moves to the new node (its requests wait).
+    moving: String,
+    /// A key the second node owns and keeps.
+    staying: String,
+}
+
+impl HeldHandover {
+    fn start(first_flags: &[&str], second_flags: &[&str]) -> HeldHandover {
+        let addresses = common::fresh_addresses(2);
+        let mut cluster = Cluster {
+            nodes: vec![
+                TestNode::start(&addresses[0], &addresses, first_flags),
+                TestNode::start(&addresses[1], &addresses, second_flags),
+            ],
+        };
+        let client = Client::new();
+        let old = cluster.addresses();
+        let joining = cluster.add_node(&old, HOOKS);
+        let data = sample_data("held", 200);
+        load(&client, &old, &data);
+        let owners_before = assert_contents(&client, &old, &old, &data);
+        for node in &old {
+            client.set_fault(node, &json!({"pause_commit": true}));
+        }
+        let view = strings(&[&old[0], &old[1], &joining]);
+        let change = view_change_in_background(&old[0], &view);
+        poll_until(
+            Duration::from_secs(10),
+            "a held commit on the second node",
+            || (client.fault_status(&old[1])["waiting_in_commit"] == json!(true)).then_some(()),
+        );
+        let ring = HashRing::new(&view, DEFAULT_VNODES).unwrap();
+        let owned_by_second = |moves: bool| {
+            owners_before
+                .iter()
+                .find(|(key, owner)| {
+                    **owner == old[1] && (**ring.owner(key.as_bytes()) == *joining) == moves
+                })
+                .map(|(key, _)| key.clone())
+                .expect("the second node owns keys that move and keys that stay")
+        };
+        let (moving, staying) = (owned_by_second(true), owned_by_second(false));
+        HeldHandover {
+            cluster,
+            client,
+            old,
+            view,
+            data,
+            change,
+            moving,
+            staying,
+        }
+    }
+
+    fn waiting_at_second(&self) -> f64 {
+        gauge(
+            &self.client,
+            &self.old[1],
+            "ringkv_requests_waiting_for_handover",
+        )
+    }
+
+    /// Lets both commits go and checks the change succeeds; the nodes keep running as long
+    /// as the returned cluster lives.
+    fn release(self) -> Cluster {
+        for node in &self.old {
+            self.client.set_fault(node, &json!({"pause_commit": false}));
+        }
+        assert_view_change_ok(&self.client, &self.change.join().unwrap(), &self.view);
+        self.cluster
+    }
+}
+
 #[test]
 fn a_forward_waiting_for_a_handover_holds_up_no_other_forward() {
     // Forwards from one node to another share one connection: an answer that waits must not
     // delay the answers behind it.
     let flags = ["--fault-hooks", "--forward-timeout", "20"];
-    let mut cluster = Cluster::start(2, &flags);
-    let client = Client::new();
-    let old = cluster.addresses();
-    let joining = cluster.add_node(&old, &flags);
-    let data = sample_data("hol", 200);
-    load(&client, &old, &data);
-    let owners_before = assert_contents(&client, &old, &old, &data);
-
-    // Both old nodes hold their commits: their outgoing ranges stay frozen, and the first
-    // node still routes by the old view.
-    for node in &old {
-        client.set_fault(node, &json!({"pause_commit": true}));
-    }
-    let view = strings(&[&old[0], &old[1], &joining]);
-    let change = view_change_in_background(&old[0], &view);
-    poll_until(
-        Duration::from_secs(10),
-        "a held commit on the second node",
-        || (client.fault_status(&old[1])["waiting_in_commit"] == json!(true)).then_some(()),
-    );
-    let ring = HashRing::new(&view, DEFAULT_VNODES).unwrap();
-    let owned_by_second = |moves: bool| {
-        owners_before
-            .iter()
-            .find(|(key, owner)| {
-                **owner == old[1] && (**ring.owner(key.as_bytes()) == *joining) == moves
-            })
-            .map(|(key, _)| key.clone())
-            .expect("the second node owns keys that move and keys that stay")
-    };
-    let (moving, staying) = (owned_by_second(true), owned_by_second(false));
+    let held = HeldHandover::start(&flags, &flags);
+    let (client, old) = (&held.client, &held.old);
 
     let waiting = {
-        let (through, key) = (old[0].clone(), moving.clone());
+        let (through, key) = (old[0].clone(), held.moving.clone());
         std::thread::spawn(move || Client::new().get_key(&through, &key))
     };
     poll_until(
         Duration::from_secs(10),
         "the forward of the moving key to wait at the second node",
-        || (gauge(&client, &old[1], "ringkv_requests_waiting_for_handover") == 1.0).then_some(()),
+        || (held.waiting_at_second() == 1.0).then_some(()),
     );
-    let answer = client.get_key(&old[0], &staying);
+    let answer = client.get_key(&old[0], &held.staying);
     assert_eq!(answer.status, 200, "{answer:?}");
     assert_eq!(
         answer.body,
         json!({
             "doesExist": true,
             "message": "Retrieved successfully",
-            "value": data[&staying],
+            "value": held.data[&held.staying],
             "address": old[1],
         })
     );
@@ -650,20 +703,54 @@ fn a_forward_waiting_for_a_handover_holds_up_no_other_forward() {
         !waiting.is_finished(),
         "the moving key was answered before the commit"
     );
-    assert_eq!(
-        gauge(&client, &old[1], "ringkv_requests_waiting_for_handover"),
-        1.0
-    );
+    assert_eq!(held.waiting_at_second(), 1.0);
 
-    for node in &old {
-        client.set_fault(node, &json!({"pause_commit": false}));
-    }
+    let moving_value = held.data[&held.moving].clone();
+    let second = old[1].clone();
+    let _cluster = held.release();
     let answer = waiting.join().unwrap();
     assert_eq!(answer.status, 200, "{answer:?}");
-    assert_eq!(answer.body["value"], data[&moving]);
-    assert_view_change_ok(&client, &change.join().unwrap(), &view);
+    assert_eq!(answer.body["value"], moving_value);
     assert_eq!(
-        gauge(&client, &old[1], "ringkv_requests_waiting_for_handover"),
+        gauge(
+            &Client::new(),
+            &second,
+            "ringkv_requests_waiting_for_handover"
+        ),
         0.0
     );
+}
+
+#[test]
+fn a_forward_its_sender_gave_up_on_is_cancelled_at_the_owner() {
+    // The first node waits 1.5 s for an owner, the second waits 20 s for a handover.
+    let held = HeldHandover::start(
+        &["--fault-hooks", "--forward-timeout", "1.5"],
+        &["--fault-hooks", "--forward-timeout", "20"],
+    );
+    let put = {
+        let (through, key) = (held.old[0].clone(), held.moving.clone());
+        std::thread::spawn(move || Client::new().put_key(&through, &key, &json!("given up")))
+    };
+    poll_until(
+        Duration::from_secs(1),
+        "the forwarded PUT to wait at the second node",
+        || (held.waiting_at_second() == 1.0).then_some(()),
+    );
+    let answer = put.join().unwrap();
+    assert_eq!(answer.status, 503, "{answer:?}");
+    // The second node has not committed (its handover still holds), so only a cancel ends
+    // the owner's wait this early.
+    poll_until(
+        Duration::from_secs(5),
+        "the owner to drop the cancelled request",
+        || (held.waiting_at_second() == 0.0).then_some(()),
+    );
+    assert_eq!(common::epoch_of(&held.client, &held.old[1]), 0);
+    let (client, view, moving) = (Client::new(), held.view.clone(), held.moving.clone());
+    let value = held.data[&moving].clone();
+    let _cluster = held.release();
+    // The PUT that got 503 never landed.
+    let answer = client.get_key(&view[2], &moving);
+    assert_eq!(answer.body["value"], value, "{answer:?}");
 }

@@ -1,12 +1,16 @@
 //! The sending side of the mux protocol: one connection per peer, shared by every forward to
 //! it. A forward queues its frame and waits for the answer with its id; the connection's
 //! writer task sends whatever is queued in one write, its reader task hands each answer to
-//! the forward waiting for it.
+//! the forward waiting for it. A forward that stops waiting cancels its request.
+//!
+//! A forward that times out leaves the connection open: the peer may just be slow on that
+//! key (a range being handed over). A peer or path that is gone is found by TCP keepalive
+//! and the kernel's user timeout; a peer that stops reading, by the cap on queued bytes.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use parking_lot::{Mutex, RwLock};
@@ -16,9 +20,13 @@ use tokio::net::TcpStream;
 use tokio::sync::{oneshot, watch, Notify};
 
 use super::{
-    decode_answer, encode_json, encode_request, next_frame, Answer, FrameError, Hello, HelloAnswer,
-    MAGIC,
+    decode_answer, encode_cancel, encode_json, encode_request, next_frame, Answer, FrameError,
+    Hello, HelloAnswer, MAGIC,
 };
+
+/// Bytes of frames a connection may have queued and not written before it is given up:
+/// past that the peer is not reading.
+const MAX_QUEUED: usize = 64 << 20;
 use crate::forward::KvOp;
 
 /// Why a forward got no answer.
@@ -121,27 +129,44 @@ struct Connection {
     next_id: AtomicU64,
     open: AtomicBool,
     closed: watch::Sender<bool>,
-    /// When the last bytes arrived from the peer, as time since `opened`.
-    opened: Instant,
-    heard_millis: AtomicU64,
 }
 
-/// Removes a forward's entry when it stops waiting (answered, timed out, or dropped).
+/// A forward's entry while it waits; dropped unanswered (timed out, or its client went
+/// away), it cancels the request at the peer.
 struct Waiting<'a> {
     connection: &'a Connection,
     id: u64,
+    answered: bool,
 }
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
         self.connection.waiting.lock().remove(&self.id);
+        if !self.answered && self.connection.is_open() {
+            encode_cancel(&mut self.connection.queued.lock(), self.id);
+            self.connection.queued_more.notify_one();
+        }
     }
+}
+
+/// TCP keepalive and a user timeout, so that a peer that vanished (no FIN, no RST) fails
+/// the connection within seconds instead of when the kernel gives up.
+fn watch_liveness(stream: &TcpStream) -> std::io::Result<()> {
+    let socket = socket2::SockRef::from(stream);
+    socket.set_tcp_keepalive(
+        &socket2::TcpKeepalive::new()
+            .with_time(Duration::from_secs(2))
+            .with_interval(Duration::from_secs(1))
+            .with_retries(3),
+    )?;
+    socket.set_tcp_user_timeout(Some(Duration::from_secs(5)))
 }
 
 impl Connection {
     async fn open(peer: &str, hello: &[u8]) -> Result<Arc<Connection>, MuxError> {
         let mut stream = TcpStream::connect(peer).await.map_err(MuxError::Connect)?;
         stream.set_nodelay(true).map_err(MuxError::Connect)?;
+        watch_liveness(&stream).map_err(MuxError::Connect)?;
         stream.write_all(hello).await.map_err(MuxError::Connect)?;
         let mut buffer = BytesMut::with_capacity(256);
         let answer = loop {
@@ -173,8 +198,6 @@ impl Connection {
             next_id: AtomicU64::new(0),
             open: AtomicBool::new(true),
             closed: watch::channel(false).0,
-            opened: Instant::now(),
-            heard_millis: AtomicU64::new(0),
         });
         tokio::spawn(read_answers(connection.clone(), reader, buffer));
         tokio::spawn(write_requests(connection.clone(), writer));
@@ -185,23 +208,15 @@ impl Connection {
         self.open.load(Ordering::Acquire)
     }
 
-    /// Marks the connection closed, stops its tasks and fails every waiting forward.
+    /// Marks the connection closed, stops its tasks, fails every waiting forward and drops
+    /// what was not sent.
     fn close(&self, why: &str) {
         if self.open.swap(false, Ordering::AcqRel) {
             tracing::debug!(peer = %self.peer, why, "mux connection closed");
             self.closed.send_replace(true);
             self.waiting.lock().clear();
+            *self.queued.lock() = BytesMut::new();
         }
-    }
-
-    fn heard(&self) {
-        let millis = self.opened.elapsed().as_millis() as u64;
-        self.heard_millis.store(millis, Ordering::Relaxed);
-    }
-
-    fn silent_for(&self) -> Duration {
-        let heard = Duration::from_millis(self.heard_millis.load(Ordering::Relaxed));
-        self.opened.elapsed().saturating_sub(heard)
     }
 
     async fn call(
@@ -215,28 +230,32 @@ impl Connection {
         let (sender, answer) = oneshot::channel();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         self.waiting.lock().insert(id, sender);
-        let _waiting = Waiting {
+        let mut waiting = Waiting {
             connection: self,
             id,
+            answered: false,
         };
         // Closed between the caller's check and the insert: nobody would answer.
         if !self.is_open() {
             return Err(MuxError::Closed);
         }
-        encode_request(&mut self.queued.lock(), id, epoch, key, op);
+        let backlog = {
+            let mut queued = self.queued.lock();
+            encode_request(&mut queued, id, epoch, key, op);
+            queued.len()
+        };
+        if backlog > MAX_QUEUED {
+            self.close("the peer does not read what is sent to it");
+            return Err(MuxError::Closed);
+        }
         self.queued_more.notify_one();
-        match tokio::time::timeout_at(deadline, answer).await {
+        let result = match tokio::time::timeout_at(deadline, answer).await {
             Ok(Ok(answer)) => Ok(answer),
             Ok(Err(_)) => Err(MuxError::Closed),
-            Err(_) => {
-                // One slow key (say, waiting for a range being handed over) is no reason to
-                // drop the connection; a peer that sent nothing at all for that long is.
-                if self.silent_for() >= timeout {
-                    self.close("the peer sent nothing within the forward timeout");
-                }
-                Err(MuxError::TimedOut(timeout))
-            }
-        }
+            Err(_) => Err(MuxError::TimedOut(timeout)),
+        };
+        waiting.answered = result.is_ok();
+        result
     }
 }
 
@@ -301,7 +320,7 @@ async fn read_answers(
         };
         match read {
             Ok(0) => return connection.close("the peer closed the connection"),
-            Ok(_) => connection.heard(),
+            Ok(_) => {}
             Err(error) => return connection.close(&error.to_string()),
         }
     }

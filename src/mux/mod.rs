@@ -10,8 +10,12 @@
 //!
 //! ```text
 //! request:  id u64 | op u8 (0 GET, 1 PUT, 2 DELETE) | epoch u64 | key length u16 | key | value
+//! cancel:   id u64 | op u8 = 3 | epoch u64 = 0 | key length u16 = 0
 //! answer:   id u64 | kind u8 | body   (kinds: see Answer)
 //! ```
+//!
+//! A sender that stops waiting for an answer (its timeout passed, its client went away)
+//! cancels the request, so that a write it reported as failed does not land later.
 //!
 //! Answers carry request ids, so a request waiting for a range being handed over delays no
 //! other request on the connection (the head-of-line blocking of HTTP/1.1 pipelining).
@@ -29,6 +33,9 @@ pub const MAGIC: &[u8; 8] = b"RKVMUX1\n";
 
 /// Largest frame accepted: a forwarded PUT carries a whole client body.
 pub const MAX_FRAME: usize = 256 << 20;
+
+/// Largest hello accepted: it is read before the sender is known to hold the token.
+pub const MAX_HELLO: usize = 4096;
 
 /// Who opens a connection, sent once after [`MAGIC`].
 #[derive(Debug, Serialize, Deserialize)]
@@ -62,6 +69,14 @@ pub struct Request {
     pub epoch: u64,
     pub key: String,
     pub op: KvOp,
+}
+
+/// A frame from the sending side.
+#[derive(Debug)]
+pub enum Incoming {
+    Request(Request),
+    /// The sender no longer waits for request `id`.
+    Cancel(u64),
 }
 
 /// The owner's answer to a [`Request`].
@@ -100,6 +115,18 @@ pub fn encode_request(out: &mut BytesMut, id: u64, epoch: u64, key: &str, op: &K
     });
 }
 
+/// Appends the frame that cancels request `id` to `out`.
+pub fn encode_cancel(out: &mut BytesMut, id: u64) {
+    put_frame(out, 8 + 1 + 8 + 2, |out| {
+        out.put_u64_le(id);
+        out.put_u8(CANCEL);
+        out.put_u64_le(0);
+        out.put_u16_le(0);
+    });
+}
+
+const CANCEL: u8 = 3;
+
 /// Appends the frame of an answer to `out`.
 pub fn encode_answer(out: &mut BytesMut, id: u64, answer: &Answer) {
     let (kind, status, body): (u8, Option<u16>, &[u8]) = match answer {
@@ -124,11 +151,16 @@ pub fn encode_answer(out: &mut BytesMut, id: u64, answer: &Answer) {
 
 /// Takes the next whole frame off the front of `buffer`, if one is there.
 pub fn next_frame(buffer: &mut BytesMut) -> Result<Option<Bytes>, FrameError> {
+    next_frame_within(buffer, MAX_FRAME)
+}
+
+/// [`next_frame`] for frames of at most `max` bytes.
+pub fn next_frame_within(buffer: &mut BytesMut, max: usize) -> Result<Option<Bytes>, FrameError> {
     if buffer.len() < 4 {
         return Ok(None);
     }
     let len = u32::from_le_bytes(buffer[..4].try_into().expect("4 bytes")) as usize;
-    if len > MAX_FRAME {
+    if len > max {
         return Err(FrameError::TooLarge(len));
     }
     if buffer.len() < 4 + len {
@@ -141,8 +173,8 @@ pub fn next_frame(buffer: &mut BytesMut) -> Result<Option<Bytes>, FrameError> {
     Ok(Some(buffer.split_to(len).freeze()))
 }
 
-/// Reads a request frame's body.
-pub fn decode_request(mut frame: Bytes) -> Result<Request, FrameError> {
+/// Reads a frame of the sending side.
+pub fn decode_request(mut frame: Bytes) -> Result<Incoming, FrameError> {
     if frame.len() < 19 {
         return Err(FrameError::Malformed("short request"));
     }
@@ -157,11 +189,13 @@ pub fn decode_request(mut frame: Bytes) -> Result<Request, FrameError> {
         .map_err(|_| FrameError::Malformed("key is not UTF-8"))?;
     let op = match code {
         0 => KvOp::Get,
-        1 => KvOp::Put(frame),
+        // A copy: a slice would keep the whole read buffer alive while the value is stored.
+        1 => KvOp::Put(Bytes::copy_from_slice(&frame)),
         2 => KvOp::Delete,
+        CANCEL => return Ok(Incoming::Cancel(id)),
         _ => return Err(FrameError::Malformed("unknown operation")),
     };
-    Ok(Request { id, epoch, key, op })
+    Ok(Incoming::Request(Request { id, epoch, key, op }))
 }
 
 /// Reads an answer frame's body: its request id and the answer.
@@ -204,7 +238,18 @@ mod tests {
         encode_request(&mut buffer, 7, 3, "kéy", &op);
         let frame = next_frame(&mut buffer).unwrap().unwrap();
         assert!(buffer.is_empty());
-        decode_request(frame).unwrap()
+        match decode_request(frame).unwrap() {
+            Incoming::Request(request) => request,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn cancels_round_trip() {
+        let mut buffer = BytesMut::new();
+        encode_cancel(&mut buffer, 42);
+        let frame = next_frame(&mut buffer).unwrap().unwrap();
+        assert!(matches!(decode_request(frame), Ok(Incoming::Cancel(42))));
     }
 
     #[test]
@@ -262,6 +307,12 @@ mod tests {
         assert_eq!(
             next_frame(&mut huge),
             Err(FrameError::TooLarge(u32::MAX as usize))
+        );
+        let mut hello = BytesMut::new();
+        hello.put_u32_le(MAX_HELLO as u32 + 1);
+        assert_eq!(
+            next_frame_within(&mut hello, MAX_HELLO),
+            Err(FrameError::TooLarge(MAX_HELLO + 1))
         );
         assert!(decode_request(Bytes::from_static(b"short")).is_err());
         let mut bad_key = BytesMut::new();

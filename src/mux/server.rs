@@ -1,8 +1,10 @@
 //! The receiving side of the mux protocol: checks a connection's hello, then serves its
 //! forwarded key requests. Requests that complete at once are answered in the same write
 //! as the rest of their read; one that must wait (its range is being handed over) finishes
-//! in a task of its own and is answered when it is done.
+//! in a task of its own, is answered when it is done, and is aborted if the sender cancels
+//! it or goes away. On shutdown a connection stops reading and finishes what it started.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,11 +15,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
 use tokio::sync::{watch, Notify};
+use tokio::task::AbortHandle;
 use warp::http::{Method, StatusCode};
 
 use super::{
-    decode_request, encode_answer, encode_json, next_frame, Answer, Hello, HelloAnswer, Request,
-    MAGIC,
+    decode_request, encode_answer, encode_json, next_frame, next_frame_within, Answer, Hello,
+    HelloAnswer, Incoming, Request, MAGIC, MAX_HELLO,
 };
 use crate::forward::{KvOp, KvOutcome};
 use crate::metrics::{self, RouteLabel};
@@ -41,16 +44,32 @@ struct Outbox {
     queued: Mutex<BytesMut>,
     queued_more: Notify,
     closed: watch::Sender<bool>,
+    /// Requests that wait, by id, so a cancel can abort them.
+    waiting: Mutex<HashMap<u64, AbortHandle>>,
+    /// Signalled each time a waiting request finishes.
+    finished: Notify,
 }
 
 impl Outbox {
     fn answer(&self, id: u64, answer: &Answer) {
         encode_answer(&mut self.queued.lock(), id, answer);
     }
+
+    fn abort_waiting(&self) {
+        for (_, task) in self.waiting.lock().drain() {
+            task.abort();
+        }
+    }
 }
 
-/// Serves one mux connection (its magic already seen, not yet read) until it closes.
-pub async fn serve(node: Arc<Node>, mut stream: TcpStream, hello_timeout: Duration) {
+/// Serves one mux connection (its magic already read) until it closes, or until `stopping`
+/// turns true and the requests it started are answered.
+pub async fn serve(
+    node: Arc<Node>,
+    mut stream: TcpStream,
+    hello_timeout: Duration,
+    mut stopping: watch::Receiver<bool>,
+) {
     let peer = stream
         .peer_addr()
         .map(|a| a.to_string())
@@ -85,17 +104,26 @@ pub async fn serve(node: Arc<Node>, mut stream: TcpStream, hello_timeout: Durati
         queued: Mutex::new(BytesMut::with_capacity(16 * 1024)),
         queued_more: Notify::new(),
         closed: watch::channel(false).0,
+        waiting: Mutex::new(HashMap::new()),
+        finished: Notify::new(),
     });
-    tokio::spawn(write_answers(outbox.clone(), writer));
+    let writer = tokio::spawn(write_answers(outbox.clone(), writer));
     let from: Arc<str> = Arc::from(hello.from);
-    'connection: loop {
+    let stopped = 'connection: loop {
         loop {
             match next_frame(&mut buffer).map(|f| f.map(decode_request)) {
-                Ok(Some(Ok(request))) => serve_request(&node, &outbox, &from, request),
+                Ok(Some(Ok(Incoming::Request(request)))) => {
+                    serve_request(&node, &outbox, &from, request)
+                }
+                Ok(Some(Ok(Incoming::Cancel(id)))) => {
+                    if let Some(task) = outbox.waiting.lock().remove(&id) {
+                        task.abort();
+                    }
+                }
                 Ok(None) => break,
                 Ok(Some(Err(error))) | Err(error) => {
                     tracing::warn!(%peer, %error, "mux connection closed: bad frame");
-                    break 'connection;
+                    break 'connection false;
                 }
             }
         }
@@ -103,19 +131,34 @@ pub async fn serve(node: Arc<Node>, mut stream: TcpStream, hello_timeout: Durati
         if buffer.capacity() - buffer.len() < 4096 {
             buffer.reserve(64 * 1024);
         }
-        match reader.read_buf(&mut buffer).await {
-            Ok(n) if n > 0 => {}
-            _ => break,
+        tokio::select! {
+            read = reader.read_buf(&mut buffer) => match read {
+                Ok(n) if n > 0 => {}
+                _ => break false,
+            },
+            _ = stopping.wait_for(|stopping| *stopping) => break true,
+        }
+    };
+    if stopped {
+        // Shutting down: the sender waits for what this connection started.
+        loop {
+            let finished = outbox.finished.notified();
+            if outbox.waiting.lock().is_empty() {
+                break;
+            }
+            finished.await;
         }
     }
+    outbox.abort_waiting();
     outbox.closed.send_replace(true);
+    if stopped {
+        let _ = writer.await;
+    }
 }
 
 async fn read_hello(stream: &mut TcpStream, buffer: &mut BytesMut) -> Option<Hello> {
-    let mut magic = [0u8; MAGIC.len()];
-    stream.read_exact(&mut magic).await.ok()?;
     loop {
-        if let Some(frame) = next_frame(buffer).ok()? {
+        if let Some(frame) = next_frame_within(buffer, MAX_HELLO).ok()? {
             return serde_json::from_slice(&frame).ok();
         }
         if stream.read_buf(buffer).await.ok()? == 0 {
@@ -156,7 +199,7 @@ fn serve_request(node: &Arc<Node>, outbox: &Arc<Outbox>, from: &Arc<str>, reques
     let started = Instant::now();
     let Request { id, epoch, key, op } = request;
     let method = method_of(&op);
-    let (node, outbox, from) = (node.clone(), outbox.clone(), from.clone());
+    let (node, shared, from) = (node.clone(), outbox.clone(), from.clone());
     let mut served = Box::pin(async move {
         let answer = match node.serve_forwarded(&key, op, epoch, &from).await {
             Ok(outcome) => Answer::Served(outcome),
@@ -173,24 +216,33 @@ fn serve_request(node: &Arc<Node>, outbox: &Arc<Outbox>, from: &Arc<str>, reques
                 StatusCode::from_u16(*status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
             }
         };
-        outbox.answer(id, &answer);
+        shared.answer(id, &answer);
         metrics::request(RouteLabel::Internal, &method, status, started.elapsed());
-        outbox
+        shared
     });
-    if (&mut served).now_or_never().is_none() {
-        tokio::spawn(async move {
-            served.await.queued_more.notify_one();
-        });
+    if (&mut served).now_or_never().is_some() {
+        return;
+    }
+    let task = tokio::spawn(async move {
+        let outbox = served.await;
+        outbox.waiting.lock().remove(&id);
+        outbox.queued_more.notify_one();
+        outbox.finished.notify_waiters();
+    });
+    let mut waiting = outbox.waiting.lock();
+    if !task.is_finished() {
+        waiting.insert(id, task.abort_handle());
     }
 }
 
-/// Writes queued answers until the connection closes.
+/// Writes queued answers until the connection closes, then what is left.
 async fn write_answers(outbox: Arc<Outbox>, mut writer: OwnedWriteHalf) {
     let mut closed = outbox.closed.subscribe();
-    loop {
+    let mut last_round = false;
+    while !last_round {
         tokio::select! {
             _ = outbox.queued_more.notified() => {}
-            _ = closed.wait_for(|closed| *closed) => return,
+            _ = closed.wait_for(|closed| *closed) => last_round = true,
         }
         loop {
             let batch = {
@@ -206,4 +258,5 @@ async fn write_answers(outbox: Arc<Outbox>, mut writer: OwnedWriteHalf) {
             }
         }
     }
+    let _ = writer.shutdown().await;
 }
