@@ -301,57 +301,34 @@ fn a_joining_node_that_learns_an_older_view_mid_change_keeps_its_prepared_change
 
 #[test]
 fn the_old_owner_never_serves_a_value_overwritten_at_the_new_owner() {
-    let mut cluster = Cluster::start(2, HOOKS);
-    let client = Client::new();
-    let old = cluster.addresses();
-    let joining = cluster.add_node(&old, HOOKS);
-    let data = sample_data("stale", 200);
-    load(&client, &old, &data);
-    let owners_before = assert_contents(&client, &old, &old, &data);
-
     // The old owners hold their commits; the joining node commits and serves its keys.
-    for node in &old {
-        client.set_fault(node, &json!({"pause_commit": true}));
-    }
-    let view = strings(&[&old[0], &old[1], &joining]);
-    let change = view_change_in_background(&old[0], &view);
+    let held = HeldHandover::start(HOOKS, HOOKS);
+    let (client, old, joining) = (&held.client, &held.old, &held.view[2]);
     poll_until(
         Duration::from_secs(10),
         "the joining node to commit",
-        || (common::epoch_of(&client, &joining) == 1).then_some(()),
-    );
-    poll_until(
-        Duration::from_secs(10),
-        "a held commit on the old owner",
-        || (client.fault_status(&old[0])["waiting_in_commit"] == json!(true)).then_some(()),
+        || (common::epoch_of(client, joining) == 1).then_some(()),
     );
     // (Asking the joining node would not do: it forwards other keys to the held nodes.)
-    let ring = HashRing::new(&view, DEFAULT_VNODES).unwrap();
-    let (key, _) = owners_before
-        .iter()
-        .find(|(key, owner)| **owner == old[0] && **ring.owner(key.as_bytes()) == *joining)
-        .expect("some key moved from the coordinator to the joining node");
-    let answer = client.put_key(&joining, key, &json!("newer"));
+    let key = held.moving.clone();
+    let answer = client.put_key(joining, &key, &json!("newer"));
     assert_eq!(
         answer.body,
         json!({"message": "Updated successfully", "replaced": true})
     );
 
     // The old owner has not switched yet; it must not answer with the overwritten value.
-    let answer = client.get_key(&old[0], key);
+    let answer = client.get_key(&old[1], &key);
     assert!(
         answer.status == 503 || answer.body["value"] == json!("newer"),
         "GET {key} via its old owner after the new owner acknowledged a write: {answer:?}"
     );
 
-    for node in &old {
-        client.set_fault(node, &json!({"pause_commit": false}));
-    }
-    let answer = change.join().unwrap();
-    assert_view_change_ok(&client, &answer, &view);
+    let (view, mut data) = (held.view.clone(), held.data.clone());
+    let _cluster = held.release();
+    let client = Client::new();
     assert_states(&client, &view, 1, &view);
-    let mut data = data;
-    data.insert(key.clone(), json!("newer"));
+    data.insert(key, json!("newer"));
     assert_contents(&client, &view, &view, &data);
 }
 

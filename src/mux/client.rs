@@ -20,8 +20,8 @@ use tokio::net::TcpStream;
 use tokio::sync::{oneshot, watch, Notify};
 
 use super::{
-    decode_answer, encode_cancel, encode_json, encode_request, next_frame, Answer, FrameError,
-    Hello, HelloAnswer, MAGIC,
+    decode_answer, encode_cancel, encode_json, encode_request, next_frame, take_queued, Answer,
+    FrameError, Hello, HelloAnswer, MAGIC,
 };
 
 /// Bytes of frames a connection may have queued and not written before it is given up:
@@ -269,14 +269,7 @@ async fn write_requests(connection: Arc<Connection>, mut writer: OwnedWriteHalf)
             _ = closed.wait_for(|closed| *closed) => return,
         }
         tokio::task::yield_now().await;
-        loop {
-            let batch = {
-                let mut queued = connection.queued.lock();
-                if queued.is_empty() {
-                    break;
-                }
-                queued.split().freeze()
-            };
+        while let Some(batch) = take_queued(&connection.queued) {
             let written = tokio::select! {
                 written = writer.write_all(&batch) => written,
                 _ = closed.wait_for(|closed| *closed) => return,

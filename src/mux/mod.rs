@@ -223,6 +223,12 @@ pub fn decode_answer(mut frame: Bytes) -> Result<(u64, Answer), FrameError> {
     Ok((id, answer))
 }
 
+/// Takes everything queued for writing, if anything is.
+pub(crate) fn take_queued(queued: &parking_lot::Mutex<BytesMut>) -> Option<Bytes> {
+    let mut queued = queued.lock();
+    (!queued.is_empty()).then(|| queued.split().freeze())
+}
+
 /// A JSON message as one frame (the hello and its answer).
 pub fn encode_json<T: Serialize>(out: &mut BytesMut, message: &T) {
     let body = serde_json::to_vec(message).unwrap_or_default();

@@ -19,8 +19,8 @@ use tokio::task::AbortHandle;
 use warp::http::{Method, StatusCode};
 
 use super::{
-    decode_request, encode_answer, encode_json, next_frame, next_frame_within, Answer, Hello,
-    HelloAnswer, Incoming, Request, MAGIC, MAX_HELLO,
+    decode_request, encode_answer, encode_json, next_frame, next_frame_within, take_queued, Answer,
+    Hello, HelloAnswer, Incoming, Request, MAGIC, MAX_HELLO,
 };
 use crate::forward::{KvOp, KvOutcome};
 use crate::metrics::{self, RouteLabel};
@@ -244,14 +244,7 @@ async fn write_answers(outbox: Arc<Outbox>, mut writer: OwnedWriteHalf) {
             _ = outbox.queued_more.notified() => {}
             _ = closed.wait_for(|closed| *closed) => last_round = true,
         }
-        loop {
-            let batch = {
-                let mut queued = outbox.queued.lock();
-                if queued.is_empty() {
-                    break;
-                }
-                queued.split().freeze()
-            };
+        while let Some(batch) = take_queued(&outbox.queued) {
             if writer.write_all(&batch).await.is_err() {
                 outbox.closed.send_replace(true);
                 return;
