@@ -1260,6 +1260,39 @@ fn an_owner_that_stops_answering_gets_503_and_is_used_again_when_it_resumes() {
     );
 }
 
+#[test]
+fn large_values_forwarded_at_once_all_arrive() {
+    // 8 values of 12 MiB through a node that owns none of them: about 100 MB queued for one
+    // peer at once is traffic, not a peer that stopped reading.
+    let cluster = Cluster::start(2, &[]);
+    let nodes = cluster.addresses();
+    let client = Client::new();
+    let ring = ringkv::ring::HashRing::new(&nodes, ringkv::ring::DEFAULT_VNODES).unwrap();
+    let keys: Vec<String> = (0..)
+        .map(|i| format!("big{i}"))
+        .filter(|key| **ring.owner(key.as_bytes()) == nodes[1])
+        .take(8)
+        .collect();
+    let value = "v".repeat(12 << 20);
+    let puts: Vec<_> = keys
+        .iter()
+        .map(|key| {
+            let (through, key, value) = (nodes[0].clone(), key.clone(), value.clone());
+            std::thread::spawn(move || Client::new().put_key(&through, &key, &json!(value)))
+        })
+        .collect();
+    for put in puts {
+        expect(
+            &put.join().unwrap(),
+            201,
+            &via(added(), &nodes[0], &nodes[1]),
+        );
+    }
+    assert_eq!(client.key_count(&nodes[1]), 8);
+    let answer = client.get_key(&nodes[0], &keys[7]);
+    assert_eq!(answer.body["value"].as_str().map(str::len), Some(12 << 20));
+}
+
 // ---------------------------------------------------------------------------------------
 // A forwarding instance (assignment 2).
 

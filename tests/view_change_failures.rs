@@ -731,3 +731,34 @@ fn a_forward_its_sender_gave_up_on_is_cancelled_at_the_owner() {
     let answer = client.get_key(&view[2], &moving);
     assert_eq!(answer.body["value"], value, "{answer:?}");
 }
+
+#[test]
+fn a_stopping_owner_keeps_serving_forwards_until_its_waiting_requests_end() {
+    let flags = ["--fault-hooks", "--forward-timeout", "20"];
+    let mut held = HeldHandover::start(&flags, &flags);
+    let (through, moving) = (held.old[0].clone(), held.moving.clone());
+    let waiting = std::thread::spawn(move || Client::new().get_key(&through, &moving));
+    poll_until(
+        Duration::from_secs(10),
+        "the forward of the moving key to wait at the second node",
+        || (held.waiting_at_second() == 1.0).then_some(()),
+    );
+    let second = &mut held.cluster.nodes[1];
+    second.signal("TERM");
+    poll_until(Duration::from_secs(5), "the second node to stop", || {
+        second
+            .log_contains("shutting down: no new connections")
+            .then_some(())
+    });
+    // Still draining (its waiting request holds it): forwards of other keys are served.
+    let answer = held.client.get_key(&held.old[0], &held.staying);
+    assert_eq!(answer.status, 200, "{answer:?}");
+    assert_eq!(answer.body["value"], held.data[&held.staying]);
+    // The waiting request ends with the shutdown grace period, and so does the node.
+    let answer = waiting.join().unwrap();
+    assert_eq!(answer.status, 503, "{answer:?}");
+    let status = held.cluster.nodes[1]
+        .wait_for_exit(Duration::from_secs(10))
+        .expect("the second node exits");
+    assert!(status.success(), "{status:?}");
+}

@@ -5,7 +5,8 @@
 //!
 //! A forward that times out leaves the connection open: the peer may just be slow on that
 //! key (a range being handed over). A peer or path that is gone is found by TCP keepalive
-//! and the kernel's user timeout; a peer that stops reading, by the cap on queued bytes.
+//! and the kernel's user timeout; a peer that stops reading, by a write that makes no
+//! progress for [`stall_limit`].
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -24,10 +25,13 @@ use super::{
     FrameError, Hello, HelloAnswer, MAGIC,
 };
 
-/// Bytes of frames a connection may have queued and not written before it is given up:
-/// past that the peer is not reading.
-const MAX_QUEUED: usize = 64 << 20;
 use crate::forward::KvOp;
+
+/// How long a write may make no progress before the peer counts as not reading: the
+/// forward timeout, and at least 5 s so a busy peer is not given up too soon.
+fn stall_limit(timeout: Duration) -> Duration {
+    timeout.max(Duration::from_secs(5))
+}
 
 /// Why a forward got no answer.
 #[derive(Debug, thiserror::Error)]
@@ -111,7 +115,7 @@ impl MuxClient {
         if let Some(connection) = self.live(peer) {
             return Ok(connection);
         }
-        let connection = Connection::open(peer, &self.hello).await?;
+        let connection = Connection::open(peer, &self.hello, stall_limit(self.timeout)).await?;
         tracing::debug!(peer, "mux connection open");
         self.connections
             .write()
@@ -163,7 +167,11 @@ fn watch_liveness(stream: &TcpStream) -> std::io::Result<()> {
 }
 
 impl Connection {
-    async fn open(peer: &str, hello: &[u8]) -> Result<Arc<Connection>, MuxError> {
+    async fn open(
+        peer: &str,
+        hello: &[u8],
+        stall_limit: Duration,
+    ) -> Result<Arc<Connection>, MuxError> {
         let mut stream = TcpStream::connect(peer).await.map_err(MuxError::Connect)?;
         stream.set_nodelay(true).map_err(MuxError::Connect)?;
         watch_liveness(&stream).map_err(MuxError::Connect)?;
@@ -200,7 +208,7 @@ impl Connection {
             closed: watch::channel(false).0,
         });
         tokio::spawn(read_answers(connection.clone(), reader, buffer));
-        tokio::spawn(write_requests(connection.clone(), writer));
+        tokio::spawn(write_requests(connection.clone(), writer, stall_limit));
         Ok(connection)
     }
 
@@ -239,15 +247,7 @@ impl Connection {
         if !self.is_open() {
             return Err(MuxError::Closed);
         }
-        let backlog = {
-            let mut queued = self.queued.lock();
-            encode_request(&mut queued, id, epoch, key, op);
-            queued.len()
-        };
-        if backlog > MAX_QUEUED {
-            self.close("the peer does not read what is sent to it");
-            return Err(MuxError::Closed);
-        }
+        encode_request(&mut self.queued.lock(), id, epoch, key, op);
         self.queued_more.notify_one();
         let result = match tokio::time::timeout_at(deadline, answer).await {
             Ok(Ok(answer)) => Ok(answer),
@@ -261,7 +261,11 @@ impl Connection {
 
 /// Sends queued frames until the connection closes. Each wake-up first yields, so that every
 /// forward of the current scheduling round has queued its frame, then writes them together.
-async fn write_requests(connection: Arc<Connection>, mut writer: OwnedWriteHalf) {
+async fn write_requests(
+    connection: Arc<Connection>,
+    mut writer: OwnedWriteHalf,
+    stall_limit: Duration,
+) {
     let mut closed = connection.closed.subscribe();
     loop {
         tokio::select! {
@@ -270,13 +274,18 @@ async fn write_requests(connection: Arc<Connection>, mut writer: OwnedWriteHalf)
         }
         tokio::task::yield_now().await;
         while let Some(batch) = take_queued(&connection.queued) {
-            let written = tokio::select! {
-                written = writer.write_all(&batch) => written,
-                _ = closed.wait_for(|closed| *closed) => return,
-            };
-            if let Err(error) = written {
-                connection.close(&error.to_string());
-                return;
+            let mut sent = 0;
+            while sent < batch.len() {
+                let written = tokio::select! {
+                    written = tokio::time::timeout(stall_limit, writer.write(&batch[sent..])) => written,
+                    _ = closed.wait_for(|closed| *closed) => return,
+                };
+                match written {
+                    Ok(Ok(n)) if n > 0 => sent += n,
+                    Ok(Ok(_)) => return connection.close("the connection accepts no more bytes"),
+                    Ok(Err(error)) => return connection.close(&error.to_string()),
+                    Err(_) => return connection.close("the peer has read nothing for too long"),
+                }
             }
         }
     }

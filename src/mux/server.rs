@@ -75,14 +75,18 @@ pub async fn serve(
         .map(|a| a.to_string())
         .unwrap_or_default();
     let mut buffer = BytesMut::with_capacity(64 * 1024);
-    let hello =
-        match tokio::time::timeout(hello_timeout, read_hello(&mut stream, &mut buffer)).await {
-            Ok(Some(hello)) => hello,
-            _ => {
-                tracing::debug!(%peer, "mux connection without a readable hello");
-                return;
+    let hello = tokio::select! {
+        hello = tokio::time::timeout(hello_timeout, read_hello(&mut stream, &mut buffer)) => {
+            match hello {
+                Ok(Some(hello)) => hello,
+                _ => {
+                    tracing::debug!(%peer, "mux connection without a readable hello");
+                    return;
+                }
             }
-        };
+        }
+        _ = stopping.wait_for(|stopping| *stopping) => return,
+    };
     let refusal = check_hello(&node, &hello);
     let mut answer = BytesMut::new();
     encode_json(
@@ -109,6 +113,9 @@ pub async fn serve(
     });
     let writer = tokio::spawn(write_answers(outbox.clone(), writer));
     let from: Arc<str> = Arc::from(hello.from);
+    // Once the node stops, the connection keeps serving (and reading cancels) until no
+    // request it started still waits, then closes.
+    let mut draining = false;
     let stopped = 'connection: loop {
         loop {
             match next_frame(&mut buffer).map(|f| f.map(decode_request)) {
@@ -128,6 +135,10 @@ pub async fn serve(
             }
         }
         outbox.queued_more.notify_one();
+        let finished = outbox.finished.notified();
+        if draining && outbox.waiting.lock().is_empty() {
+            break true;
+        }
         if buffer.capacity() - buffer.len() < 4096 {
             buffer.reserve(64 * 1024);
         }
@@ -136,19 +147,10 @@ pub async fn serve(
                 Ok(n) if n > 0 => {}
                 _ => break false,
             },
-            _ = stopping.wait_for(|stopping| *stopping) => break true,
+            _ = stopping.wait_for(|stopping| *stopping), if !draining => draining = true,
+            _ = finished, if draining => {}
         }
     };
-    if stopped {
-        // Shutting down: the sender waits for what this connection started.
-        loop {
-            let finished = outbox.finished.notified();
-            if outbox.waiting.lock().is_empty() {
-                break;
-            }
-            finished.await;
-        }
-    }
     outbox.abort_waiting();
     outbox.closed.send_replace(true);
     if stopped {
@@ -223,16 +225,15 @@ fn serve_request(node: &Arc<Node>, outbox: &Arc<Outbox>, from: &Arc<str>, reques
     if (&mut served).now_or_never().is_some() {
         return;
     }
+    // The task cannot remove its entry before it is in: the lock is held across the spawn.
+    let mut waiting = outbox.waiting.lock();
     let task = tokio::spawn(async move {
         let outbox = served.await;
         outbox.waiting.lock().remove(&id);
         outbox.queued_more.notify_one();
         outbox.finished.notify_waiters();
     });
-    let mut waiting = outbox.waiting.lock();
-    if !task.is_finished() {
-        waiting.insert(id, task.abort_handle());
-    }
+    waiting.insert(id, task.abort_handle());
 }
 
 /// Writes queued answers until the connection closes, then what is left.
