@@ -115,7 +115,7 @@ async fn opening(stream: &mut TcpStream, limit: Duration) -> Option<Opening> {
         if n == 0 {
             return None;
         }
-        if mux::server::is_mux_preface(&first[..n]) == Some(false) {
+        if !mux::may_be_magic(&first[..n]) {
             return Some(Opening::Http(Bytes::new()));
         }
         // Possibly the magic: read as many bytes as it has.

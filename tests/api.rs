@@ -1128,6 +1128,24 @@ fn cluster_client_errors_never_carry_an_address() {
 const FORWARD_TIMEOUT: Duration = Duration::from_millis(500);
 const MARGIN: Duration = Duration::from_millis(1000);
 
+/// GET, PUT and DELETE of `key` through `node`, whose owner does not answer, each get the
+/// exact 503 once the forward timeout has passed, and not much later.
+fn assert_503_once_the_forward_timeout_ends(client: &Client, node: &str, key: &str) {
+    for method in ["GET", "PUT", "DELETE"] {
+        let body = (method == "PUT").then(|| put_body(&json!("new")));
+        let (answer, elapsed) = timed(|| client.send(method, &key_url(node, key), body.as_deref()));
+        expect(&answer, 503, &unavailable(method));
+        assert!(
+            elapsed >= FORWARD_TIMEOUT - Duration::from_millis(100),
+            "{method} answered after {elapsed:?}, before the owner could time out"
+        );
+        assert!(
+            elapsed < FORWARD_TIMEOUT + MARGIN,
+            "{method} took {elapsed:?}"
+        );
+    }
+}
+
 #[test]
 fn cluster_answers_503_within_the_forward_timeout_when_the_owner_is_down() {
     let mut cluster = Cluster::start(3, &["--forward-timeout", "0.5"]);
@@ -1187,20 +1205,7 @@ fn cluster_answers_503_within_the_forward_timeout_when_the_owner_is_down() {
 
     // The owner's address accepts connections but never answers: 503 once the timeout ends.
     let stalled = TcpListener::bind(&victim).expect("the victim's address is free again");
-    for method in ["GET", "PUT", "DELETE"] {
-        let body = (method == "PUT").then(|| put_body(&json!("new")));
-        let (answer, elapsed) =
-            timed(|| client.send(method, &key_url(&nodes[1], &victim_key), body.as_deref()));
-        expect(&answer, 503, &unavailable(method));
-        assert!(
-            elapsed >= FORWARD_TIMEOUT - Duration::from_millis(100),
-            "{method} answered after {elapsed:?}, before the owner could time out"
-        );
-        assert!(
-            elapsed < FORWARD_TIMEOUT + MARGIN,
-            "{method} took {elapsed:?}"
-        );
-    }
+    assert_503_once_the_forward_timeout_ends(&client, &nodes[1], &victim_key);
     drop(stalled);
     // Local keys never wait on the dead owner.
     let (key, owner) = owned
@@ -1229,20 +1234,7 @@ fn an_owner_that_stops_answering_gets_503_and_is_used_again_when_it_resumes() {
         .unwrap();
     // The owner freezes: its connections stay open but nothing comes back.
     cluster.nodes[1].signal("STOP");
-    for method in ["GET", "PUT", "DELETE"] {
-        let body = (method == "PUT").then(|| put_body(&json!("new")));
-        let (answer, elapsed) =
-            timed(|| client.send(method, &key_url(&nodes[0], &key), body.as_deref()));
-        expect(&answer, 503, &unavailable(method));
-        assert!(
-            elapsed >= FORWARD_TIMEOUT - Duration::from_millis(100),
-            "{method} answered after {elapsed:?}"
-        );
-        assert!(
-            elapsed < FORWARD_TIMEOUT + MARGIN,
-            "{method} took {elapsed:?}"
-        );
-    }
+    assert_503_once_the_forward_timeout_ends(&client, &nodes[0], &key);
     cluster.nodes[1].signal("CONT");
     // Once it answers again, forwards reach it again. (Whether the writes that got 503
     // were applied is uncertain, as for any write whose answer never came.)

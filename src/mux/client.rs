@@ -21,8 +21,8 @@ use tokio::net::TcpStream;
 use tokio::sync::{oneshot, watch, Notify};
 
 use super::{
-    decode_answer, encode_cancel, encode_json, encode_request, next_frame, take_queued, Answer,
-    FrameError, Hello, HelloAnswer, MAGIC,
+    decode_answer, encode_cancel, encode_json, encode_request, make_room, next_frame, take_queued,
+    Answer, FrameError, Hello, HelloAnswer, MAGIC,
 };
 
 use crate::forward::KvOp;
@@ -313,9 +313,7 @@ async fn read_answers(
                 }
             }
         }
-        if buffer.capacity() - buffer.len() < 4096 {
-            buffer.reserve(64 * 1024);
-        }
+        make_room(&mut buffer);
         let read = tokio::select! {
             read = reader.read_buf(&mut buffer) => read,
             _ = closed.wait_for(|closed| *closed) => return,

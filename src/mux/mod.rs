@@ -31,6 +31,11 @@ use crate::forward::{KvOp, KvOutcome};
 /// The first bytes of a mux connection; no HTTP request starts with them.
 pub const MAGIC: &[u8; 8] = b"RKVMUX1\n";
 
+/// Whether a connection's first bytes may be the start of [`MAGIC`] (or all of it).
+pub fn may_be_magic(first: &[u8]) -> bool {
+    MAGIC.starts_with(&first[..first.len().min(MAGIC.len())])
+}
+
 /// Largest frame accepted: a forwarded PUT carries a whole client body.
 pub const MAX_FRAME: usize = 256 << 20;
 
@@ -221,6 +226,13 @@ pub fn decode_answer(mut frame: Bytes) -> Result<(u64, Answer), FrameError> {
         _ => return Err(FrameError::Malformed("unknown answer kind")),
     };
     Ok((id, answer))
+}
+
+/// Makes room in a read buffer before the next read.
+pub(crate) fn make_room(buffer: &mut BytesMut) {
+    if buffer.capacity() - buffer.len() < 4096 {
+        buffer.reserve(64 * 1024);
+    }
 }
 
 /// Takes everything queued for writing, if anything is.

@@ -2,7 +2,8 @@
 //! forwarded key requests. Requests that complete at once are answered in the same write
 //! as the rest of their read; one that must wait (its range is being handed over) finishes
 //! in a task of its own, is answered when it is done, and is aborted if the sender cancels
-//! it or goes away. On shutdown a connection stops reading and finishes what it started.
+//! it or goes away. On shutdown a connection keeps serving (and reading cancels) until no
+//! request it started still waits, then closes.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -19,25 +20,12 @@ use tokio::task::AbortHandle;
 use warp::http::{Method, StatusCode};
 
 use super::{
-    decode_request, encode_answer, encode_json, next_frame, next_frame_within, take_queued, Answer,
-    Hello, HelloAnswer, Incoming, Request, MAGIC, MAX_HELLO,
+    decode_request, encode_answer, encode_json, make_room, next_frame, next_frame_within,
+    take_queued, Answer, Hello, HelloAnswer, Incoming, Request, MAX_HELLO,
 };
 use crate::forward::{KvOp, KvOutcome};
 use crate::metrics::{self, RouteLabel};
 use crate::node::Node;
-
-/// Whether a connection's first bytes are the mux magic. `Some(false)` as soon as they
-/// cannot be; `None` while too few have arrived to tell.
-pub fn is_mux_preface(first: &[u8]) -> Option<bool> {
-    let n = first.len().min(MAGIC.len());
-    if first[..n] != MAGIC[..n] {
-        Some(false)
-    } else if n == MAGIC.len() {
-        Some(true)
-    } else {
-        None
-    }
-}
 
 /// Answers waiting to be written, shared by the reader and the requests that wait.
 struct Outbox {
@@ -139,9 +127,7 @@ pub async fn serve(
         if draining && outbox.waiting.lock().is_empty() {
             break true;
         }
-        if buffer.capacity() - buffer.len() < 4096 {
-            buffer.reserve(64 * 1024);
-        }
+        make_room(&mut buffer);
         tokio::select! {
             read = reader.read_buf(&mut buffer) => match read {
                 Ok(n) if n > 0 => {}
