@@ -1,20 +1,52 @@
 # ringkv node image: one static binary on an empty base, nothing else.
 #
-# The binary is built on the host (no image can be pulled here, so there is no
-# builder stage): scripts/docker-build compiles a static glibc binary and runs
-# `docker build` with a context that holds only that binary. Works with the
-# legacy builder (DOCKER_BUILDKIT=0) and with BuildKit.
+#   docker build -t kvs:3.0 .                       (or scripts/docker-build)
+#   docker build --build-arg BUILDER=IMAGE -t kvs:3.0 .
 #
-# By hand, from the repository root (.dockerignore keeps the context to the
-# one file):
-#   RUSTFLAGS="-C target-feature=+crt-static" \
-#     cargo build --release --target x86_64-unknown-linux-gnu --bin ringkv
-#   docker build -t ringkv:latest .
-FROM scratch
+# Two stages. `build` compiles a static glibc binary in BUILDER, by default the
+# registry's rust:1-bookworm; where no registry can be reached, scripts/builder-image
+# makes a local image under that name (Debian packages, this machine's Rust toolchain,
+# the crates of Cargo.lock, CARGO_NET_OFFLINE=true), so this same file builds offline.
+# The final stage is FROM scratch with only that binary. No RUN --mount and no
+# heredocs: the legacy builder (DOCKER_BUILDKIT=0) builds it, and BuildKit too.
+#
+# Layers: the dependencies are built from Cargo.toml, Cargo.lock and stub sources
+# (scripts/cargo-stubs), so only a change to those two files rebuilds them; a source
+# change rebuilds the ringkv crate alone, and an unchanged tree is all cache hits.
+ARG BUILDER=rust:1-bookworm
 
-# Path of the static binary inside the build context.
-ARG BINARY=target/x86_64-unknown-linux-gnu/release/ringkv
-COPY ${BINARY} /ringkv
+FROM ${BUILDER} AS build
+WORKDIR /src
+# The explicit --target keeps RUSTFLAGS off build scripts and proc-macros (they must
+# stay dynamic for rustc to load them). glibc may warn that getaddrinfo needs the
+# shared NSS libraries at run time: ringkv never resolves a name (every address is an
+# IP literal), so the static binary does not need them.
+ENV CARGO_TERM_COLOR=never \
+    RUSTFLAGS="-C target-feature=+crt-static"
+COPY scripts/cargo-stubs /usr/local/bin/cargo-stubs
+COPY Cargo.toml Cargo.lock ./
+# Dependencies: built once per Cargo.toml + Cargo.lock. The stubbed ringkv crate is
+# then cleaned out (its artifacts would look newer than the real sources) and so are
+# the stubs, leaving target/ with the compiled dependencies only.
+RUN cargo-stubs >/dev/null \
+    && cargo build --release --locked --target x86_64-unknown-linux-gnu --bin ringkv \
+    && cargo clean --release --locked --target x86_64-unknown-linux-gnu -p ringkv \
+    && find . -mindepth 1 -maxdepth 1 ! -name target ! -name Cargo.toml ! -name Cargo.lock \
+        -exec rm -rf {} +
+# The sources (.dockerignore leaves out tests, benches, examples and docs: the stubs
+# stand in for the targets the manifest names).
+COPY . .
+ARG STRIP=1
+RUN cargo-stubs >/dev/null \
+    && cargo build --release --locked --target x86_64-unknown-linux-gnu --bin ringkv \
+    && bin=target/x86_64-unknown-linux-gnu/release/ringkv \
+    && if readelf -lW "$bin" | grep -q 'program interpreter'; then \
+        echo "$bin is dynamically linked" >&2; exit 1; fi \
+    && if [ "$STRIP" = 1 ]; then strip -o /ringkv "$bin"; else cp "$bin" /ringkv; fi \
+    && /ringkv --version
+
+FROM scratch
+COPY --from=build /ringkv /ringkv
 
 # Plain log lines in `docker logs` (no ANSI colours).
 ENV NO_COLOR=1
