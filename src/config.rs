@@ -14,7 +14,7 @@ use crate::view::{parse_members, ViewError};
 pub enum ConfigError {
     #[error("--address/ADDRESS '{0}' is not ip:port (hostnames are not allowed)")]
     BadAddress(String),
-    #[error("--view/VIEW: {0}")]
+    #[error("--view/VIEW: {0}; expected comma-separated ip:port entries, e.g. VIEW=10.10.0.4:13800,10.10.0.5:13800")]
     BadView(ViewError),
     #[error("--forwarding-address/FORWARDING_ADDRESS '{0}' is not ip:port")]
     BadForwardingAddress(String),
@@ -72,6 +72,11 @@ pub struct Args {
     /// for the outcome (commit if anyone committed, abort if nobody did).
     #[arg(long, default_value_t = 30.0)]
     pub phase_timeout: f64,
+    /// Seconds during which a node that refuses connections is taken as starting, not down:
+    /// start-up probes and view-change calls retry it with backoff for this long before
+    /// declaring it unreachable.
+    #[arg(long, default_value_t = 5.0)]
+    pub connect_window: f64,
     /// Shared secret that every node-to-node (/internal/) request must carry; the same on
     /// every node of a cluster. Unset: internal endpoints are open.
     #[arg(long, env = "CLUSTER_TOKEN", hide_env_values = true)]
@@ -96,6 +101,7 @@ pub struct Config {
     pub header_read_timeout: Duration,
     pub body_read_timeout: Duration,
     pub phase_timeout: Duration,
+    pub connect_window: Duration,
     pub fault_hooks: bool,
     pub cluster_token: Option<ClusterToken>,
 }
@@ -148,6 +154,7 @@ impl Config {
             header_read_timeout: seconds(args.header_read_timeout, "header-read-timeout")?,
             body_read_timeout: seconds(args.body_read_timeout, "body-read-timeout")?,
             phase_timeout: seconds(args.phase_timeout, "phase-timeout")?,
+            connect_window: seconds(args.connect_window, "connect-window")?,
             fault_hooks: args.fault_hooks,
             cluster_token: non_empty(args.cluster_token)
                 .map(|token| ClusterToken::new(&token))
@@ -208,6 +215,19 @@ mod tests {
             parse(&["--address", "10.0.0.1:1", "--view", "10.0.0.1:1,x"]),
             Err(ConfigError::BadView(_))
         ));
+        let missing_comma = parse(&[
+            "--address",
+            "10.10.2.0:13800",
+            "--view",
+            "10.10.2.0:1380010.10.3.0:13800",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            missing_comma,
+            "--view/VIEW: View entry '10.10.2.0:1380010.10.3.0:13800' is not ip:port; \
+             expected comma-separated ip:port entries, e.g. VIEW=10.10.0.4:13800,10.10.0.5:13800"
+        );
         assert!(matches!(
             parse(&["--forward-timeout", "0"]),
             Err(ConfigError::BadDuration(_))

@@ -2,7 +2,7 @@
 //! key requests to their owner, relay a forwarding instance's requests, and carry the
 //! view-change protocol.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -81,6 +81,9 @@ pub struct Peers {
     own_address: String,
     vnodes: u32,
     timeout: Duration,
+    /// How long a control call keeps retrying a peer whose connection fails (a node that is
+    /// starting refuses connections for a moment).
+    connect_window: Duration,
     forward_slots: Semaphore,
     /// The cluster token, sent on every internal request.
     token: Option<reqwest::header::HeaderValue>,
@@ -107,7 +110,13 @@ fn view_header(view: &View) -> String {
 }
 
 impl Peers {
-    pub fn new(own_address: &str, vnodes: u32, timeout: Duration, max_forwards: usize) -> Self {
+    pub fn new(
+        own_address: &str,
+        vnodes: u32,
+        timeout: Duration,
+        connect_window: Duration,
+        max_forwards: usize,
+    ) -> Self {
         let client = reqwest::Client::builder()
             .tcp_nodelay(true)
             .connect_timeout(timeout)
@@ -136,6 +145,7 @@ impl Peers {
             own_address: own_address.to_string(),
             vnodes,
             timeout,
+            connect_window,
             forward_slots: Semaphore::new(max_forwards),
             token: None,
         }
@@ -287,7 +297,21 @@ impl Peers {
                 .header("content-type", "application/json")
                 .body(json);
         }
-        self.finish(peer, request).await
+        self.finish(peer, request, self.connect_window).await
+    }
+
+    /// Like [`Peers::call`], but a peer that refuses the connection is unreachable at once:
+    /// for status probes, which must show a node that is down as down, fast.
+    pub async fn ask<Resp: DeserializeOwned>(
+        &self,
+        peer: &str,
+        path: &str,
+        view: &View,
+    ) -> Result<Resp, PeerError> {
+        let request = self
+            .internal(Method::GET, format!("http://{peer}{path}"), view)
+            .timeout(self.timeout);
+        self.finish(peer, request, Duration::ZERO).await
     }
 
     /// Posts a binary batch of entries to `peer`'s staging area.
@@ -302,7 +326,7 @@ impl Peers {
             .internal(Method::POST, format!("http://{peer}/internal/stage"), view)
             .timeout(timeout)
             .body(batch);
-        self.finish::<serde_json::Value>(peer, request)
+        self.finish::<serde_json::Value>(peer, request, self.connect_window)
             .await
             .map(|_| ())
     }
@@ -311,17 +335,38 @@ impl Peers {
         &self,
         peer: &str,
         request: reqwest::RequestBuilder,
+        window: Duration,
     ) -> Result<Resp, PeerError> {
         let unreachable = || PeerError::Unreachable(peer.to_string());
-        // Every control message is idempotent, so one that failed on a dead pooled
-        // connection (not a refused connection, not a timeout) is sent once more.
-        let retry = request.try_clone();
-        let response = match (request.send().await, retry) {
-            (Ok(response), _) => response,
-            (Err(error), Some(retry)) if !error.is_connect() && !error.is_timeout() => {
-                retry.send().await.map_err(|_| unreachable())?
+        // Every control message is idempotent, so one whose connection failed is sent again:
+        // at once when a pooled connection turned out dead, with backoff when the peer
+        // refused (a node that is starting is not listening yet), for up to the connect
+        // window (a dead pooled connection is retried once even with no window). A timeout is
+        // not retried: the peer had its chance.
+        let started = Instant::now();
+        let mut pause = Duration::from_millis(20);
+        let mut retried = false;
+        let mut request = request;
+        let response = loop {
+            let retry = request.try_clone();
+            let error = match request.send().await {
+                Ok(response) => break response,
+                Err(error) => error,
+            };
+            let Some(retry) = retry.filter(|_| !error.is_timeout()) else {
+                return Err(unreachable());
+            };
+            let remaining = window.saturating_sub(started.elapsed());
+            if remaining.is_zero() && (error.is_connect() || retried) {
+                tracing::debug!(peer, %error, "no answer within the connect window");
+                return Err(unreachable());
             }
-            (Err(_), _) => return Err(unreachable()),
+            if error.is_connect() || retried {
+                tokio::time::sleep(pause.min(remaining)).await;
+                pause = (pause * 2).min(Duration::from_millis(500));
+            }
+            retried = true;
+            request = retry;
         };
         let status = response.status();
         let body = response.bytes().await.map_err(|_| unreachable())?;

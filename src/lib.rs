@@ -10,6 +10,7 @@ pub mod auth;
 pub mod config;
 pub mod fault;
 pub mod forward;
+pub mod join;
 pub mod metrics;
 pub mod migrate;
 pub mod mux;

@@ -2,7 +2,7 @@
 //! executed: locally when this node owns the key, otherwise by forwarding it to the owner.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
@@ -34,6 +34,24 @@ pub enum KvError {
     Refused(PeerError),
     #[error("no stable owner after {MAX_ROUTES} re-routes")]
     NoStableOwner,
+    #[error("the view in force is not known yet ({0:?})")]
+    ViewNotSettled(Standing),
+}
+
+/// Whether this node knows which view is in force, and so may route keys.
+///
+/// A node's `VIEW` is what it was told at start, not necessarily what its peers hold: until
+/// the other members confirm it (see [`crate::join`]), key requests wait, bounded by the
+/// forwarding timeout, and then get 503 rather than an answer from a ring nobody else holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Standing {
+    /// Asking the other members of the start view which view they hold.
+    Confirming,
+    /// The view this node routes by is the one its members hold.
+    InForce,
+    /// The members hold views that contradict each other; no view can be told to be in force.
+    Disputed,
 }
 
 /// An answer served by `address` (`None` when this node served it).
@@ -41,6 +59,15 @@ pub enum KvError {
 pub struct Served {
     pub outcome: KvOutcome,
     pub address: Option<Arc<str>>,
+}
+
+/// Why an owner did not serve a forwarded key request.
+#[derive(Debug)]
+pub enum NotServed {
+    /// It does not own the key under its view (which it sends back).
+    Misdirected(Misdirected),
+    /// It does not know the view in force yet.
+    Unsettled,
 }
 
 /// One attempt to execute a key operation on this node.
@@ -77,15 +104,28 @@ pub struct Node {
     pub last_change: Mutex<Option<ChangeReport>>,
     /// Key requests waiting right now for a range being handed over.
     pub waiting_for_handover: AtomicUsize,
+    /// Whether the view is known to be in force; written only under the `state` lock.
+    standing: watch::Sender<Standing>,
+    /// `standing == InForce`, read on every key request without touching the watch.
+    in_force: AtomicBool,
 }
 
 impl Node {
     pub fn new(config: Config) -> Result<Arc<Node>, RingError> {
         let view = View::new(0, config.view.clone(), config.vnodes)?;
+        // Alone in its view (or a forwarding instance, which routes nothing) a node has
+        // nobody to confirm its view with.
+        let alone = view.members.iter().all(|m| *m == config.address);
+        let standing = if alone || config.forwarding_address.is_some() {
+            Standing::InForce
+        } else {
+            Standing::Confirming
+        };
         let peers = Peers::new(
             &config.address,
             config.vnodes,
             config.forward_timeout,
+            config.connect_window,
             config.max_forwards,
         )
         .with_token(config.cluster_token.as_ref());
@@ -104,6 +144,8 @@ impl Node {
             outcomes: Mutex::new(VecDeque::new()),
             last_change: Mutex::new(None),
             waiting_for_handover: AtomicUsize::new(0),
+            in_force: AtomicBool::new(standing == Standing::InForce),
+            standing: watch::Sender::new(standing),
             config,
         }))
     }
@@ -116,6 +158,74 @@ impl Node {
     /// The change this node has prepared and not yet committed or aborted.
     pub fn migration(&self) -> Option<Arc<Migration>> {
         self.state.read().migration.clone()
+    }
+
+    /// Whether this node knows that the view it routes by is in force.
+    pub fn standing(&self) -> Standing {
+        *self.standing.borrow()
+    }
+
+    /// Sets the standing; the caller holds the `state` write lock, so a view switch and the
+    /// standing it implies are seen together.
+    fn set_standing(&self, standing: Standing) {
+        self.in_force
+            .store(standing == Standing::InForce, Ordering::Release);
+        self.standing.send_if_modified(|current| {
+            let changed = *current != standing;
+            *current = standing;
+            changed
+        });
+    }
+
+    /// Waits (bounded by the forwarding timeout) until the view in force is known.
+    async fn wait_until_in_force(&self) -> Result<(), KvError> {
+        if self.in_force.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let mut standing = self.standing.subscribe();
+        let settled = tokio::time::timeout(
+            self.peers.timeout(),
+            standing.wait_for(|s| *s == Standing::InForce),
+        )
+        .await;
+        match settled {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(KvError::ViewNotSettled(self.standing())),
+        }
+    }
+
+    /// The start-up settlement's verdict (see [`crate::join`]): routes by `members` (at the
+    /// same epoch) from now on, with `standing`. Refused, returning false, when the view is
+    /// no longer `seen` (a view change or a newer view came first) or a change is prepared.
+    pub(crate) fn settle(
+        &self,
+        seen: &Arc<View>,
+        members: Option<Vec<String>>,
+        standing: Standing,
+    ) -> bool {
+        let mut state = self.state.write();
+        if !Arc::ptr_eq(&state.view, seen) || state.migration.is_some() {
+            return false;
+        }
+        if let Some(members) = members.filter(|m| crate::view::view_id(m) != seen.id) {
+            match View::new(seen.epoch, members, self.config.vnodes) {
+                Ok(view) => {
+                    tracing::info!(
+                        epoch = view.epoch,
+                        view = %view.members_text(),
+                        member = view.members.iter().any(|m| *m == *self.address),
+                        "routing by the view the members hold"
+                    );
+                    state.view = view;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "refusing an invalid view from a peer");
+                    return false;
+                }
+            }
+        }
+        self.set_standing(standing);
+        true
     }
 
     pub fn node_state(&self) -> NodeState {
@@ -190,6 +300,7 @@ impl Node {
 
     /// Serves a client's key request from wherever the key lives.
     pub async fn serve_kv(self: &Arc<Self>, key: &str, op: KvOp) -> Result<Served, KvError> {
+        self.wait_until_in_force().await?;
         let hash = key_hash(key.as_bytes());
         for _ in 0..MAX_ROUTES {
             let view = match self.try_local(key, hash, &op) {
@@ -226,34 +337,35 @@ impl Node {
     }
 
     /// Serves a key request forwarded by `sender`, which routed it with view `epoch`.
-    /// Never forwards again: answers with this node's newer view when it is not the owner.
+    /// Never forwards again: answers with this node's newer view when it is not the owner,
+    /// and refuses while it does not know the view in force.
     pub async fn serve_forwarded(
         self: &Arc<Self>,
         key: &str,
         op: KvOp,
         epoch: u64,
         sender: &str,
-    ) -> Result<KvOutcome, Misdirected> {
+    ) -> Result<KvOutcome, NotServed> {
         self.learn(epoch, None, sender).await;
+        self.wait_until_in_force()
+            .await
+            .map_err(|_| NotServed::Unsettled)?;
         let hash = key_hash(key.as_bytes());
+        let misdirected = |view: &View| {
+            NotServed::Misdirected(Misdirected {
+                epoch: view.epoch,
+                view: view.members.clone(),
+            })
+        };
         loop {
             match self.try_local(key, hash, &op) {
                 Local::Done(outcome) => return Ok(outcome),
                 Local::Wait(ended) => {
                     if self.wait_for_release(ended).await.is_err() {
-                        let view = self.view();
-                        return Err(Misdirected {
-                            epoch: view.epoch,
-                            view: view.members.clone(),
-                        });
+                        return Err(misdirected(&self.view()));
                     }
                 }
-                Local::NotOwner(view) => {
-                    return Err(Misdirected {
-                        epoch: view.epoch,
-                        view: view.members.clone(),
-                    })
-                }
+                Local::NotOwner(view) => return Err(misdirected(&view)),
             }
         }
     }
@@ -328,6 +440,7 @@ impl Node {
         }
         tracing::info!(epoch, view = %view.members_text(), "adopted a newer view");
         state.view = view;
+        self.set_standing(Standing::InForce);
     }
 
     /// Installs a prepared change.
@@ -349,6 +462,7 @@ impl Node {
             Some(current) if Arc::ptr_eq(current, migration) => {
                 state.view = migration.view.clone();
                 state.migration = None;
+                self.set_standing(Standing::InForce);
                 true
             }
             _ => false,

@@ -19,7 +19,7 @@ use tokio::sync::{watch, Semaphore};
 
 use crate::api;
 use crate::mux;
-use crate::node::Node;
+use crate::node::{Node, Standing};
 use crate::parse_errors::JsonParseErrors;
 
 /// How long in-flight requests get to finish after a shutdown signal.
@@ -32,6 +32,9 @@ pub async fn bind(node: &Node) -> std::io::Result<TcpListener> {
 
 /// Serves `node` on `listener` until `shutdown` resolves.
 pub async fn serve(node: Arc<Node>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
+    if node.standing() != Standing::InForce {
+        tokio::spawn(crate::join::settle(node.clone()));
+    }
     let service = warp::service(api::routes(node.clone()));
     let connections = Arc::new(Semaphore::new(node.config.max_connections));
     let graceful = GracefulShutdown::new();

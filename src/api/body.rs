@@ -69,7 +69,9 @@ struct PutBody<'a> {
     value: Option<&'a RawValue>,
 }
 
-/// The raw JSON text of the body's `value`, sharing the body's buffer.
+/// The raw JSON text of the body's `value`, copied into an allocation of its own size: a
+/// stored value must not keep the request's whole read buffer alive (hyper reads a
+/// connection in blocks of up to hundreds of KiB, and a slice would pin the block).
 pub fn put_value(body: &Bytes) -> Result<Bytes, ApiError> {
     let invalid = || ApiError::InvalidJson("PUT".into());
     let starts_as_object = body
@@ -81,7 +83,7 @@ pub fn put_value(body: &Bytes) -> Result<Bytes, ApiError> {
     }
     let parsed: PutBody = serde_json::from_slice(body).map_err(|_| invalid())?;
     match parsed.value {
-        Some(raw) if raw.get() != "null" => Ok(body.slice_ref(raw.get().as_bytes())),
+        Some(raw) if raw.get() != "null" => Ok(Bytes::copy_from_slice(raw.get().as_bytes())),
         _ => Err(ApiError::ValueMissing),
     }
 }

@@ -5,13 +5,12 @@
 use std::sync::Arc;
 
 use futures_util::future::join_all;
-use reqwest::Method;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use warp::http::StatusCode;
 
 use super::reply::Reply;
-use crate::node::Node;
+use crate::node::{Node, Standing};
 use crate::wire::{ChangeReport, NodeState};
 
 /// One node of the view, as `GET /cluster/status` reports it.
@@ -51,6 +50,10 @@ pub struct ClusterStatus {
     pub epoch: u64,
     pub view: Vec<String>,
     pub vnodes: u32,
+    /// Whether the answering node knows its view to be in force (`confirming` while it asks
+    /// the members at start, `disputed` when they contradict each other).
+    #[serde(default)]
+    pub standing: Option<Standing>,
     /// One entry per node of the view, in view order.
     pub nodes: Vec<NodeStatus>,
     /// Keys stored on the reachable nodes.
@@ -84,14 +87,7 @@ async fn probe(node: &Arc<Node>, peer: &str) -> Result<NodeState, String> {
         return Ok(node.node_state());
     }
     node.peers
-        .call::<(), NodeState>(
-            peer,
-            Method::GET,
-            "/internal/state",
-            None,
-            &node.view(),
-            node.peers.timeout(),
-        )
+        .ask::<NodeState>(peer, "/internal/state", &node.view())
         .await
         .map_err(|error| error.to_string())
 }
@@ -144,6 +140,7 @@ pub async fn cluster_status(node: &Arc<Node>) -> ClusterStatus {
         epoch: view.epoch,
         view: view.members.clone(),
         vnodes: node.config.vnodes,
+        standing: Some(node.standing()),
         key_count: nodes.iter().filter_map(|n| n.key_count).sum(),
         reachable: nodes.iter().filter(|n| n.reachable).count(),
         nodes,

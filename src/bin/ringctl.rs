@@ -14,6 +14,7 @@ use reqwest::{Method, StatusCode};
 use serde_json::Value;
 
 use ringkv::api::ops::ClusterStatus;
+use ringkv::node::Standing;
 use ringkv::ring::DEFAULT_VNODES;
 use ringkv::view::parse_members;
 use ringkv::viz::{self, VizError};
@@ -241,6 +242,12 @@ fn status_table(status: &ClusterStatus) -> String {
         status.vnodes,
         status.address
     );
+    if let Some(standing) = status.standing.filter(|s| *s != Standing::InForce) {
+        out += &format!(
+            "{} does not know the view in force yet ({standing:?}): key requests wait or get 503\n\n",
+            status.address
+        );
+    }
     let width = status
         .nodes
         .iter()

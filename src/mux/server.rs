@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt;
 use parking_lot::Mutex;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -25,7 +25,7 @@ use super::{
 };
 use crate::forward::{KvOp, KvOutcome};
 use crate::metrics::{self, RouteLabel};
-use crate::node::Node;
+use crate::node::{Node, NotServed};
 
 /// Answers waiting to be written, shared by the reader and the requests that wait.
 struct Outbox {
@@ -191,9 +191,13 @@ fn serve_request(node: &Arc<Node>, outbox: &Arc<Outbox>, from: &Arc<str>, reques
     let mut served = Box::pin(async move {
         let answer = match node.serve_forwarded(&key, op, epoch, &from).await {
             Ok(outcome) => Answer::Served(outcome),
-            Err(misdirected) => {
+            Err(NotServed::Misdirected(misdirected)) => {
                 Answer::Misdirected(serde_json::to_vec(&misdirected).unwrap_or_default().into())
             }
+            Err(NotServed::Unsettled) => Answer::Failed {
+                status: StatusCode::SERVICE_UNAVAILABLE.as_u16(),
+                body: Bytes::from_static(br#"{"error":"the view in force is not known yet"}"#),
+            },
         };
         let status = match &answer {
             Answer::Served(KvOutcome::Added) => StatusCode::CREATED,

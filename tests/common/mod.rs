@@ -42,6 +42,14 @@ pub struct TestNode {
 impl TestNode {
     /// Starts a node at `address` with `view` and extra flags, and waits until it serves.
     pub fn start(address: &str, view: &[String], extra: &[&str]) -> TestNode {
+        let node = TestNode::spawn(address, view, extra);
+        node.wait_until_serving();
+        node
+    }
+
+    /// Starts a node at `address` with `view` and extra flags, and returns at once: the
+    /// process may not be listening yet.
+    pub fn spawn(address: &str, view: &[String], extra: &[&str]) -> TestNode {
         let (ip, port) = address.rsplit_once(':').unwrap();
         let log = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
             .join(format!("node-{}.log", address.replace([':', '.'], "_")));
@@ -62,13 +70,11 @@ impl TestNode {
             command.args(["--view", &view.join(",")]);
         }
         let child = command.spawn().expect("ringkv starts");
-        let node = TestNode {
+        TestNode {
             address: address.to_string(),
             child: Some(child),
             log,
-        };
-        node.wait_until_serving();
-        node
+        }
     }
 
     fn wait_until_serving(&self) {
@@ -129,6 +135,18 @@ impl TestNode {
             std::thread::sleep(Duration::from_millis(20));
         }
         None
+    }
+
+    /// The process's resident set size, in bytes (from /proc).
+    pub fn rss_bytes(&self) -> u64 {
+        let child = self.child.as_ref().expect("the node is running");
+        let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+        let kib: u64 = status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS in /proc/<pid>/status");
+        kib * 1024
     }
 
     /// Whether the node's log so far contains `text`.
