@@ -154,7 +154,9 @@ fn main() {
         for key in &keys {
             let owner = ring.owner(key.as_bytes());
             let node = nodes.iter().find(|n| n.address == *owner).unwrap();
-            node.store.put(key_hash(key.as_bytes()), key, value.clone());
+            node.store
+                .put(key_hash(key.as_bytes()), key, value.clone())
+                .expect("the memory engine does not fail");
         }
 
         let steps = vec![

@@ -1,10 +1,14 @@
-//! The cluster token: a shared secret that every node-to-node (`/internal/`) request must
-//! carry when the cluster runs with one, compared in constant time. The course endpoints,
-//! `/metrics` and `/cluster/status` never ask for it.
+//! The cluster token: a shared secret that every node of a cluster holds when it runs with
+//! one. Nodes prove they hold it without sending it: each side of an RPC connection answers
+//! the other's random nonce with an HMAC-SHA256 of the nonce and both identities under the
+//! token (see [`crate::rpc`]). The test-only `/internal/fault` endpoint takes it as a header,
+//! compared in constant time. The course endpoints, `/metrics` and `/cluster/status` never
+//! ask for it.
 
 use std::fmt;
 use std::sync::Arc;
 
+use hmac::Mac;
 use warp::http::HeaderValue;
 
 /// The request header that carries the token.
@@ -53,10 +57,59 @@ impl ClusterToken {
         &self.0
     }
 
+    fn mac(&self, role: &str, nonce: &str, speaker: &str, listener: &str) -> HmacSha256 {
+        let mut mac =
+            HmacSha256::new_from_slice(self.0.as_bytes()).expect("HMAC takes a key of any length");
+        for part in ["ringkv-rpc-v1", role, nonce, speaker, listener] {
+            mac.update(&(part.len() as u32).to_le_bytes());
+            mac.update(part.as_bytes());
+        }
+        mac
+    }
+
+    /// Proof that `speaker`, talking to `listener` as `role` ("server" or "client"), holds
+    /// this token: the HMAC of the listener's `nonce`, in hex.
+    pub fn prove(&self, role: &str, nonce: &str, speaker: &str, listener: &str) -> String {
+        let tag = self
+            .mac(role, nonce, speaker, listener)
+            .finalize()
+            .into_bytes();
+        tag.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Whether `proof` is [`ClusterToken::prove`] of the same arguments (constant time).
+    pub fn verify(
+        &self,
+        proof: &str,
+        role: &str,
+        nonce: &str,
+        speaker: &str,
+        listener: &str,
+    ) -> bool {
+        let Some(tag) = from_hex(proof) else {
+            return false;
+        };
+        self.mac(role, nonce, speaker, listener)
+            .verify_slice(&tag)
+            .is_ok()
+    }
+
     /// Whether `offered` (the header's bytes, if any) is this token, in constant time.
     pub fn accepts(&self, offered: Option<&[u8]>) -> bool {
         constant_time_eq(self.0.as_bytes(), offered.unwrap_or_default())
     }
+}
+
+type HmacSha256 = hmac::Hmac<sha2::Sha256>;
+
+fn from_hex(text: &str) -> Option<Vec<u8>> {
+    if text.len() % 2 != 0 {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
 }
 
 /// Compares two byte strings in time that depends only on their lengths, never on where
@@ -94,5 +147,21 @@ mod tests {
         assert!(!token.accepts(Some(b"s3cre")));
         assert!(!token.accepts(None));
         assert!(token.header_value().is_sensitive());
+    }
+
+    #[test]
+    fn proofs_bind_the_token_the_nonce_the_role_and_both_identities() {
+        let token = ClusterToken::new("s3cret").unwrap();
+        let proof = token.prove("server", "00ff", "10.0.0.1:1", "10.0.0.2:1");
+        assert!(token.verify(&proof, "server", "00ff", "10.0.0.1:1", "10.0.0.2:1"));
+        assert!(!proof.contains("s3cret"));
+        assert!(!token.verify(&proof, "client", "00ff", "10.0.0.1:1", "10.0.0.2:1"));
+        assert!(!token.verify(&proof, "server", "00fe", "10.0.0.1:1", "10.0.0.2:1"));
+        assert!(!token.verify(&proof, "server", "00ff", "10.0.0.3:1", "10.0.0.2:1"));
+        assert!(!token.verify(&proof, "server", "00ff", "10.0.0.1:1", "10.0.0.3:1"));
+        let other = ClusterToken::new("guess").unwrap();
+        assert!(!other.verify(&proof, "server", "00ff", "10.0.0.1:1", "10.0.0.2:1"));
+        assert!(!token.verify("zz", "server", "00ff", "10.0.0.1:1", "10.0.0.2:1"));
+        assert!(!token.verify("", "server", "00ff", "10.0.0.1:1", "10.0.0.2:1"));
     }
 }

@@ -81,7 +81,9 @@ pub struct Args {
     /// every node of a cluster. Unset: internal endpoints are open.
     #[arg(long, env = "CLUSTER_TOKEN", hide_env_values = true)]
     pub cluster_token: Option<String>,
-    /// Enable the test-only fault hooks under /internal/fault (never in production).
+    /// Enable the test-only fault hooks under /internal/fault (builds with the
+    /// `fault-hooks` feature only; never in production).
+    #[cfg(feature = "fault-hooks")]
     #[arg(long, hide = true, env = "RINGKV_FAULT_HOOKS")]
     pub fault_hooks: bool,
 }
@@ -119,8 +121,19 @@ fn seconds(value: f64, flag: &'static str) -> Result<Duration, ConfigError> {
         .ok_or(ConfigError::BadDuration(flag))
 }
 
+#[cfg(feature = "fault-hooks")]
+fn fault_hooks(args: &Args) -> bool {
+    args.fault_hooks
+}
+
+#[cfg(not(feature = "fault-hooks"))]
+fn fault_hooks(_args: &Args) -> bool {
+    false
+}
+
 impl Config {
     pub fn from_args(args: Args) -> Result<Config, ConfigError> {
+        let fault_hooks = fault_hooks(&args);
         let listen = SocketAddr::new(args.ip, args.port);
         let explicit_address = non_empty(args.address);
         let given = explicit_address
@@ -155,7 +168,7 @@ impl Config {
             body_read_timeout: seconds(args.body_read_timeout, "body-read-timeout")?,
             phase_timeout: seconds(args.phase_timeout, "phase-timeout")?,
             connect_window: seconds(args.connect_window, "connect-window")?,
-            fault_hooks: args.fault_hooks,
+            fault_hooks,
             cluster_token: non_empty(args.cluster_token)
                 .map(|token| ClusterToken::new(&token))
                 .transpose()

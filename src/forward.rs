@@ -17,34 +17,11 @@ use crate::mux::client::{MuxClient, MuxError};
 use crate::mux::{Answer, Hello};
 
 use crate::auth::{ClusterToken, TOKEN_HEADER};
+use crate::kv::{KvOp, KvOutcome};
 use crate::view::View;
 use crate::wire::{
     Misdirected, PeerFailure, EPOCH_HEADER, FROM_HEADER, VIEW_HEADER, VNODES_HEADER,
 };
-
-/// A key operation, as executed by the key's owner.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum KvOp {
-    Get,
-    Put(Bytes),
-    Delete,
-}
-
-impl KvOp {
-    pub fn is_write(&self) -> bool {
-        !matches!(self, KvOp::Get)
-    }
-}
-
-/// What the owner did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum KvOutcome {
-    Found(Bytes),
-    Absent,
-    Added,
-    Replaced,
-    Deleted,
-}
 
 /// The owner's answer to a forwarded key request.
 #[derive(Debug)]

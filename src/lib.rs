@@ -11,6 +11,7 @@ pub mod config;
 pub mod fault;
 pub mod forward;
 pub mod join;
+pub mod kv;
 pub mod metrics;
 pub mod migrate;
 pub mod mux;

@@ -51,7 +51,14 @@ async fn main() -> std::process::ExitCode {
         forwarding = node.config.forwarding_address.as_deref().unwrap_or("-"),
         "ringkv node started"
     );
-    server::serve(node, listener, server::shutdown_signal()).await;
+    let crashed = node.clone();
+    tokio::select! {
+        _ = server::serve(node, listener, server::shutdown_signal()) => {}
+        _ = crashed.faults.crashed() => {
+            // A test's fault hook: end now, as a crash would, with nothing flushed.
+            std::process::exit(17);
+        }
+    }
     tracing::info!("stopped");
     std::process::ExitCode::SUCCESS
 }

@@ -15,7 +15,7 @@ use prometheus::{
 };
 use warp::http::{Method, StatusCode};
 
-use crate::node::Node;
+use crate::wire::{ChangeReport, NodeState};
 
 /// The `Content-Type` of the text exposition format.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -243,15 +243,25 @@ pub fn received(keys: usize, bytes: usize) {
     });
 }
 
-/// The gauges that describe `node` right now.
-fn node_gauges(node: &Node) -> prometheus::Result<Registry> {
+/// What a node is right now, as the metrics report it: a snapshot the node takes, so this
+/// module depends on no node type.
+#[derive(Debug, Clone)]
+pub struct NodeGauges {
+    pub state: NodeState,
+    pub value_bytes: usize,
+    pub waiting_for_handover: usize,
+    pub last_change: Option<ChangeReport>,
+}
+
+/// The gauges that describe a node right now.
+fn node_gauges(node: &NodeGauges) -> prometheus::Result<Registry> {
     let registry = Registry::new();
     let int_gauge = |name: &str, help: &str, value: i64| -> prometheus::Result<()> {
         let gauge = IntGauge::new(name, help)?;
         gauge.set(value);
         registry.register(Box::new(gauge))
     };
-    let state = node.node_state();
+    let state = &node.state;
     int_gauge(
         "ringkv_keys",
         "Keys stored on this node.",
@@ -260,7 +270,7 @@ fn node_gauges(node: &Node) -> prometheus::Result<Registry> {
     int_gauge(
         "ringkv_value_bytes",
         "Bytes of values stored on this node.",
-        node.store.value_bytes() as i64,
+        node.value_bytes as i64,
     )?;
     int_gauge(
         "ringkv_epoch",
@@ -280,8 +290,7 @@ fn node_gauges(node: &Node) -> prometheus::Result<Registry> {
     int_gauge(
         "ringkv_requests_waiting_for_handover",
         "Key requests waiting for a range this node is handing over to commit.",
-        node.waiting_for_handover
-            .load(std::sync::atomic::Ordering::Relaxed) as i64,
+        node.waiting_for_handover as i64,
     )?;
     let info = IntGaugeVec::new(
         Opts::new("ringkv_node_info", "Always 1; labels describe the node."),
@@ -294,7 +303,7 @@ fn node_gauges(node: &Node) -> prometheus::Result<Registry> {
     ])
     .set(1);
     registry.register(Box::new(info))?;
-    if let Some(report) = node.last_change.lock().clone() {
+    if let Some(report) = &node.last_change {
         let seconds = Gauge::new(
             "ringkv_last_view_change_seconds",
             "Duration of the last view change this node coordinated.",
@@ -319,8 +328,8 @@ pub enum RenderError {
     Prometheus(#[from] prometheus::Error),
 }
 
-/// Every metric of this process and of `node`, in the Prometheus text format.
-pub fn render(node: &Node) -> Result<String, RenderError> {
+/// Every metric of this process and of the node it describes, in the Prometheus text format.
+pub fn render(node: &NodeGauges) -> Result<String, RenderError> {
     let metrics = METRICS.as_ref().ok_or(RenderError::Disabled)?;
     let mut families = metrics.registry.gather();
     families.extend(node_gauges(node)?.gather());

@@ -11,10 +11,11 @@ use tokio::sync::watch;
 
 use crate::config::Config;
 use crate::fault::Faults;
-use crate::forward::{ForwardReply, KvOp, KvOutcome, PeerError, Peers};
+use crate::forward::{ForwardReply, PeerError, Peers};
+use crate::kv::{KvOp, KvOutcome};
 use crate::migrate::Migration;
 use crate::ring::{key_hash, RingError};
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 use crate::view::View;
 use crate::wire::{ChangeReport, Misdirected, NodeState, Outcome};
 
@@ -36,6 +37,8 @@ pub enum KvError {
     NoStableOwner,
     #[error("the view in force is not known yet ({0:?})")]
     ViewNotSettled(Standing),
+    #[error(transparent)]
+    Storage(#[from] StoreError),
 }
 
 /// Whether this node knows which view is in force, and so may route keys.
@@ -68,6 +71,8 @@ pub enum NotServed {
     Misdirected(Misdirected),
     /// It does not know the view in force yet.
     Unsettled,
+    /// Its store failed.
+    Failed(StoreError),
 }
 
 /// One attempt to execute a key operation on this node.
@@ -77,6 +82,8 @@ pub enum Local {
     NotOwner(Arc<View>),
     /// The key's range is being handed over; retry once the change ends.
     Wait(watch::Receiver<bool>),
+    /// The store could not do it.
+    Failed(StoreError),
 }
 
 struct State {
@@ -131,7 +138,7 @@ impl Node {
         .with_token(config.cluster_token.as_ref());
         Ok(Arc::new(Node {
             address: Arc::from(config.address.as_str()),
-            store: Store::new(),
+            store: crate::store::memory(),
             peers,
             faults: Faults::new(config.fault_hooks),
             state: RwLock::new(State {
@@ -228,6 +235,16 @@ impl Node {
         true
     }
 
+    /// A snapshot of what the metrics report about this node.
+    pub fn gauges(&self) -> crate::metrics::NodeGauges {
+        crate::metrics::NodeGauges {
+            state: self.node_state(),
+            value_bytes: self.store.value_bytes(),
+            waiting_for_handover: self.waiting_for_handover.load(Ordering::Relaxed),
+            last_change: self.last_change.lock().clone(),
+        }
+    }
+
     pub fn node_state(&self) -> NodeState {
         let state = self.state.read();
         NodeState {
@@ -259,26 +276,33 @@ impl Node {
                 }
             }
         }
-        Local::Done(match op {
-            KvOp::Get => match self.store.get(hash, key) {
+        let done = match op {
+            KvOp::Get => self.store.get(hash, key).map(|found| match found {
                 Some(value) => KvOutcome::Found(value),
                 None => KvOutcome::Absent,
-            },
-            KvOp::Put(value) => {
-                if self.store.put(hash, key, value.clone()) {
+            }),
+            KvOp::Put(value) => self.store.put(hash, key, value.clone()).map(|replaced| {
+                if replaced {
                     KvOutcome::Replaced
                 } else {
                     KvOutcome::Added
                 }
-            }
-            KvOp::Delete => {
-                if self.store.delete(hash, key) {
+            }),
+            KvOp::Delete => self.store.delete(hash, key).map(|deleted| {
+                if deleted {
                     KvOutcome::Deleted
                 } else {
                     KvOutcome::Absent
                 }
+            }),
+        };
+        match done {
+            Ok(outcome) => Local::Done(outcome),
+            Err(error) => {
+                tracing::error!(%error, key, "the store failed");
+                Local::Failed(error)
             }
-        })
+        }
     }
 
     /// Waits (bounded by the forwarding timeout) for a frozen range to be released.
@@ -314,6 +338,7 @@ impl Node {
                     self.wait_for_release(ended).await?;
                     continue;
                 }
+                Local::Failed(error) => return Err(error.into()),
                 Local::NotOwner(view) => view,
             };
             let owner = view.ring.owner_of_hash(hash).clone();
@@ -366,6 +391,7 @@ impl Node {
                     }
                 }
                 Local::NotOwner(view) => return Err(misdirected(&view)),
+                Local::Failed(error) => return Err(NotServed::Failed(error)),
             }
         }
     }

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use common::{Client, TestNode};
-use ringkv::forward::{KvOp, KvOutcome};
+use ringkv::kv::{KvOp, KvOutcome};
 use ringkv::mux::{
     decode_answer, encode_json, encode_request, next_frame, Answer, Hello, HelloAnswer, MAGIC,
 };

@@ -11,13 +11,10 @@ use warp::http::{Method, StatusCode};
 
 use super::body::{put_value, read_limited, BodyError};
 use super::reply::{kv_reply, view_change_reply, ApiError, KvMethod, Reply};
-use crate::forward::KvOp;
+use crate::kv::{self, KvOp};
 use crate::migrate::{coordinator, ChangeError};
 use crate::node::Node;
 use crate::view::{parse_members, ViewError};
-
-/// Keys longer than this many characters are refused (PUT) or cannot exist (GET, DELETE).
-pub const MAX_KEY_CHARS: usize = 50;
 
 fn method_name(method: KvMethod) -> String {
     match method {
@@ -61,7 +58,7 @@ where
         .decode_utf8()
         .map_err(|_| ApiError::InvalidKey(method_name(method)))?;
     let body = read_body(node, body, &method_name(method)).await?;
-    let too_long = key.chars().count() > MAX_KEY_CHARS;
+    let too_long = !kv::key_fits(&key);
     let op = match method {
         KvMethod::Put => {
             let value = put_value(&body)?;

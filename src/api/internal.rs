@@ -13,7 +13,6 @@ use warp::http::{HeaderMap, Method, StatusCode};
 use super::body::read_limited;
 use super::reply::Reply;
 use crate::auth::TOKEN_HEADER;
-use crate::fault::FaultSettings;
 use crate::migrate::{self, ChangeError};
 use crate::node::Node;
 use crate::wire::{decode_batch, ChangeRef, PeerFailure, Prepare, FROM_HEADER, VNODES_HEADER};
@@ -37,7 +36,7 @@ fn change_failure(error: ChangeError) -> Reply {
         ChangeError::InProgress => StatusCode::CONFLICT,
         ChangeError::BadView(_) => StatusCode::BAD_REQUEST,
         ChangeError::StaleEpoch { .. } | ChangeError::UnknownChange(_) => StatusCode::GONE,
-        ChangeError::Unreachable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        ChangeError::Unreachable(_) | ChangeError::Storage(_) => StatusCode::SERVICE_UNAVAILABLE,
     };
     let unreachable = match &error {
         ChangeError::Unreachable(peers) => peers.clone(),
@@ -131,14 +130,18 @@ where
                 Err(reply) => Err(reply),
             }
         }
+        #[cfg(feature = "fault-hooks")]
         ("GET", "fault") => Ok(ok(&node.faults.status())),
-        ("PUT", "fault") if node.faults.enabled() => match json_body::<FaultSettings>(&body) {
-            Ok(settings) => {
-                node.faults.set(settings);
-                Ok(ok(&node.faults.status()))
+        #[cfg(feature = "fault-hooks")]
+        ("PUT", "fault") if node.faults.enabled() => {
+            match json_body::<crate::fault::FaultSettings>(&body) {
+                Ok(settings) => {
+                    node.faults.set(settings);
+                    Ok(ok(&node.faults.status()))
+                }
+                Err(reply) => Err(reply),
             }
-            Err(reply) => Err(reply),
-        },
+        }
         _ => Err(failure(StatusCode::NOT_FOUND, "Not found")),
     };
     result.unwrap_or_else(|reply| reply)

@@ -69,7 +69,7 @@ pub struct ClusterStatus {
 
 /// `GET /metrics`.
 pub fn metrics(node: &Node) -> Reply {
-    match crate::metrics::render(node) {
+    match crate::metrics::render(&node.gauges()) {
         Ok(text) => Reply::text(StatusCode::OK, crate::metrics::CONTENT_TYPE, text),
         Err(error) => {
             tracing::warn!(%error, "cannot render metrics");

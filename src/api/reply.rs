@@ -5,7 +5,7 @@ use bytes::Bytes;
 use serde_json::json;
 use warp::http::{header, HeaderValue, StatusCode};
 
-use crate::forward::KvOutcome;
+use crate::kv::KvOutcome;
 use crate::migrate::coordinator::Shard;
 use crate::migrate::ChangeError;
 use crate::node::KvError;
@@ -136,7 +136,8 @@ impl ApiError {
                 ChangeError::InProgress => StatusCode::CONFLICT,
                 ChangeError::StaleEpoch { .. }
                 | ChangeError::UnknownChange(_)
-                | ChangeError::Unreachable(_) => StatusCode::SERVICE_UNAVAILABLE,
+                | ChangeError::Unreachable(_)
+                | ChangeError::Storage(_) => StatusCode::SERVICE_UNAVAILABLE,
             },
         }
     }

@@ -328,12 +328,12 @@ async fn commit_everywhere(
     change: ChangeRef,
 ) -> (HashMap<String, usize>, Vec<String>) {
     let node = run.node;
-    if node.faults.exit_after_first_commit() {
+    if node.faults.crash_after_first_commit() {
         for peer in run.participants.iter().filter(|p| **p != *node.address) {
             let answer = run.commit_on(peer, change).await;
             if answer.is_ok() {
-                tracing::warn!(%peer, "fault hook: coordinator exits after the first commit");
-                std::process::exit(17);
+                tracing::warn!(%peer, "fault hook: coordinator crashes after the first commit");
+                node.faults.crash().await;
             }
         }
     }

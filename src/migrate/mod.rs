@@ -33,6 +33,8 @@ pub enum ChangeError {
     UnknownChange(u64),
     #[error("Unable to satisfy request")]
     Unreachable(Vec<String>),
+    #[error(transparent)]
+    Storage(#[from] crate::store::StoreError),
 }
 
 /// A change this node has prepared: the new view, what it hands over, what it receives.

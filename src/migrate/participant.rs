@@ -94,14 +94,14 @@ pub async fn catch_up(node: &Arc<Node>, change_id: u64) -> Result<Shipped, Chang
     let migration = prepared(node, change_id)?;
     migration.touch();
     node.freeze(&migration);
-    let entries: Vec<Entry> = migration
+    let entries = migration
         .take_dirty()
         .into_iter()
-        .map(|key| Entry {
-            value: node.store.get(key_hash(key.as_bytes()), &key),
-            key,
+        .map(|key| {
+            let value = node.store.get(key_hash(key.as_bytes()), &key)?;
+            Ok(Entry { key, value })
         })
-        .collect();
+        .collect::<Result<Vec<Entry>, ChangeError>>()?;
     let shipped = ship_entries(node, &migration, entries).await?;
     tracing::info!(change = change_id, keys = shipped.keys, "catch-up done");
     migration.touch();
@@ -137,16 +137,14 @@ fn commit_now(node: &Node, change_id: u64) -> Result<Committed, ChangeError> {
     let staged = migration.take_staged();
     let received = staged.len();
     for (key, value) in staged {
-        node.store.apply(key_hash(key.as_bytes()), &key, value);
+        node.store.apply(key_hash(key.as_bytes()), &key, value)?;
     }
     node.switch_to(&migration);
     migration.end();
-    let dropped: usize = migration
-        .outgoing
-        .iter()
-        .flat_map(|r| r.range.segments())
-        .map(|(start, end)| node.store.remove_segment(start, end))
-        .sum();
+    let mut dropped = 0;
+    for (start, end) in migration.outgoing.iter().flat_map(|r| r.range.segments()) {
+        dropped += node.store.remove_segment(start, end)?;
+    }
     node.record_outcome(change_id, Outcome::Committed);
     tracing::info!(
         change = change_id,

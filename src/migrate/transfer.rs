@@ -85,17 +85,13 @@ impl<'a> Progress<'a> {
     }
 }
 
-fn failure(errors: Vec<PeerError>) -> ChangeError {
-    ChangeError::Unreachable(
-        errors
-            .into_iter()
-            .map(|e| match e {
-                PeerError::Unreachable(peer)
-                | PeerError::BadAnswer(peer)
-                | PeerError::Refused { peer, .. } => peer,
-            })
-            .collect(),
-    )
+/// A destination that did not take a batch.
+fn unreachable(error: PeerError) -> ChangeError {
+    ChangeError::Unreachable(vec![match error {
+        PeerError::Unreachable(peer)
+        | PeerError::BadAnswer(peer)
+        | PeerError::Refused { peer, .. } => peer,
+    }])
 }
 
 fn total(parts: impl IntoIterator<Item = Shipped>) -> Shipped {
@@ -108,14 +104,23 @@ fn total(parts: impl IntoIterator<Item = Shipped>) -> Shipped {
         })
 }
 
-async fn collect(results: Vec<Result<Shipped, PeerError>>) -> Result<Shipped, ChangeError> {
-    let (ok, errors): (Vec<_>, Vec<_>) = results.into_iter().partition(Result::is_ok);
-    if !errors.is_empty() {
-        return Err(failure(
-            errors.into_iter().filter_map(Result::err).collect(),
-        ));
+/// The sum of what every destination took, or why some did not: a local store failure
+/// first, else every destination that did not answer.
+fn collect(results: Vec<Result<Shipped, ChangeError>>) -> Result<Shipped, ChangeError> {
+    let mut shipped = Vec::new();
+    let mut gone = Vec::new();
+    for result in results {
+        match result {
+            Ok(part) => shipped.push(part),
+            Err(ChangeError::Unreachable(peers)) => gone.extend(peers),
+            Err(other) => return Err(other),
+        }
     }
-    Ok(total(ok.into_iter().filter_map(Result::ok)))
+    if gone.is_empty() {
+        Ok(total(shipped))
+    } else {
+        Err(ChangeError::Unreachable(gone))
+    }
 }
 
 /// Ships every key of the migration's outgoing ranges; memory is bounded by one batch per
@@ -131,7 +136,7 @@ pub async fn ship_ranges(node: &Arc<Node>, migration: &Migration) -> Result<Ship
     let sends = by_destination
         .into_iter()
         .map(|(destination, ranges)| ship_to(node, migration, destination, ranges));
-    collect(join_all(sends).await).await
+    collect(join_all(sends).await)
 }
 
 async fn ship_to(
@@ -139,7 +144,7 @@ async fn ship_to(
     migration: &Migration,
     destination: &str,
     ranges: Vec<HashRange>,
-) -> Result<Shipped, PeerError> {
+) -> Result<Shipped, ChangeError> {
     let view = node.view();
     let mut shipped = Shipped {
         ranges: ranges.len(),
@@ -149,7 +154,7 @@ async fn ship_to(
     for (start, end) in ranges.iter().flat_map(HashRange::segments) {
         let mut from = start;
         loop {
-            let batch = node.store.read_batch(from, end, BATCH_KEYS, BATCH_BYTES);
+            let batch = node.store.read_batch(from, end, BATCH_KEYS, BATCH_BYTES)?;
             if !batch.entries.is_empty() {
                 shipped.keys += batch.entries.len();
                 shipped.bytes += batch.bytes;
@@ -165,7 +170,7 @@ async fn ship_to(
                         %error,
                         "transfer batch not accepted"
                     );
-                    return Err(error);
+                    return Err(unreachable(error));
                 }
                 metrics::shipped(batch.entries.len(), batch.bytes);
                 migration.touch();
@@ -219,14 +224,14 @@ pub async fn ship_entries(
                         %error,
                         "catch-up batch not accepted"
                     );
-                    return Err(error);
+                    return Err(unreachable(error));
                 }
                 metrics::shipped(chunk.len(), bytes);
             }
             Ok(shipped)
         }
     });
-    collect(join_all(sends).await).await
+    collect(join_all(sends).await)
 }
 
 #[cfg(test)]

@@ -25,7 +25,7 @@ use super::{
     Answer, FrameError, Hello, HelloAnswer, MAGIC,
 };
 
-use crate::forward::KvOp;
+use crate::kv::KvOp;
 
 /// How long a write may make no progress before the peer counts as not reading: the
 /// forward timeout, and at least 5 s so a busy peer is not given up too soon.

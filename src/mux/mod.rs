@@ -26,7 +26,7 @@ pub mod server;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 
-use crate::forward::{KvOp, KvOutcome};
+use crate::kv::{KvOp, KvOutcome};
 
 /// The first bytes of a mux connection; no HTTP request starts with them.
 pub const MAGIC: &[u8; 8] = b"RKVMUX1\n";

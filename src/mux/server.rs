@@ -23,7 +23,7 @@ use super::{
     decode_request, encode_answer, encode_json, make_room, next_frame, next_frame_within,
     take_queued, Answer, Hello, HelloAnswer, Incoming, Request, MAX_HELLO,
 };
-use crate::forward::{KvOp, KvOutcome};
+use crate::kv::{KvOp, KvOutcome};
 use crate::metrics::{self, RouteLabel};
 use crate::node::{Node, NotServed};
 
@@ -197,6 +197,10 @@ fn serve_request(node: &Arc<Node>, outbox: &Arc<Outbox>, from: &Arc<str>, reques
             Err(NotServed::Unsettled) => Answer::Failed {
                 status: StatusCode::SERVICE_UNAVAILABLE.as_u16(),
                 body: Bytes::from_static(br#"{"error":"the view in force is not known yet"}"#),
+            },
+            Err(NotServed::Failed(_)) => Answer::Failed {
+                status: StatusCode::SERVICE_UNAVAILABLE.as_u16(),
+                body: Bytes::from_static(br#"{"error":"the owner's store failed"}"#),
             },
         };
         let status = match &answer {

@@ -1,0 +1,93 @@
+//! The key operations every layer shares (leaf module): what a request asks of a key's
+//! owner, what the owner did, and the checks an owner applies to whatever it is asked to
+//! store, whether the request came from a client or from another node.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+/// Keys longer than this many characters are refused (PUT) or cannot exist (GET, DELETE).
+pub const MAX_KEY_CHARS: usize = 50;
+
+/// A key operation, as executed by the key's owner.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum KvOp {
+    Get,
+    /// The raw JSON text of the value.
+    Put(Bytes),
+    Delete,
+}
+
+impl KvOp {
+    pub fn is_write(&self) -> bool {
+        !matches!(self, KvOp::Get)
+    }
+}
+
+/// What the owner did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum KvOutcome {
+    Found(Bytes),
+    Absent,
+    Added,
+    Replaced,
+    Deleted,
+}
+
+/// Why an owner refuses to store a key or value that reached it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum Invalid {
+    #[error("Key is too long")]
+    KeyTooLong,
+    #[error("Value is missing")]
+    ValueMissing,
+    #[error("Invalid JSON")]
+    NotJson,
+}
+
+/// Whether `key` may exist at all.
+pub fn key_fits(key: &str) -> bool {
+    key.chars().count() <= MAX_KEY_CHARS
+}
+
+/// The owner's check of an operation that arrived from another node: the same rules as
+/// the public API (a key of at most [`MAX_KEY_CHARS`] characters, a value that is one JSON
+/// value other than `null`), so nothing reaches the store that a client could not store.
+pub fn check(key: &str, op: &KvOp) -> Result<(), Invalid> {
+    match op {
+        KvOp::Put(value) => {
+            if !key_fits(key) {
+                return Err(Invalid::KeyTooLong);
+            }
+            check_value(value)
+        }
+        _ => Ok(()),
+    }
+}
+
+/// A stored value is exactly one JSON value, not `null`.
+pub fn check_value(value: &[u8]) -> Result<(), Invalid> {
+    let parsed: &serde_json::value::RawValue =
+        serde_json::from_slice(value).map_err(|_| Invalid::NotJson)?;
+    if parsed.get() == "null" {
+        return Err(Invalid::ValueMissing);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owners_refuse_what_a_client_could_not_store() {
+        let put = |v: &'static str| KvOp::Put(Bytes::from_static(v.as_bytes()));
+        assert_eq!(check("k", &put(r#"{"a":[1,2]}"#)), Ok(()));
+        assert_eq!(check("k", &put(" 7 ")), Ok(()));
+        assert_eq!(check("k", &put("<html>")), Err(Invalid::NotJson));
+        assert_eq!(check("k", &put("1 2")), Err(Invalid::NotJson));
+        assert_eq!(check("k", &put("null")), Err(Invalid::ValueMissing));
+        assert_eq!(check(&"k".repeat(51), &put("1")), Err(Invalid::KeyTooLong));
+        assert_eq!(check(&"é".repeat(50), &put("1")), Ok(()));
+        assert_eq!(check(&"k".repeat(51), &KvOp::Get), Ok(()));
+    }
+}
