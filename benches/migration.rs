@@ -55,7 +55,7 @@ async fn change(
     keys: &[String],
     nodes: &[Arc<Node>],
 ) -> Step {
-    let vnodes = nodes[0].config.vnodes;
+    let vnodes = nodes[0].config().vnodes;
     let owner_changed = owner_changed(keys, from, to, vnodes);
     let client = reqwest::Client::new();
     // Readers keep GETting random keys through every node of the old view during the change.
@@ -118,8 +118,11 @@ async fn change(
         .get(latencies.len().saturating_sub(1) * 99 / 100)
         .copied()
         .unwrap_or_default();
-    let coordinator_node = nodes.iter().find(|n| *n.address == *coordinator).unwrap();
-    let report = coordinator_node.last_change.lock().clone().unwrap();
+    let coordinator_node = nodes
+        .iter()
+        .find(|n| **n.address() == *coordinator)
+        .unwrap();
+    let report = coordinator_node.last_change().unwrap();
     Step {
         name,
         wall,
@@ -150,11 +153,11 @@ fn main() {
         // Load the keys straight into their owners' stores: the benchmark is the change.
         let keys: Vec<String> = (0..key_count).map(|i| format!("key{i}")).collect();
         let value = Bytes::from(format!("\"{}\"", "v".repeat(98)));
-        let ring = HashRing::new(&three, nodes[0].config.vnodes).unwrap();
+        let ring = HashRing::new(&three, nodes[0].config().vnodes).unwrap();
         for key in &keys {
             let owner = ring.owner(key.as_bytes());
-            let node = nodes.iter().find(|n| n.address == *owner).unwrap();
-            node.store
+            let node = nodes.iter().find(|n| *n.address() == *owner).unwrap();
+            node.store()
                 .put(key_hash(key.as_bytes()), key, value.clone())
                 .expect("the memory engine does not fail");
         }

@@ -25,9 +25,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::join_all;
-use reqwest::Method;
 
 use crate::node::{Node, Standing};
+use crate::rpc::{Request, Response};
 use crate::view::{parse_members, view_id, View};
 use crate::wire::NodeState;
 
@@ -124,18 +124,14 @@ async fn ask(node: &Node, peers: impl IntoIterator<Item = String>, answers: &mut
     let calls = peers.into_iter().map(|peer| {
         let view = view.clone();
         async move {
-            let state: Result<NodeState, _> = node
-                .peers
-                .call::<(), _>(
-                    &peer,
-                    Method::GET,
-                    "/internal/state",
-                    None,
-                    &view,
-                    node.peers.timeout(),
-                )
+            let answer = node
+                .peers()
+                .call(&peer, &Request::State, &view, node.peers().timeout())
                 .await;
-            let held = state.ok().and_then(Held::from_state);
+            let held = match answer {
+                Ok(Response::State(state)) => Held::from_state(state),
+                _ => None,
+            };
             (peer, held)
         }
     });
@@ -144,7 +140,7 @@ async fn ask(node: &Node, peers: impl IntoIterator<Item = String>, answers: &mut
 
 /// Asks the members of `own` and of every view they name, until nobody new is named.
 async fn gather(node: &Node, own: &View) -> Answers {
-    let me = node.address.as_ref();
+    let me = node.address().as_ref();
     let mut answers = Answers::new();
     let mut to_ask: Vec<String> = own.members.iter().filter(|m| **m != me).cloned().collect();
     while !to_ask.is_empty() {
@@ -164,7 +160,7 @@ async fn gather(node: &Node, own: &View) -> Answers {
 /// serving. Ends when the view in force is known and every member has been heard from, or
 /// when a view change has decided it.
 pub async fn settle(node: Arc<Node>) {
-    let me = node.address.to_string();
+    let me = node.address().to_string();
     let mut announced_silent = false;
     loop {
         if let Some(migration) = node.migration() {
@@ -182,7 +178,7 @@ pub async fn settle(node: Arc<Node>) {
         match verdict {
             Verdict::Newer { from, held } => {
                 tracing::info!(%from, epoch = held.epoch, "a member serves a newer view");
-                node.learn(held.epoch, Some(held.members), &from).await;
+                crate::migrate::learn(&node, held.epoch, Some(held.members), &from).await;
                 if node.view().epoch == own.epoch {
                     tracing::warn!(%from, "could not take the newer view; asking again");
                     tokio::time::sleep(ASK_AGAIN).await;

@@ -7,17 +7,20 @@
 
 pub mod api;
 pub mod auth;
+pub mod change;
 pub mod config;
+pub mod data;
+pub mod endpoint;
 pub mod fault;
-pub mod forward;
 pub mod join;
 pub mod kv;
 pub mod metrics;
 pub mod migrate;
-pub mod mux;
 pub mod node;
 pub mod parse_errors;
+pub mod peers;
 pub mod ring;
+pub mod rpc;
 pub mod server;
 pub mod store;
 pub mod view;

@@ -37,24 +37,24 @@ async fn main() -> std::process::ExitCode {
     let listener = match server::bind(&node).await {
         Ok(listener) => listener,
         Err(error) => {
-            eprintln!("ringkv: cannot listen on {}: {error}", node.config.listen);
+            eprintln!("ringkv: cannot listen on {}: {error}", node.config().listen);
             return std::process::ExitCode::from(1);
         }
     };
     let view = node.view();
     tracing::info!(
-        listen = %node.config.listen,
-        address = %node.address,
+        listen = %node.config().listen,
+        address = %node.address(),
         view = %view.members_text(),
         epoch = view.epoch,
-        vnodes = node.config.vnodes,
-        forwarding = node.config.forwarding_address.as_deref().unwrap_or("-"),
+        vnodes = node.config().vnodes,
+        forwarding = node.config().forwarding_address.as_deref().unwrap_or("-"),
         "ringkv node started"
     );
     let crashed = node.clone();
     tokio::select! {
         _ = server::serve(node, listener, server::shutdown_signal()) => {}
-        _ = crashed.faults.crashed() => {
+        _ = crashed.faults().crashed() => {
             // A test's fault hook: end now, as a crash would, with nothing flushed.
             std::process::exit(17);
         }

@@ -1,45 +1,32 @@
-//! A node's shared state (store, view, change in progress) and how a key request is
-//! executed: locally when this node owns the key, otherwise by forwarding it to the owner.
+//! A node's shared state: its settings, store and peers, the view in force and whether it
+//! is confirmed, the view change in progress, and the outcomes of past changes. Everything
+//! is behind narrow methods; what a request does is in [`crate::data`], what a view change
+//! does in [`crate::migrate`].
+//!
+//! Lock order: `change_lock` (async, serialises prepare/commit/abort) before `state`
+//! (the view and change slot, a short-held RwLock); `learning` (async) is taken before
+//! `change_lock` when a catch-up commits; `coordinating` is only ever tried; `undecided` and
+//! `outcomes` are leaf locks taken alone.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
-use reqwest::Method;
 use tokio::sync::watch;
 
+use crate::change::Migration;
 use crate::config::Config;
 use crate::fault::Faults;
-use crate::forward::{ForwardReply, PeerError, Peers};
-use crate::kv::{KvOp, KvOutcome};
-use crate::migrate::Migration;
-use crate::ring::{key_hash, RingError};
-use crate::store::{Store, StoreError};
+use crate::peers::Peers;
+use crate::ring::RingError;
+use crate::rpc::client::Identity;
+use crate::store::Store;
 use crate::view::View;
-use crate::wire::{ChangeReport, Misdirected, NodeState, Outcome};
+use crate::wire::{ChangeReport, NodeState, Outcome};
 
-/// How many times a client request is re-routed after learning of a newer view.
-const MAX_ROUTES: usize = 8;
 /// How many change outcomes a node remembers for peers that lost their coordinator.
 const REMEMBERED_OUTCOMES: usize = 64;
-
-/// Why a client's key request could not be served.
-#[derive(Debug, thiserror::Error)]
-pub enum KvError {
-    #[error("the owner {0} did not answer")]
-    OwnerUnreachable(String),
-    #[error("the key's range stayed frozen by a view change")]
-    StillMoving,
-    #[error("the owner refused: {0}")]
-    Refused(PeerError),
-    #[error("no stable owner after {MAX_ROUTES} re-routes")]
-    NoStableOwner,
-    #[error("the view in force is not known yet ({0:?})")]
-    ViewNotSettled(Standing),
-    #[error(transparent)]
-    Storage(#[from] StoreError),
-}
 
 /// Whether this node knows which view is in force, and so may route keys.
 ///
@@ -57,60 +44,43 @@ pub enum Standing {
     Disputed,
 }
 
-/// An answer served by `address` (`None` when this node served it).
-#[derive(Debug)]
-pub struct Served {
-    pub outcome: KvOutcome,
-    pub address: Option<Arc<str>>,
-}
-
-/// Why an owner did not serve a forwarded key request.
-#[derive(Debug)]
-pub enum NotServed {
-    /// It does not own the key under its view (which it sends back).
-    Misdirected(Misdirected),
-    /// It does not know the view in force yet.
-    Unsettled,
-    /// Its store failed.
-    Failed(StoreError),
-}
-
-/// One attempt to execute a key operation on this node.
-pub enum Local {
-    Done(KvOutcome),
-    /// This node does not own the key under `view`.
-    NotOwner(Arc<View>),
-    /// The key's range is being handed over; retry once the change ends.
-    Wait(watch::Receiver<bool>),
-    /// The store could not do it.
-    Failed(StoreError),
-}
-
 struct State {
     view: Arc<View>,
     migration: Option<Arc<Migration>>,
 }
 
+/// Where a key with a given hash lives, as [`Node::placement`] shows it.
+pub enum Placement<'a> {
+    /// This node owns it, and the change in progress if its range is being handed over.
+    Owner(Option<&'a Migration>),
+    /// Another node owns it under this view.
+    NotOwner(&'a Arc<View>),
+}
+
 /// One ringkv node.
 pub struct Node {
-    pub config: Config,
-    pub address: Arc<str>,
-    pub store: Store,
-    pub peers: Peers,
-    pub faults: Faults,
+    config: Config,
+    address: Arc<str>,
+    store: Store,
+    peers: Peers,
+    faults: Faults,
     state: RwLock<State>,
+    /// This node as it introduces itself on RPC connections.
+    identity: Identity,
+    /// Held while this node fetches a newer view it heard of (one fetch at a time).
+    learning: tokio::sync::Mutex<()>,
     /// Serialises prepare, commit and abort on this node.
-    pub(crate) change_lock: tokio::sync::Mutex<()>,
+    change_lock: tokio::sync::Mutex<()>,
     /// Held while this node coordinates a view change.
-    pub(crate) coordinating: tokio::sync::Mutex<()>,
+    coordinating: tokio::sync::Mutex<()>,
     /// The change this node coordinates and has not decided yet: pending to peers that ask,
     /// even when this node takes no part in it (it is in neither view).
     undecided: Mutex<Option<u64>>,
     outcomes: Mutex<VecDeque<(u64, Outcome)>>,
     /// The last view change this node coordinated.
-    pub last_change: Mutex<Option<ChangeReport>>,
+    last_change: Mutex<Option<ChangeReport>>,
     /// Key requests waiting right now for a range being handed over.
-    pub waiting_for_handover: AtomicUsize,
+    waiting_for_handover: AtomicUsize,
     /// Whether the view is known to be in force; written only under the `state` lock.
     standing: watch::Sender<Standing>,
     /// `standing == InForce`, read on every key request without touching the watch.
@@ -128,14 +98,17 @@ impl Node {
         } else {
             Standing::Confirming
         };
+        let identity = Identity {
+            address: config.address.clone(),
+            vnodes: config.vnodes,
+            token: config.cluster_token.clone(),
+        };
         let peers = Peers::new(
-            &config.address,
-            config.vnodes,
+            identity.clone(),
             config.forward_timeout,
             config.connect_window,
             config.max_forwards,
-        )
-        .with_token(config.cluster_token.as_ref());
+        );
         Ok(Arc::new(Node {
             address: Arc::from(config.address.as_str()),
             store: crate::store::memory(),
@@ -145,6 +118,8 @@ impl Node {
                 view,
                 migration: None,
             }),
+            identity,
+            learning: tokio::sync::Mutex::new(()),
             change_lock: tokio::sync::Mutex::new(()),
             coordinating: tokio::sync::Mutex::new(()),
             undecided: Mutex::new(None),
@@ -155,6 +130,83 @@ impl Node {
             standing: watch::Sender::new(standing),
             config,
         }))
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// This node's own address, as its peers see it.
+    pub fn address(&self) -> &Arc<str> {
+        &self.address
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn peers(&self) -> &Peers {
+        &self.peers
+    }
+
+    pub fn faults(&self) -> &Faults {
+        &self.faults
+    }
+
+    pub(crate) fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    /// The right to catch up with a newer view; one catch-up runs at a time.
+    pub(crate) async fn learning(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.learning.lock().await
+    }
+
+    /// Serialises prepare, commit and abort on this node.
+    pub(crate) fn change_lock(&self) -> &tokio::sync::Mutex<()> {
+        &self.change_lock
+    }
+
+    /// Held while this node coordinates a view change.
+    pub(crate) fn coordinating(&self) -> &tokio::sync::Mutex<()> {
+        &self.coordinating
+    }
+
+    /// The last view change this node coordinated.
+    pub fn last_change(&self) -> Option<ChangeReport> {
+        self.last_change.lock().clone()
+    }
+
+    pub(crate) fn set_last_change(&self, report: ChangeReport) {
+        *self.last_change.lock() = Some(report);
+    }
+
+    /// Runs `f` with where the key of `hash` lives, under the view lock: a freeze of its
+    /// range waits until `f` is done, so no write that missed the freeze is applied after.
+    pub(crate) fn placement<R>(&self, hash: u64, f: impl FnOnce(Placement<'_>) -> R) -> R {
+        let state = self.state.read();
+        if *state.view.ring.owner_of_hash(hash) != self.address {
+            return f(Placement::NotOwner(&state.view));
+        }
+        let moving = state.migration.as_deref().filter(|m| m.hands_over(hash));
+        f(Placement::Owner(moving))
+    }
+
+    /// Waits (bounded by the forwarding timeout) for a frozen range to be released; false
+    /// if it was not.
+    pub(crate) async fn wait_for_release(&self, mut ended: watch::Receiver<bool>) -> bool {
+        /// Counts the request out even when it is cancelled while it waits.
+        struct Waiting<'a>(&'a AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        self.waiting_for_handover.fetch_add(1, Ordering::Relaxed);
+        let _waiting = Waiting(&self.waiting_for_handover);
+        tokio::time::timeout(self.peers.timeout(), ended.wait_for(|ended| *ended))
+            .await
+            .is_ok()
     }
 
     /// The view in force on this node.
@@ -184,8 +236,9 @@ impl Node {
         });
     }
 
-    /// Waits (bounded by the forwarding timeout) until the view in force is known.
-    async fn wait_until_in_force(&self) -> Result<(), KvError> {
+    /// Waits (bounded by the forwarding timeout) until the view in force is known; the
+    /// standing it still has otherwise.
+    pub async fn wait_until_in_force(&self) -> Result<(), Standing> {
         if self.in_force.load(Ordering::Acquire) {
             return Ok(());
         }
@@ -197,7 +250,7 @@ impl Node {
         .await;
         match settled {
             Ok(Ok(_)) => Ok(()),
-            _ => Err(KvError::ViewNotSettled(self.standing())),
+            _ => Err(self.standing()),
         }
     }
 
@@ -254,201 +307,14 @@ impl Node {
             view_id: state.view.id,
             vnodes: self.config.vnodes,
             key_count: self.store.len(),
-            pending: state.migration.as_ref().map(|m| m.change_id),
+            pending: state.migration.as_ref().map(|m| m.change_id()),
         }
-    }
-
-    /// Executes `op` here if this node owns the key, keeping a range that is being handed
-    /// over consistent: writes to it are recorded for re-sending; once it is frozen, every
-    /// operation waits, reads too, since the new owner may commit first and take writes.
-    pub fn try_local(&self, key: &str, hash: u64, op: &KvOp) -> Local {
-        let state = self.state.read();
-        if *state.view.ring.owner_of_hash(hash) != self.address {
-            return Local::NotOwner(state.view.clone());
-        }
-        if let Some(migration) = &state.migration {
-            if migration.hands_over(hash) {
-                if migration.is_frozen() {
-                    return Local::Wait(migration.ended());
-                }
-                if op.is_write() {
-                    migration.mark_dirty(key);
-                }
-            }
-        }
-        let done = match op {
-            KvOp::Get => self.store.get(hash, key).map(|found| match found {
-                Some(value) => KvOutcome::Found(value),
-                None => KvOutcome::Absent,
-            }),
-            KvOp::Put(value) => self.store.put(hash, key, value.clone()).map(|replaced| {
-                if replaced {
-                    KvOutcome::Replaced
-                } else {
-                    KvOutcome::Added
-                }
-            }),
-            KvOp::Delete => self.store.delete(hash, key).map(|deleted| {
-                if deleted {
-                    KvOutcome::Deleted
-                } else {
-                    KvOutcome::Absent
-                }
-            }),
-        };
-        match done {
-            Ok(outcome) => Local::Done(outcome),
-            Err(error) => {
-                tracing::error!(%error, key, "the store failed");
-                Local::Failed(error)
-            }
-        }
-    }
-
-    /// Waits (bounded by the forwarding timeout) for a frozen range to be released.
-    async fn wait_for_release(&self, mut ended: watch::Receiver<bool>) -> Result<(), KvError> {
-        /// Counts the request out even when it is cancelled while it waits.
-        struct Waiting<'a>(&'a AtomicUsize);
-        impl Drop for Waiting<'_> {
-            fn drop(&mut self) {
-                self.0.fetch_sub(1, Ordering::Relaxed);
-            }
-        }
-        self.waiting_for_handover.fetch_add(1, Ordering::Relaxed);
-        let _waiting = Waiting(&self.waiting_for_handover);
-        tokio::time::timeout(self.peers.timeout(), ended.wait_for(|ended| *ended))
-            .await
-            .map(|_| ())
-            .map_err(|_| KvError::StillMoving)
-    }
-
-    /// Serves a client's key request from wherever the key lives.
-    pub async fn serve_kv(self: &Arc<Self>, key: &str, op: KvOp) -> Result<Served, KvError> {
-        self.wait_until_in_force().await?;
-        let hash = key_hash(key.as_bytes());
-        for _ in 0..MAX_ROUTES {
-            let view = match self.try_local(key, hash, &op) {
-                Local::Done(outcome) => {
-                    return Ok(Served {
-                        outcome,
-                        address: None,
-                    })
-                }
-                Local::Wait(ended) => {
-                    self.wait_for_release(ended).await?;
-                    continue;
-                }
-                Local::Failed(error) => return Err(error.into()),
-                Local::NotOwner(view) => view,
-            };
-            let owner = view.ring.owner_of_hash(hash).clone();
-            let answer = self.peers.forward_kv(&owner, key, &op, &view).await;
-            crate::metrics::forward(&owner, answer.is_ok());
-            match answer {
-                Ok(ForwardReply::Served(outcome)) => {
-                    return Ok(Served {
-                        outcome,
-                        address: Some(owner),
-                    })
-                }
-                Ok(ForwardReply::Misdirected(newer)) => {
-                    self.learn(newer.epoch, Some(newer.view), &owner).await;
-                }
-                Err(PeerError::Unreachable(peer)) => return Err(KvError::OwnerUnreachable(peer)),
-                Err(refused) => return Err(KvError::Refused(refused)),
-            }
-        }
-        Err(KvError::NoStableOwner)
-    }
-
-    /// Serves a key request forwarded by `sender`, which routed it with view `epoch`.
-    /// Never forwards again: answers with this node's newer view when it is not the owner,
-    /// and refuses while it does not know the view in force.
-    pub async fn serve_forwarded(
-        self: &Arc<Self>,
-        key: &str,
-        op: KvOp,
-        epoch: u64,
-        sender: &str,
-    ) -> Result<KvOutcome, NotServed> {
-        self.learn(epoch, None, sender).await;
-        self.wait_until_in_force()
-            .await
-            .map_err(|_| NotServed::Unsettled)?;
-        let hash = key_hash(key.as_bytes());
-        let misdirected = |view: &View| {
-            NotServed::Misdirected(Misdirected {
-                epoch: view.epoch,
-                view: view.members.clone(),
-            })
-        };
-        loop {
-            match self.try_local(key, hash, &op) {
-                Local::Done(outcome) => return Ok(outcome),
-                Local::Wait(ended) => {
-                    if self.wait_for_release(ended).await.is_err() {
-                        return Err(misdirected(&self.view()));
-                    }
-                }
-                Local::NotOwner(view) => return Err(misdirected(&view)),
-                Local::Failed(error) => return Err(NotServed::Failed(error)),
-            }
-        }
-    }
-
-    /// Catches up with a newer epoch heard from `source`: commits the prepared change of
-    /// that epoch (someone committed it, so it is decided), or adopts the newer view.
-    pub async fn learn(self: &Arc<Self>, epoch: u64, members: Option<Vec<String>>, source: &str) {
-        if epoch <= self.view().epoch {
-            return;
-        }
-        if let Some(migration) = self.migration() {
-            if migration.view.epoch == epoch {
-                tracing::info!(
-                    epoch,
-                    from = source,
-                    "a peer already serves the new view; committing"
-                );
-                if let Err(error) = crate::migrate::commit(self, migration.change_id).await {
-                    tracing::warn!(%error, "commit on hearing a newer epoch failed");
-                }
-                return;
-            }
-        }
-        let members = match members {
-            Some(members) => members,
-            None => {
-                let state: Result<NodeState, _> = self
-                    .peers
-                    .call::<(), _>(
-                        source,
-                        Method::GET,
-                        "/internal/state",
-                        None,
-                        &self.view(),
-                        self.peers.timeout(),
-                    )
-                    .await;
-                match state {
-                    Ok(state) if state.epoch == epoch => state.view,
-                    Ok(state) => {
-                        tracing::warn!(epoch, their = state.epoch, from = source, "epoch moved on");
-                        return;
-                    }
-                    Err(error) => {
-                        tracing::warn!(%error, epoch, "cannot fetch the newer view");
-                        return;
-                    }
-                }
-            }
-        };
-        self.adopt(epoch, members);
     }
 
     /// Takes a newer view that this node had no part in changing to. A prepared change to
     /// a still newer epoch stays: a node that was behind (one joining after missing earlier
     /// changes) learns the view in force while that change is under way.
-    fn adopt(&self, epoch: u64, members: Vec<String>) {
+    pub(crate) fn adopt(&self, epoch: u64, members: Vec<String>) {
         let Ok(view) = View::new(epoch, members, self.config.vnodes) else {
             tracing::warn!(epoch, "refusing an invalid view from a peer");
             return;
@@ -457,9 +323,20 @@ impl Node {
         if state.view.epoch >= epoch {
             return;
         }
-        if let Some(stale) = state.migration.take_if(|m| m.view.epoch <= epoch) {
+        // A view change moves a cluster on, it does not replace it: a newer view that
+        // shares no member with this node's and does not name this node is some other
+        // cluster's, or made up.
+        let continues = view
+            .members
+            .iter()
+            .any(|m| *m == *self.address || state.view.members.contains(m));
+        if !continues {
+            tracing::warn!(epoch, view = %view.members_text(), "refusing a newer view that shares no member with ours");
+            return;
+        }
+        if let Some(stale) = state.migration.take_if(|m| m.view().epoch <= epoch) {
             tracing::warn!(
-                change = stale.change_id,
+                change = stale.change_id(),
                 "a newer view superseded the prepared change"
             );
             stale.end();
@@ -486,7 +363,7 @@ impl Node {
         let mut state = self.state.write();
         match &state.migration {
             Some(current) if Arc::ptr_eq(current, migration) => {
-                state.view = migration.view.clone();
+                state.view = migration.view().clone();
                 state.migration = None;
                 self.set_standing(Standing::InForce);
                 true
@@ -532,7 +409,7 @@ impl Node {
 
     /// What this node knows of a change.
     pub fn outcome(&self, change_id: u64) -> Outcome {
-        if self.migration().is_some_and(|m| m.change_id == change_id)
+        if self.migration().is_some_and(|m| m.change_id() == change_id)
             || *self.undecided.lock() == Some(change_id)
         {
             return Outcome::Pending;

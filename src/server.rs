@@ -18,16 +18,16 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 
 use crate::api;
-use crate::mux;
 use crate::node::{Node, Standing};
 use crate::parse_errors::JsonParseErrors;
+use crate::rpc;
 
 /// How long in-flight requests get to finish after a shutdown signal.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// Binds the node's listen address.
 pub async fn bind(node: &Node) -> std::io::Result<TcpListener> {
-    TcpListener::bind(node.config.listen).await
+    TcpListener::bind(node.config().listen).await
 }
 
 /// Serves `node` on `listener` until `shutdown` resolves.
@@ -36,9 +36,9 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener, shutdown: impl Future
         tokio::spawn(crate::join::settle(node.clone()));
     }
     let service = warp::service(api::routes(node.clone()));
-    let connections = Arc::new(Semaphore::new(node.config.max_connections));
+    let connections = Arc::new(Semaphore::new(node.config().max_connections));
     let graceful = GracefulShutdown::new();
-    let header_timeout = node.config.header_read_timeout;
+    let header_timeout = node.config().header_read_timeout;
     let mut shutdown = std::pin::pin!(shutdown);
     // Connections that have not shown what they speak yet stop waiting when this turns true.
     let (stopping, stopping_seen) = watch::channel(false);
@@ -68,10 +68,11 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener, shutdown: impl Future
                 _ = stopping.wait_for(|stopping| *stopping) => None,
             };
             match opening {
-                Some(Opening::Mux) => {
+                Some(Opening::Rpc) => {
                     // The watcher lives until the connection has answered what it started.
                     let _watcher = watcher;
-                    mux::server::serve(node, stream, header_timeout, stopping).await
+                    let stall = node.config().forward_timeout;
+                    rpc::server::serve(node, stream, header_timeout, stall, stopping).await
                 }
                 Some(Opening::Http(prefix)) => {
                     let connection = hyper::server::conn::http1::Builder::new()
@@ -105,26 +106,26 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener, shutdown: impl Future
 enum Opening {
     /// HTTP; the bytes read to tell (to be read again first).
     Http(Bytes),
-    /// ringkv's multiplexed forwarding protocol (`crate::mux`); its magic has been read.
-    Mux,
+    /// ringkv's node-to-node protocol (`crate::rpc`); its magic has been read.
+    Rpc,
 }
 
 /// Waits (within `limit`) for a connection's first bytes and tells what it speaks. `None`
 /// if it closes or stays silent.
 async fn opening(stream: &mut TcpStream, limit: Duration) -> Option<Opening> {
     let tell = async {
-        let mut first = [0u8; mux::MAGIC.len()];
+        let mut first = [0u8; rpc::MAGIC.len()];
         let n = stream.peek(&mut first).await.ok()?;
         if n == 0 {
             return None;
         }
-        if !mux::may_be_magic(&first[..n]) {
+        if !rpc::may_be_magic(&first[..n]) {
             return Some(Opening::Http(Bytes::new()));
         }
         // Possibly the magic: read as many bytes as it has.
         stream.read_exact(&mut first).await.ok()?;
-        Some(if first == *mux::MAGIC {
-            Opening::Mux
+        Some(if first == *rpc::MAGIC {
+            Opening::Rpc
         } else {
             Opening::Http(Bytes::copy_from_slice(&first))
         })

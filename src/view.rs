@@ -33,6 +33,16 @@ pub fn parse_members(text: &str) -> Result<Vec<String>, ViewError> {
         .collect()
 }
 
+/// How far ahead of the epoch in force a message's epoch may be before it is taken for a
+/// forgery or a bug: epochs grow by one per view change, so no real cluster gets near.
+/// Without the bound, one message with epoch `u64::MAX` would wedge every later change.
+pub const MAX_EPOCH_GAP: u64 = 1 << 20;
+
+/// Whether `offered` is a believable epoch for a node at `current`.
+pub fn epoch_within_reach(current: u64, offered: u64) -> bool {
+    offered <= current.saturating_add(MAX_EPOCH_GAP) && offered < u64::MAX
+}
+
 /// The identity of a member set: equal for equal sets, whatever the order.
 pub fn view_id(members: &[String]) -> u64 {
     let mut sorted: Vec<&str> = members.iter().map(String::as_str).collect();

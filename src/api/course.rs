@@ -11,8 +11,9 @@ use warp::http::{Method, StatusCode};
 
 use super::body::{put_value, read_limited, BodyError};
 use super::reply::{kv_reply, view_change_reply, ApiError, KvMethod, Reply};
+use crate::change::ChangeError;
 use crate::kv::{self, KvOp};
-use crate::migrate::{coordinator, ChangeError};
+use crate::migrate::coordinator;
 use crate::node::Node;
 use crate::view::{parse_members, ViewError};
 
@@ -32,8 +33,8 @@ where
 {
     read_limited(
         body,
-        node.config.max_body_bytes,
-        node.config.body_read_timeout,
+        node.config().max_body_bytes,
+        node.config().body_read_timeout,
     )
     .await
     .map_err(|error| match error {
@@ -71,8 +72,7 @@ where
         KvMethod::Get => KvOp::Get,
         KvMethod::Delete => KvOp::Delete,
     };
-    let served = node
-        .serve_kv(&key, op)
+    let served = crate::data::serve_kv(node, &key, op)
         .await
         .map_err(|cause| ApiError::Unavailable(method, cause))?;
     Ok(kv_reply(method, served.outcome, served.address.as_deref()))
@@ -120,7 +120,7 @@ where
         Ok(body) => body,
         Err(error) => return error.into_reply(),
     };
-    let relayed = node.peers.relay(main, method, path, body).await;
+    let relayed = node.peers().relay(main, method, path, body).await;
     crate::metrics::forward(main, relayed.is_ok());
     match relayed {
         Ok(relayed) => Reply::raw(

@@ -53,6 +53,8 @@ enum Route<'a> {
     Internal(&'a str),
     Metrics,
     ClusterStatus,
+    /// `GET /cluster/state`: this node's own view and change state.
+    ClusterState,
     NotFound,
 }
 
@@ -63,7 +65,9 @@ impl Route<'_> {
             Route::KeyCount => RouteLabel::KeyCount,
             Route::ViewChange | Route::ForcedViewChange => RouteLabel::ViewChange,
             Route::Internal(_) => RouteLabel::Internal,
-            Route::Metrics | Route::ClusterStatus | Route::NotFound => RouteLabel::Other,
+            Route::Metrics | Route::ClusterStatus | Route::ClusterState | Route::NotFound => {
+                RouteLabel::Other
+            }
         }
     }
 }
@@ -83,6 +87,7 @@ fn route(path: &str) -> Route<'_> {
     match path {
         "/metrics" => return Route::Metrics,
         "/cluster/status" => return Route::ClusterStatus,
+        "/cluster/state" => return Route::ClusterState,
         "/cluster/view-change" => return Route::ForcedViewChange,
         _ => {}
     }
@@ -132,7 +137,7 @@ where
     S: Stream<Item = Result<B, warp::Error>> + Send,
     B: Buf,
 {
-    if let Some(main) = &node.config.forwarding_address {
+    if let Some(main) = &node.config().forwarding_address {
         if path.starts_with("/kvs/") {
             return course::relay(&node, main, method, path, body).await;
         }
@@ -143,7 +148,7 @@ where
             Some(kv_method) => course::key(&node, kv_method, raw_key, body).await.into(),
             None => not_allowed(),
         },
-        Route::KeyCount if method == Method::GET => reply::key_count_reply(node.store.len()),
+        Route::KeyCount if method == Method::GET => reply::key_count_reply(node.store().len()),
         Route::ViewChange if method == Method::PUT => {
             course::view_change(&node, body, false).await.into()
         }
@@ -152,11 +157,13 @@ where
         }
         Route::Metrics if method == Method::GET => ops::metrics(&node),
         Route::ClusterStatus if method == Method::GET => ops::cluster_status_reply(&node).await,
+        Route::ClusterState if method == Method::GET => ops::node_state_reply(&node),
         Route::KeyCount
         | Route::ViewChange
         | Route::ForcedViewChange
         | Route::Metrics
-        | Route::ClusterStatus => not_allowed(),
+        | Route::ClusterStatus
+        | Route::ClusterState => not_allowed(),
         Route::Internal(rest) => internal::dispatch(&node, &method, rest, &headers, body).await,
         Route::NotFound => ApiError::NotFound(method.to_string()).into_reply(),
     }

@@ -11,13 +11,14 @@ use warp::http::StatusCode;
 
 use super::reply::Reply;
 use crate::node::{Node, Standing};
+use crate::rpc::{Request, Response};
 use crate::wire::{ChangeReport, NodeState};
 
 /// One node of the view, as `GET /cluster/status` reports it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct NodeStatus {
     pub address: String,
-    /// Whether it answered `GET /internal/state` within the forwarding timeout.
+    /// Whether it answered a state call within the forwarding timeout.
     pub reachable: bool,
     /// Keys it stores (`None` when unreachable).
     #[serde(rename = "key-count")]
@@ -67,6 +68,14 @@ pub struct ClusterStatus {
     pub last_change: Option<ChangeReport>,
 }
 
+/// `GET /cluster/state`: this node's view, epoch and change state, as it answers peers.
+pub fn node_state_reply(node: &Node) -> Reply {
+    Reply::json(
+        StatusCode::OK,
+        &serde_json::to_value(node.node_state()).unwrap_or_default(),
+    )
+}
+
 /// `GET /metrics`.
 pub fn metrics(node: &Node) -> Reply {
     match crate::metrics::render(&node.gauges()) {
@@ -83,13 +92,14 @@ pub fn metrics(node: &Node) -> Reply {
 
 /// What one node of the view said about itself.
 async fn probe(node: &Arc<Node>, peer: &str) -> Result<NodeState, String> {
-    if peer == &*node.address {
+    if peer == &**node.address() {
         return Ok(node.node_state());
     }
-    node.peers
-        .ask::<NodeState>(peer, "/internal/state", &node.view())
-        .await
-        .map_err(|error| error.to_string())
+    match node.peers().ask(peer, &Request::State, &node.view()).await {
+        Ok(Response::State(state)) => Ok(state),
+        Ok(_) => Err(format!("{peer} answered something else than its state")),
+        Err(error) => Err(error.to_string()),
+    }
 }
 
 /// Asks every node of the view for its state, all at once, each bounded by the forwarding
@@ -130,22 +140,22 @@ pub async fn cluster_status(node: &Arc<Node>) -> ClusterStatus {
         })
         .collect();
     let change = node.migration().map(|m| PendingChange {
-        change_id: m.change_id,
-        epoch: m.view.epoch,
-        view: m.view.members.clone(),
-        coordinator: m.coordinator.clone(),
+        change_id: m.change_id(),
+        epoch: m.view().epoch,
+        view: m.view().members.clone(),
+        coordinator: m.coordinator().to_string(),
     });
     ClusterStatus {
-        address: node.address.to_string(),
+        address: node.address().to_string(),
         epoch: view.epoch,
         view: view.members.clone(),
-        vnodes: node.config.vnodes,
+        vnodes: node.config().vnodes,
         standing: Some(node.standing()),
         key_count: nodes.iter().filter_map(|n| n.key_count).sum(),
         reachable: nodes.iter().filter(|n| n.reachable).count(),
         nodes,
         change,
-        last_change: node.last_change.lock().clone(),
+        last_change: node.last_change(),
     }
 }
 

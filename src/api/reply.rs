@@ -5,10 +5,10 @@ use bytes::Bytes;
 use serde_json::json;
 use warp::http::{header, HeaderValue, StatusCode};
 
+use crate::change::ChangeError;
+use crate::data::KvError;
 use crate::kv::KvOutcome;
 use crate::migrate::coordinator::Shard;
-use crate::migrate::ChangeError;
-use crate::node::KvError;
 
 /// The HTTP method of a course key request; names the `message` of its errors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -135,7 +135,11 @@ impl ApiError {
                 ChangeError::BadView(_) => StatusCode::BAD_REQUEST,
                 ChangeError::InProgress => StatusCode::CONFLICT,
                 ChangeError::StaleEpoch { .. }
+                | ChangeError::EpochTooFar { .. }
                 | ChangeError::UnknownChange(_)
+                | ChangeError::NotCoordinator(_)
+                | ChangeError::NotShipped(_)
+                | ChangeError::NotIncoming(_)
                 | ChangeError::Unreachable(_)
                 | ChangeError::Storage(_) => StatusCode::SERVICE_UNAVAILABLE,
             },

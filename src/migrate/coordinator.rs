@@ -7,17 +7,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
-use reqwest::Method;
-use serde::de::DeserializeOwned;
-use serde::Serialize;
 use xxhash_rust::xxh3::xxh3_64;
 
-use super::ChangeError;
-use crate::forward::PeerError;
+use crate::change::ChangeError;
 use crate::metrics::{self, ChangeOutcome};
 use crate::node::Node;
+use crate::peers::PeerError;
+use crate::rpc::{Refusal, Request, Response};
 use crate::view::{View, ViewError};
-use crate::wire::{ChangeRef, ChangeReport, Committed, NodeState, Outcome, Prepare, Shipped};
+use crate::wire::{ChangeReport, Committed, NodeState, Outcome, Prepare, Shipped};
 
 /// How long the transfer and catch-up phases may take on one node.
 const PHASE_CALL_TIMEOUT: Duration = Duration::from_secs(120);
@@ -30,20 +28,26 @@ pub struct Shard {
 }
 
 fn as_change_error(errors: Vec<PeerError>) -> ChangeError {
-    let conflict = errors
-        .iter()
-        .any(|e| matches!(e, PeerError::Refused { status: 409, .. }));
+    let conflict = errors.iter().any(|e| {
+        matches!(
+            e,
+            PeerError::Refused {
+                refusal: Refusal::InProgress,
+                ..
+            }
+        )
+    });
     if conflict {
         return ChangeError::InProgress;
     }
     let mut unreachable: Vec<String> = Vec::new();
     for error in errors {
         let peers = match error {
-            PeerError::Refused { peer, failure, .. } if failure.unreachable.is_empty() => {
-                vec![peer]
-            }
-            PeerError::Refused { failure, .. } => failure.unreachable,
-            PeerError::Unreachable(peer) | PeerError::BadAnswer(peer) => vec![peer],
+            PeerError::Refused {
+                refusal: Refusal::Unreachable(peers),
+                ..
+            } if !peers.is_empty() => peers,
+            other => vec![other.peer().to_string()],
         };
         for peer in peers {
             if !unreachable.contains(&peer) {
@@ -61,22 +65,21 @@ struct Run<'a> {
 }
 
 impl Run<'_> {
-    /// Sends one message to every participant at once; all answers, or every failure.
-    async fn everyone<Req, Resp>(
+    /// Sends one call to every participant at once; every answer (as `answer` reads it), or
+    /// every failure.
+    async fn everyone<T>(
         &self,
-        method: Method,
-        path: &str,
-        body: Option<&Req>,
+        request: &Request,
         timeout: Duration,
-    ) -> Result<Vec<Resp>, Vec<PeerError>>
-    where
-        Req: Serialize + Sync,
-        Resp: DeserializeOwned,
-    {
-        let calls = self.participants.iter().map(|peer| {
-            self.node
-                .peers
-                .call::<Req, Resp>(peer, method.clone(), path, body, &self.view, timeout)
+        answer: impl Fn(Response) -> Option<T>,
+    ) -> Result<Vec<T>, Vec<PeerError>> {
+        let calls = self.participants.iter().map(|peer| async {
+            let response = self
+                .node
+                .peers()
+                .call(peer, request, &self.view, timeout)
+                .await?;
+            answer(response).ok_or_else(|| PeerError::BadAnswer(peer.clone()))
         });
         let (ok, failed): (Vec<_>, Vec<_>) =
             join_all(calls).await.into_iter().partition(Result::is_ok);
@@ -88,49 +91,41 @@ impl Run<'_> {
     }
 
     /// Runs the transfer or catch-up phase on every participant; logs what it shipped.
-    async fn shipping_phase(
-        &self,
-        change: ChangeRef,
-        path: &str,
-        phase: &str,
-    ) -> Result<Vec<Shipped>, Vec<PeerError>> {
+    async fn shipping_phase(&self, request: Request) -> Result<Vec<Shipped>, Vec<PeerError>> {
         let started = Instant::now();
         let shipped: Vec<Shipped> = self
-            .everyone(Method::POST, path, Some(&change), PHASE_CALL_TIMEOUT)
+            .everyone(&request, PHASE_CALL_TIMEOUT, |r| match r {
+                Response::Shipped(shipped) => Some(shipped),
+                _ => None,
+            })
             .await?;
         tracing::info!(
-            change = change.change_id,
             millis = started.elapsed().as_millis() as u64,
             keys = shipped.iter().map(|s| s.keys).sum::<usize>(),
             bytes = shipped.iter().map(|s| s.bytes).sum::<usize>(),
-            "phase {phase} done"
+            "phase {} done",
+            request.name()
         );
         Ok(shipped)
     }
 
     /// Tells one participant to commit.
-    async fn commit_on(&self, peer: &str, change: ChangeRef) -> Result<Committed, PeerError> {
-        let node = self.node;
-        node.peers
-            .call(
-                peer,
-                Method::POST,
-                "/internal/commit",
-                Some(&change),
-                &self.view,
-                node.peers.timeout(),
-            )
-            .await
+    async fn commit_on(&self, peer: &str, change_id: u64) -> Result<Committed, PeerError> {
+        let peers = self.node.peers();
+        let request = Request::Commit { change_id };
+        match peers
+            .call(peer, &request, &self.view, peers.timeout())
+            .await?
+        {
+            Response::Committed(committed) => Ok(committed),
+            _ => Err(PeerError::BadAnswer(peer.to_string())),
+        }
     }
 
-    async fn abort_everywhere(&self, change: ChangeRef) {
+    async fn abort_everywhere(&self, change_id: u64) {
+        let request = Request::Abort { change_id };
         let _ = self
-            .everyone::<ChangeRef, serde_json::Value>(
-                Method::POST,
-                "/internal/abort",
-                Some(&change),
-                self.node.peers.timeout(),
-            )
+            .everyone(&request, self.node.peers().timeout(), |_| Some(()))
             .await;
     }
 }
@@ -152,7 +147,12 @@ pub async fn change_view(
     let coordinating = async move { coordinate(&node, members, drop_unreachable).await };
     match tokio::spawn(coordinating).await {
         Ok(result) => result,
-        Err(failure) => std::panic::resume_unwind(failure.into_panic()),
+        // A panic in the coordinator is a bug; the change it left is settled by the
+        // participants' watchdogs. The client gets a 503, not a dropped connection.
+        Err(failure) => {
+            tracing::error!(%failure, "the view-change coordinator failed");
+            Err(ChangeError::Unreachable(Vec::new()))
+        }
     }
 }
 
@@ -161,13 +161,13 @@ async fn coordinate(
     members: Vec<String>,
     drop_unreachable: bool,
 ) -> Result<Vec<Shard>, ChangeError> {
-    let Ok(_coordinating) = node.coordinating.try_lock() else {
+    let Ok(_coordinating) = node.coordinating().try_lock() else {
         return Err(ChangeError::InProgress);
     };
     if node.migration().is_some() {
         return Err(ChangeError::InProgress);
     }
-    let target = View::new(0, members, node.config.vnodes)
+    let target = View::new(0, members, node.config().vnodes)
         .map_err(|e| ChangeError::BadView(ViewError::BadEntry(e.to_string())))?;
     let old = node.view();
     let mut participants = target.members.clone();
@@ -187,7 +187,10 @@ async fn coordinate(
     // the newest epoch knows its members, who hold the data and must take part too.
     let states: Vec<NodeState> = loop {
         let probed = run
-            .everyone::<(), NodeState>(Method::GET, "/internal/state", None, node.peers.timeout())
+            .everyone(&Request::State, node.peers().timeout(), |r| match r {
+                Response::State(state) => Some(state),
+                _ => None,
+            })
             .await;
         let states = match probed.map_err(as_change_error) {
             Ok(states) => states,
@@ -235,9 +238,18 @@ async fn coordinate(
         return Ok(shards(&target, |a| counts.get(a).copied()));
     }
 
-    let epoch = states.iter().map(|s| s.epoch).max().unwrap_or(0) + 1;
-    let change_id = xxh3_64(format!("{}#{epoch}#{:?}", node.address, Instant::now()).as_bytes());
-    let change = ChangeRef { change_id };
+    let newest = states.iter().map(|s| s.epoch).max().unwrap_or(0);
+    let Some(epoch) = newest
+        .checked_add(1)
+        .filter(|e| crate::view::epoch_within_reach(newest, *e))
+    else {
+        tracing::error!(newest, "no epoch left after {newest}; refusing the change");
+        return Err(ChangeError::EpochTooFar {
+            offered: newest,
+            current: old.epoch,
+        });
+    };
+    let change_id = xxh3_64(format!("{}#{epoch}#{:?}", node.address(), Instant::now()).as_bytes());
     node.coordinate(change_id);
     metrics::view_change(ChangeOutcome::Started);
     tracing::info!(
@@ -251,29 +263,22 @@ async fn coordinate(
         change_id,
         epoch,
         view: target.members.clone(),
-        coordinator: node.address.to_string(),
+        coordinator: node.address().to_string(),
         participants: run.participants.clone(),
     };
     let phases = async {
         let phase_started = Instant::now();
-        run.everyone::<Prepare, serde_json::Value>(
-            Method::POST,
-            "/internal/prepare",
-            Some(&prepare),
-            node.peers.timeout(),
-        )
+        run.everyone(&Request::Prepare(prepare), node.peers().timeout(), |r| {
+            matches!(r, Response::Done).then_some(())
+        })
         .await?;
         tracing::info!(
             change = change_id,
             millis = phase_started.elapsed().as_millis() as u64,
             "phase prepare done"
         );
-        let shipped = run
-            .shipping_phase(change, "/internal/transfer", "transfer")
-            .await?;
-        let caught_up = run
-            .shipping_phase(change, "/internal/catchup", "catch-up")
-            .await?;
+        let shipped = run.shipping_phase(Request::Transfer { change_id }).await?;
+        let caught_up = run.shipping_phase(Request::CatchUp { change_id }).await?;
         Ok::<_, Vec<PeerError>>((shipped, caught_up))
     };
     let (shipped, caught_up) = match phases.await {
@@ -283,7 +288,7 @@ async fn coordinate(
             tracing::warn!(change = change_id, %error, ?error, "view change failed before commit; aborting");
             node.decide(change_id, Outcome::Aborted);
             metrics::view_change(ChangeOutcome::Aborted);
-            run.abort_everywhere(change).await;
+            run.abort_everywhere(change_id).await;
             return Err(error);
         }
     };
@@ -292,7 +297,7 @@ async fn coordinate(
     node.decide(change_id, Outcome::Committed);
     metrics::view_change(ChangeOutcome::Committed);
     let phase_started = Instant::now();
-    let (committed, unconfirmed) = commit_everywhere(&run, change).await;
+    let (committed, unconfirmed) = commit_everywhere(&run, change_id).await;
     tracing::info!(
         change = change_id,
         millis = phase_started.elapsed().as_millis() as u64,
@@ -308,7 +313,7 @@ async fn coordinate(
         millis: started.elapsed().as_millis() as u64,
     };
     tracing::info!(change = change_id, ?report, "view change committed");
-    *node.last_change.lock() = Some(report);
+    node.set_last_change(report);
     if !unconfirmed.is_empty() {
         tracing::warn!(
             change = change_id,
@@ -323,27 +328,24 @@ async fn coordinate(
 
 /// The commit point: once the first participant switches, the change is decided. Every
 /// participant is told; one that misses it learns from its peers (see the watchdog).
-async fn commit_everywhere(
-    run: &Run<'_>,
-    change: ChangeRef,
-) -> (HashMap<String, usize>, Vec<String>) {
+async fn commit_everywhere(run: &Run<'_>, change_id: u64) -> (HashMap<String, usize>, Vec<String>) {
     let node = run.node;
-    if node.faults.crash_after_first_commit() {
-        for peer in run.participants.iter().filter(|p| **p != *node.address) {
-            let answer = run.commit_on(peer, change).await;
+    if node.faults().crash_after_first_commit() {
+        for peer in run.participants.iter().filter(|p| ***p != **node.address()) {
+            let answer = run.commit_on(peer, change_id).await;
             if answer.is_ok() {
                 tracing::warn!(%peer, "fault hook: coordinator crashes after the first commit");
-                node.faults.crash().await;
+                node.faults().crash().await;
             }
         }
     }
     // The change is decided: keep telling each participant until it confirms, for up to
     // the phase timeout, so the answer reflects every node serving the new view.
-    let deadline = Instant::now() + node.config.phase_timeout;
+    let deadline = Instant::now() + node.config().phase_timeout;
     let calls = run.participants.iter().map(|peer| async move {
         let mut pause = Duration::from_millis(50);
         loop {
-            let answer = run.commit_on(peer, change).await;
+            let answer = run.commit_on(peer, change_id).await;
             match answer {
                 Ok(done) => return Ok((peer.clone(), done.key_count)),
                 Err(error) if Instant::now() + pause < deadline => {

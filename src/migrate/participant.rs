@@ -3,27 +3,31 @@
 
 use std::sync::Arc;
 
-use reqwest::Method;
-
 use super::transfer::{ship_entries, ship_ranges};
-use super::{ChangeError, Migration};
+use crate::change::{ChangeError, Migration};
 use crate::node::Node;
 use crate::ring::{key_hash, HashRing, MovedRange};
+use crate::rpc::{Request, Response};
 use crate::store::Entry;
 use crate::view::{View, ViewError};
 use crate::wire::{Committed, Outcome, Prepare, Shipped};
 
 fn prepared(node: &Node, change_id: u64) -> Result<Arc<Migration>, ChangeError> {
     node.migration()
-        .filter(|m| m.change_id == change_id)
+        .filter(|m| m.change_id() == change_id)
         .ok_or(ChangeError::UnknownChange(change_id))
 }
 
 /// Phase 1: remember the new view and start recording writes to the ranges that will move.
-pub async fn prepare(node: &Arc<Node>, request: Prepare) -> Result<(), ChangeError> {
-    let _serial = node.change_lock.lock().await;
+/// Taken only from the coordinator the message names, at an epoch newer than this node's
+/// and within reach of it.
+pub async fn prepare(node: &Arc<Node>, from: &str, request: Prepare) -> Result<(), ChangeError> {
+    if request.coordinator != from {
+        return Err(ChangeError::NotCoordinator(from.to_string()));
+    }
+    let _serial = node.change_lock().lock().await;
     if let Some(current) = node.migration() {
-        return if current.change_id == request.change_id {
+        return if current.change_id() == request.change_id {
             Ok(())
         } else {
             Err(ChangeError::InProgress)
@@ -36,18 +40,27 @@ pub async fn prepare(node: &Arc<Node>, request: Prepare) -> Result<(), ChangeErr
             current: current.epoch,
         });
     }
-    let view = View::new(request.epoch, request.view, node.config.vnodes)
+    if !crate::view::epoch_within_reach(current.epoch, request.epoch) {
+        return Err(ChangeError::EpochTooFar {
+            offered: request.epoch,
+            current: current.epoch,
+        });
+    }
+    let members =
+        crate::view::parse_members(&request.view.join(",")).map_err(ChangeError::BadView)?;
+    let view = View::new(request.epoch, members, node.config().vnodes)
         .map_err(|e| ChangeError::BadView(ViewError::BadEntry(e.to_string())))?;
-    let outgoing: Vec<MovedRange> = HashRing::diff(&current.ring, &view.ring)
-        .into_iter()
-        .filter(|r| r.from == node.address)
-        .collect();
+    let moved = HashRing::diff(&current.ring, &view.ring);
+    let (outgoing, others): (Vec<MovedRange>, Vec<MovedRange>) =
+        moved.into_iter().partition(|r| r.from == *node.address());
+    let incoming = others.iter().filter(|r| r.to == *node.address()).count();
     tracing::info!(
         change = request.change_id,
         epoch = request.epoch,
         view = %view.members_text(),
         coordinator = %request.coordinator,
         outgoing_ranges = outgoing.len(),
+        incoming_ranges = incoming,
         "prepared view change"
     );
     let migration = Arc::new(Migration::new(
@@ -64,10 +77,15 @@ pub async fn prepare(node: &Arc<Node>, request: Prepare) -> Result<(), ChangeErr
 
 /// Phase 2: ship every key of the outgoing ranges to its new owner; this node keeps
 /// serving them meanwhile.
-pub async fn transfer(node: &Arc<Node>, change_id: u64) -> Result<Shipped, ChangeError> {
+pub async fn transfer(
+    node: &Arc<Node>,
+    from: &str,
+    change_id: u64,
+) -> Result<Shipped, ChangeError> {
     let migration = prepared(node, change_id)?;
+    migration.coordinated_by(from)?;
     migration.touch();
-    node.faults.transfer_pause_point().await;
+    node.faults().transfer_pause_point().await;
     let shipped = ship_ranges(node, &migration).await?;
     tracing::info!(
         change = change_id,
@@ -80,29 +98,42 @@ pub async fn transfer(node: &Arc<Node>, change_id: u64) -> Result<Shipped, Chang
     Ok(shipped)
 }
 
-/// A batch of entries from a peer for ranges this node takes over.
-pub fn stage(node: &Node, change_id: u64, entries: Vec<Entry>) -> Result<(), ChangeError> {
+/// A batch of entries from `from` for ranges it hands to this node.
+pub fn stage(
+    node: &Node,
+    from: &str,
+    change_id: u64,
+    entries: Vec<Entry>,
+) -> Result<(), ChangeError> {
     let migration = prepared(node, change_id)?;
     migration.touch();
-    migration.stage(entries);
+    let (keys, bytes) = (entries.len(), entries.iter().map(Entry::size).sum());
+    migration.stage(node.address(), from, entries)?;
+    crate::metrics::received(keys, bytes);
     Ok(())
 }
 
 /// Phase 3: freeze writes to the outgoing ranges and re-send every key written there
 /// since prepare (deleted keys as tombstones).
-pub async fn catch_up(node: &Arc<Node>, change_id: u64) -> Result<Shipped, ChangeError> {
+pub async fn catch_up(
+    node: &Arc<Node>,
+    from: &str,
+    change_id: u64,
+) -> Result<Shipped, ChangeError> {
     let migration = prepared(node, change_id)?;
+    migration.coordinated_by(from)?;
     migration.touch();
     node.freeze(&migration);
     let entries = migration
         .take_dirty()
         .into_iter()
         .map(|key| {
-            let value = node.store.get(key_hash(key.as_bytes()), &key)?;
+            let value = node.store().get(key_hash(key.as_bytes()), &key)?;
             Ok(Entry { key, value })
         })
         .collect::<Result<Vec<Entry>, ChangeError>>()?;
     let shipped = ship_entries(node, &migration, entries).await?;
+    migration.mark_shipped();
     tracing::info!(change = change_id, keys = shipped.keys, "catch-up done");
     migration.touch();
     Ok(shipped)
@@ -110,8 +141,20 @@ pub async fn catch_up(node: &Arc<Node>, change_id: u64) -> Result<Shipped, Chang
 
 /// Phase 4: make received keys live, switch to the new view, drop what was handed over.
 /// Idempotent: committing a change that already committed here reports the key count.
-pub async fn commit(node: &Arc<Node>, change_id: u64) -> Result<Committed, ChangeError> {
-    node.faults.commit_pause_point().await;
+/// `from` is the coordinator that asks, or `None` when this node settles the change itself
+/// (its watchdog, or a peer already serving the new epoch). Refused while this node has not
+/// shipped what it hands over: a commit never drops keys that are nowhere else.
+pub async fn commit(
+    node: &Arc<Node>,
+    from: Option<&str>,
+    change_id: u64,
+) -> Result<Committed, ChangeError> {
+    if let (Some(from), Some(migration)) = (from, node.migration()) {
+        if migration.change_id() == change_id {
+            migration.coordinated_by(from)?;
+        }
+    }
+    node.faults().commit_pause_point().await;
     let node = node.clone();
     // On a blocking thread: applying and dropping a large range takes a while, and once
     // begun it must finish even if the caller goes away (half a commit loses staged keys).
@@ -121,51 +164,66 @@ pub async fn commit(node: &Arc<Node>, change_id: u64) -> Result<Committed, Chang
 }
 
 fn commit_now(node: &Node, change_id: u64) -> Result<Committed, ChangeError> {
-    let _serial = node.change_lock.blocking_lock();
+    let _serial = node.change_lock().blocking_lock();
     let migration = match prepared(node, change_id) {
         Ok(migration) => migration,
         Err(error) => {
             return if node.outcome(change_id) == Outcome::Committed {
                 Ok(Committed {
-                    key_count: node.store.len(),
+                    key_count: node.store().len(),
                 })
             } else {
                 Err(error)
             };
         }
     };
+    if !migration.may_drop() {
+        tracing::warn!(
+            change = change_id,
+            "commit before this node shipped its ranges; refused"
+        );
+        return Err(ChangeError::NotShipped(change_id));
+    }
     let staged = migration.take_staged();
     let received = staged.len();
     for (key, value) in staged {
-        node.store.apply(key_hash(key.as_bytes()), &key, value)?;
+        node.store().apply(key_hash(key.as_bytes()), &key, value)?;
     }
     node.switch_to(&migration);
     migration.end();
     let mut dropped = 0;
-    for (start, end) in migration.outgoing.iter().flat_map(|r| r.range.segments()) {
-        dropped += node.store.remove_segment(start, end)?;
+    for (start, end) in migration.outgoing().iter().flat_map(|r| r.range.segments()) {
+        dropped += node.store().remove_segment(start, end)?;
     }
     node.record_outcome(change_id, Outcome::Committed);
     tracing::info!(
         change = change_id,
-        epoch = migration.view.epoch,
-        view = %migration.view.members_text(),
+        epoch = migration.view().epoch,
+        view = %migration.view().members_text(),
         received,
         dropped,
-        keys = node.store.len(),
+        keys = node.store().len(),
         "committed view change"
     );
     Ok(Committed {
-        key_count: node.store.len(),
+        key_count: node.store().len(),
     })
 }
 
-/// Abandons a prepared change: received keys are discarded, the old view stays.
-pub async fn abort(node: &Arc<Node>, change_id: u64) -> Result<(), ChangeError> {
-    let _serial = node.change_lock.lock().await;
+/// Abandons a prepared change: received keys are discarded, the old view stays. `from` is
+/// the coordinator that asks, or `None` when this node's watchdog gives up.
+pub async fn abort(
+    node: &Arc<Node>,
+    from: Option<&str>,
+    change_id: u64,
+) -> Result<(), ChangeError> {
+    let _serial = node.change_lock().lock().await;
     let Ok(migration) = prepared(node, change_id) else {
         return Ok(());
     };
+    if let Some(from) = from {
+        migration.coordinated_by(from)?;
+    }
     node.drop_migration(&migration);
     migration.end();
     node.record_outcome(change_id, Outcome::Aborted);
@@ -188,7 +246,7 @@ enum Resolution {
 /// decided and this node commits too; it aborts only when nobody committed and the
 /// coordinator is gone or has given up.
 async fn watchdog(node: Arc<Node>, migration: Arc<Migration>) {
-    let timeout = node.config.phase_timeout;
+    let timeout = node.config().phase_timeout;
     let mut ended = migration.ended();
     loop {
         tokio::select! {
@@ -203,47 +261,56 @@ async fn watchdog(node: Arc<Node>, migration: Arc<Migration>) {
                 migration.touch();
                 continue;
             }
-            Resolution::Commit => commit(&node, migration.change_id).await.map(|_| ()),
-            Resolution::Abort => abort(&node, migration.change_id).await,
+            Resolution::Commit => commit(&node, None, migration.change_id()).await.map(|_| ()),
+            Resolution::Abort => abort(&node, None, migration.change_id()).await,
         };
         if let Err(error) = outcome {
-            tracing::warn!(change = migration.change_id, %error, "watchdog could not settle the change");
+            tracing::warn!(change = migration.change_id(), %error, "watchdog could not settle the change");
         }
         return;
     }
 }
 
 async fn resolve(node: &Arc<Node>, migration: &Migration) -> Resolution {
-    if *migration.coordinator == *node.address && node.coordinating.try_lock().is_err() {
+    if migration.coordinator() == &**node.address() && node.coordinating().try_lock().is_err() {
         return Resolution::Wait;
     }
     let view = node.view();
-    let path = format!("/internal/outcome/{}", migration.change_id);
+    let ask = Request::Outcome {
+        change_id: migration.change_id(),
+    };
     // The coordinator too, which takes no part when it is in neither view.
     let asks = migration
-        .participants
+        .participants()
         .iter()
-        .chain(Some(&migration.coordinator).filter(|c| !migration.participants.contains(c)))
-        .filter(|peer| **peer != *node.address)
+        .map(String::as_str)
+        .chain(
+            Some(migration.coordinator())
+                .filter(|c| !migration.participants().iter().any(|p| p == c)),
+        )
+        .filter(|peer| *peer != &**node.address())
         .map(|peer| {
-            let path = path.clone();
-            let view = view.clone();
+            let (view, ask) = (view.clone(), &ask);
             async move {
-                let answer: Result<Outcome, _> = node
-                    .peers
-                    .call::<(), _>(peer, Method::GET, &path, None, &view, node.peers.timeout())
+                let answer = node
+                    .peers()
+                    .call(peer, ask, &view, node.peers().timeout())
                     .await;
-                (peer.clone(), answer.unwrap_or(Outcome::Unknown))
+                let outcome = match answer {
+                    Ok(Response::Outcome(outcome)) => outcome,
+                    _ => Outcome::Unknown,
+                };
+                (peer.to_string(), outcome)
             }
         });
     let answers = futures_util::future::join_all(asks).await;
     let coordinator_busy = answers
         .iter()
-        .any(|(peer, outcome)| *peer == migration.coordinator && *outcome == Outcome::Pending);
+        .any(|(peer, outcome)| *peer == migration.coordinator() && *outcome == Outcome::Pending);
     let anyone_committed = answers.iter().any(|(_, o)| *o == Outcome::Committed);
     tracing::warn!(
-        change = migration.change_id,
-        coordinator = %migration.coordinator,
+        change = migration.change_id(),
+        coordinator = %migration.coordinator(),
         ?answers,
         "coordinator silent past the phase timeout; asked peers"
     );

@@ -7,13 +7,14 @@ use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 
-use super::{ChangeError, Migration};
-use crate::forward::PeerError;
+use crate::change::{ChangeError, Migration};
 use crate::metrics;
 use crate::node::Node;
+use crate::peers::PeerError;
 use crate::ring::HashRange;
+use crate::rpc::{Request, Response};
 use crate::store::Entry;
-use crate::wire::{encode_batch, Shipped};
+use crate::wire::Shipped;
 
 /// Most keys in one batch.
 pub const BATCH_KEYS: usize = 4096;
@@ -85,13 +86,28 @@ impl<'a> Progress<'a> {
     }
 }
 
+/// Sends one batch of entries to `destination`'s staging area.
+async fn stage(
+    node: &Node,
+    destination: &str,
+    change_id: u64,
+    entries: Vec<Entry>,
+    view: &crate::view::View,
+) -> Result<(), PeerError> {
+    let request = Request::Stage { change_id, entries };
+    match node
+        .peers()
+        .call(destination, &request, view, BATCH_TIMEOUT)
+        .await?
+    {
+        Response::Done => Ok(()),
+        _ => Err(PeerError::BadAnswer(destination.to_string())),
+    }
+}
+
 /// A destination that did not take a batch.
 fn unreachable(error: PeerError) -> ChangeError {
-    ChangeError::Unreachable(vec![match error {
-        PeerError::Unreachable(peer)
-        | PeerError::BadAnswer(peer)
-        | PeerError::Refused { peer, .. } => peer,
-    }])
+    ChangeError::Unreachable(vec![error.peer().to_string()])
 }
 
 fn total(parts: impl IntoIterator<Item = Shipped>) -> Shipped {
@@ -127,7 +143,7 @@ fn collect(results: Vec<Result<Shipped, ChangeError>>) -> Result<Shipped, Change
 /// destination, whatever the number of keys.
 pub async fn ship_ranges(node: &Arc<Node>, migration: &Migration) -> Result<Shipped, ChangeError> {
     let mut by_destination: HashMap<&str, Vec<HashRange>> = HashMap::new();
-    for moved in &migration.outgoing {
+    for moved in migration.outgoing() {
         by_destination
             .entry(&moved.to)
             .or_default()
@@ -150,29 +166,35 @@ async fn ship_to(
         ranges: ranges.len(),
         ..Shipped::default()
     };
-    let mut progress = Progress::new(migration.change_id, destination, &ranges);
+    let mut progress = Progress::new(migration.change_id(), destination, &ranges);
     for (start, end) in ranges.iter().flat_map(HashRange::segments) {
         let mut from = start;
         loop {
-            let batch = node.store.read_batch(from, end, BATCH_KEYS, BATCH_BYTES)?;
+            let batch = node
+                .store()
+                .read_batch(from, end, BATCH_KEYS, BATCH_BYTES)?;
             if !batch.entries.is_empty() {
                 shipped.keys += batch.entries.len();
                 shipped.bytes += batch.bytes;
-                let body = encode_batch(migration.change_id, &batch.entries);
-                if let Err(error) = node
-                    .peers
-                    .stage(destination, body, &view, BATCH_TIMEOUT)
-                    .await
+                let (keys, bytes) = (batch.entries.len(), batch.bytes);
+                if let Err(error) = stage(
+                    node,
+                    destination,
+                    migration.change_id(),
+                    batch.entries,
+                    &view,
+                )
+                .await
                 {
                     tracing::warn!(
-                        change = migration.change_id,
+                        change = migration.change_id(),
                         to = destination,
                         %error,
                         "transfer batch not accepted"
                     );
                     return Err(unreachable(error));
                 }
-                metrics::shipped(batch.entries.len(), batch.bytes);
+                metrics::shipped(keys, bytes);
                 migration.touch();
             }
             match batch.next {
@@ -197,7 +219,7 @@ pub async fn ship_entries(
 ) -> Result<Shipped, ChangeError> {
     let mut by_destination: HashMap<Arc<str>, Vec<Entry>> = HashMap::new();
     for entry in entries {
-        let owner = migration.view.ring.owner(entry.key.as_bytes()).clone();
+        let owner = migration.view().ring.owner(entry.key.as_bytes()).clone();
         by_destination.entry(owner).or_default().push(entry);
     }
     let view = node.view();
@@ -206,20 +228,20 @@ pub async fn ship_entries(
         async move {
             let mut shipped = Shipped::default();
             for chunk in entries.chunks(BATCH_KEYS) {
-                let bytes = chunk
-                    .iter()
-                    .map(|e| e.key.len() + e.value.as_ref().map_or(0, |v| v.len()))
-                    .sum::<usize>();
+                let bytes = chunk.iter().map(Entry::size).sum::<usize>();
                 shipped.keys += chunk.len();
                 shipped.bytes += bytes;
-                let body = encode_batch(migration.change_id, chunk);
-                if let Err(error) = node
-                    .peers
-                    .stage(&destination, body, &view, BATCH_TIMEOUT)
-                    .await
+                if let Err(error) = stage(
+                    node,
+                    &destination,
+                    migration.change_id(),
+                    chunk.to_vec(),
+                    &view,
+                )
+                .await
                 {
                     tracing::warn!(
-                        change = migration.change_id,
+                        change = migration.change_id(),
                         to = %destination,
                         %error,
                         "catch-up batch not accepted"

@@ -283,9 +283,9 @@ impl Client {
         )
     }
 
-    /// `GET /internal/state` of a node (epoch, view, pending change).
+    /// `GET /cluster/state` of a node (epoch, view, pending change).
     pub fn state(&self, node: &str) -> Value {
-        self.get(&format!("http://{node}/internal/state")).body
+        self.get(&format!("http://{node}/cluster/state")).body
     }
 }
 

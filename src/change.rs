@@ -1,0 +1,207 @@
+//! A view change in progress on this node, as the node's shared state holds it: the new
+//! view, the ranges it hands over (whose writes it records, and which it freezes before
+//! the commit), the ranges it takes over with the keys staged for them, and whether it has
+//! shipped what it hands over. The request path sees a change only through
+//! [`Migration::hands_over`], [`Migration::record_write`] and [`Migration::is_frozen`];
+//! what each phase does is in [`crate::migrate`].
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use tokio::sync::watch;
+
+use crate::ring::{MovedRange, RangeSet};
+use crate::store::{Entry, StoreError};
+use crate::view::{View, ViewError};
+
+/// Why a view-change step failed; mapped to replies in `api::reply` (for clients) and in
+/// `endpoint` (for the coordinator), one table each.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChangeError {
+    #[error("{0}")]
+    BadView(ViewError),
+    #[error("View change in progress")]
+    InProgress,
+    #[error("epoch {offered} is not newer than the epoch in force ({current})")]
+    StaleEpoch { offered: u64, current: u64 },
+    #[error("epoch {offered} is too far ahead of the epoch in force ({current})")]
+    EpochTooFar { offered: u64, current: u64 },
+    #[error("no prepared change {0} on this node")]
+    UnknownChange(u64),
+    #[error("{0} does not coordinate this change")]
+    NotCoordinator(String),
+    #[error("change {0} has not shipped what it hands over")]
+    NotShipped(u64),
+    #[error("the sender does not hand over the range of key {0:?}")]
+    NotIncoming(String),
+    #[error("Unable to satisfy request")]
+    Unreachable(Vec<String>),
+    #[error(transparent)]
+    Storage(#[from] StoreError),
+}
+
+/// A change this node has prepared: the new view, what it hands over, what it receives.
+pub struct Migration {
+    change_id: u64,
+    coordinator: String,
+    participants: Vec<String>,
+    /// The view in force once the change commits.
+    view: Arc<View>,
+    /// The ranges this node owns now and hands over, each with its new owner.
+    outgoing: Vec<MovedRange>,
+    outgoing_set: RangeSet,
+    /// Set once this node's catch-up shipped everything it hands over: only then may the
+    /// commit drop those ranges.
+    shipped: AtomicBool,
+    /// Keys written in an outgoing range since prepare: re-sent in the catch-up.
+    dirty: Mutex<HashSet<String>>,
+    frozen: AtomicBool,
+    /// Keys received for ranges this node takes over; `None` is a deletion.
+    staged: Mutex<HashMap<String, Option<Bytes>>>,
+    ended: watch::Sender<bool>,
+    last_heard: Mutex<Instant>,
+}
+
+impl Migration {
+    pub fn change_id(&self) -> u64 {
+        self.change_id
+    }
+
+    pub fn coordinator(&self) -> &str {
+        &self.coordinator
+    }
+
+    /// Every node taking part (old view ∪ new view).
+    pub fn participants(&self) -> &[String] {
+        &self.participants
+    }
+
+    /// The view in force once the change commits.
+    pub fn view(&self) -> &Arc<View> {
+        &self.view
+    }
+
+    /// The ranges this node hands over, each with its new owner.
+    pub fn outgoing(&self) -> &[MovedRange] {
+        &self.outgoing
+    }
+
+    pub(crate) fn new(
+        change_id: u64,
+        coordinator: String,
+        participants: Vec<String>,
+        view: Arc<View>,
+        outgoing: Vec<MovedRange>,
+    ) -> Self {
+        Migration {
+            change_id,
+            coordinator,
+            participants,
+            view,
+            outgoing_set: RangeSet::new(outgoing.iter().map(|r| &r.range)),
+            outgoing,
+            shipped: AtomicBool::new(false),
+            dirty: Mutex::new(HashSet::new()),
+            frozen: AtomicBool::new(false),
+            staged: Mutex::new(HashMap::new()),
+            ended: watch::Sender::new(false),
+            last_heard: Mutex::new(Instant::now()),
+        }
+    }
+
+    /// Whether a key with this hash is in a range this node hands over.
+    #[inline]
+    pub fn hands_over(&self, hash: u64) -> bool {
+        self.outgoing_set.contains(hash)
+    }
+
+    pub fn is_frozen(&self) -> bool {
+        self.frozen.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn freeze(&self) {
+        self.frozen.store(true, Ordering::Release);
+    }
+
+    /// Notes a write to `key`, in a range this node hands over: re-sent in the catch-up.
+    pub fn record_write(&self, key: &str) {
+        let mut dirty = self.dirty.lock();
+        if !dirty.contains(key) {
+            dirty.insert(key.to_string());
+        }
+    }
+
+    pub(crate) fn take_dirty(&self) -> HashSet<String> {
+        std::mem::take(&mut self.dirty.lock())
+    }
+
+    /// Takes a batch from `from`, a participant, if this node owns every key of it under
+    /// the new view. (Not "under the sender's ring": nodes started with different views
+    /// converge through a change, and each ships what its own ring says it held.)
+    pub(crate) fn stage(
+        &self,
+        me: &str,
+        from: &str,
+        entries: Vec<Entry>,
+    ) -> Result<(), ChangeError> {
+        if !self.participants.iter().any(|p| p == from) {
+            return Err(ChangeError::NotCoordinator(from.to_string()));
+        }
+        if let Some(stray) = entries
+            .iter()
+            .find(|e| **self.view.ring.owner(e.key.as_bytes()) != *me)
+        {
+            return Err(ChangeError::NotIncoming(stray.key.clone()));
+        }
+        let mut staged = self.staged.lock();
+        for entry in entries {
+            staged.insert(entry.key, entry.value);
+        }
+        Ok(())
+    }
+
+    /// Whether `sender` is this change's coordinator.
+    pub(crate) fn coordinated_by(&self, sender: &str) -> Result<(), ChangeError> {
+        if self.coordinator == sender {
+            Ok(())
+        } else {
+            Err(ChangeError::NotCoordinator(sender.to_string()))
+        }
+    }
+
+    pub(crate) fn mark_shipped(&self) {
+        self.shipped.store(true, Ordering::Release);
+    }
+
+    /// Whether the commit may drop the outgoing ranges: they were all shipped (or there
+    /// are none).
+    pub(crate) fn may_drop(&self) -> bool {
+        self.outgoing.is_empty() || self.shipped.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn take_staged(&self) -> HashMap<String, Option<Bytes>> {
+        std::mem::take(&mut self.staged.lock())
+    }
+
+    /// A receiver that turns true once the change is committed or aborted here.
+    pub fn ended(&self) -> watch::Receiver<bool> {
+        self.ended.subscribe()
+    }
+
+    pub(crate) fn end(&self) {
+        self.ended.send_replace(true);
+    }
+
+    /// Notes that the change is making progress (a message arrived or a batch went out).
+    pub(crate) fn touch(&self) {
+        *self.last_heard.lock() = Instant::now();
+    }
+
+    pub(crate) fn quiet_for(&self) -> std::time::Duration {
+        self.last_heard.lock().elapsed()
+    }
+}

@@ -1,0 +1,146 @@
+//! What a node does with each message another node sends it: the one place where a
+//! message's sender and stamp are checked before anything acts on it, and where each
+//! [`Request`] is mapped to the request path or a view-change phase, and each outcome to a
+//! [`Response`].
+//!
+//! The checks, in order:
+//! 1. the sender's identity was proven by the connection's handshake (it answered as the
+//!    address it claims when this node dials it, and with a cluster token both sides proved
+//!    they hold it);
+//! 2. a stamp with a newer epoch makes the node learn that view (once at a time, asked of
+//!    the sender over this node's own connection to it, and only within
+//!    [`crate::view::MAX_EPOCH_GAP`]);
+//! 3. per message: forwarded keys and values are validated as the public API validates
+//!    them; view-change phases are obeyed only from the change's coordinator; staged keys
+//!    only from a node that hands their ranges to this one (see [`crate::migrate`]).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use warp::http::{Method, StatusCode};
+
+use crate::change::ChangeError;
+use crate::data::{self, NotServed};
+use crate::kv::{self, KvOp, KvOutcome};
+use crate::metrics::{self, RouteLabel};
+use crate::migrate;
+use crate::node::Node;
+use crate::peers::stamp_of;
+use crate::rpc::client::Identity;
+use crate::rpc::server::Handler;
+use crate::rpc::{Refusal, Request, Response, Stamp};
+
+impl Handler for Node {
+    fn identity(&self) -> &Identity {
+        self.identity()
+    }
+
+    fn stamp(&self) -> Stamp {
+        stamp_of(&self.view())
+    }
+
+    async fn handle(
+        self: Arc<Self>,
+        from: Arc<str>,
+        stamp: Stamp,
+        request: Request,
+    ) -> (Stamp, Response) {
+        if stamp.epoch > self.view().epoch {
+            migrate::learn(&self, stamp.epoch, None, &from).await;
+        }
+        let response = match request {
+            Request::Kv { key, op } => serve_kv(&self, &key, op, stamp.epoch, &from).await,
+            Request::State => Response::State(self.node_state()),
+            Request::Outcome { change_id } => Response::Outcome(self.outcome(change_id)),
+            Request::Prepare(prepare) => {
+                reply(migrate::prepare(&self, &from, prepare).await, |()| {
+                    Response::Done
+                })
+            }
+            Request::Transfer { change_id } => reply(
+                migrate::transfer(&self, &from, change_id).await,
+                Response::Shipped,
+            ),
+            Request::Stage { change_id, entries } => {
+                reply(migrate::stage(&self, &from, change_id, entries), |()| {
+                    Response::Done
+                })
+            }
+            Request::CatchUp { change_id } => reply(
+                migrate::catch_up(&self, &from, change_id).await,
+                Response::Shipped,
+            ),
+            Request::Commit { change_id } => reply(
+                migrate::commit(&self, Some(&from), change_id).await,
+                Response::Committed,
+            ),
+            Request::Abort { change_id } => {
+                reply(migrate::abort(&self, Some(&from), change_id).await, |()| {
+                    Response::Done
+                })
+            }
+        };
+        (self.stamp(), response)
+    }
+}
+
+/// A phase's result as an answer.
+fn reply<T>(result: Result<T, ChangeError>, done: impl FnOnce(T) -> Response) -> Response {
+    match result {
+        Ok(value) => done(value),
+        Err(error) => Response::Refused(refusal(error)),
+    }
+}
+
+/// The one mapping of a participant's errors to what the coordinator is told.
+fn refusal(error: ChangeError) -> Refusal {
+    match error {
+        ChangeError::InProgress => Refusal::InProgress,
+        ChangeError::BadView(why) => Refusal::BadView(why.to_string()),
+        ChangeError::StaleEpoch { offered, current } => Refusal::StaleEpoch { offered, current },
+        ChangeError::EpochTooFar { offered, current } => Refusal::EpochTooFar { offered, current },
+        ChangeError::UnknownChange(id) => Refusal::UnknownChange(id),
+        ChangeError::NotCoordinator(sender) => Refusal::NotMember(sender),
+        ChangeError::NotShipped(id) => Refusal::NotShipped(id),
+        ChangeError::NotIncoming(key) => Refusal::NotIncoming(key),
+        ChangeError::Unreachable(peers) => Refusal::Unreachable(peers),
+        ChangeError::Storage(error) => Refusal::Storage(error.to_string()),
+    }
+}
+
+fn method_of(op: &KvOp) -> Method {
+    match op {
+        KvOp::Get => Method::GET,
+        KvOp::Put(_) => Method::PUT,
+        KvOp::Delete => Method::DELETE,
+    }
+}
+
+/// A forwarded key request: checked as the public API checks it, then served by this
+/// node as the key's owner.
+async fn serve_kv(node: &Arc<Node>, key: &str, op: KvOp, epoch: u64, from: &str) -> Response {
+    let started = Instant::now();
+    let method = method_of(&op);
+    let response = match kv::check(key, &op) {
+        Err(invalid) => {
+            tracing::warn!(from, key, %invalid, "refusing a forwarded request");
+            Response::Refused(Refusal::Invalid(invalid))
+        }
+        Ok(()) => match data::serve_forwarded(node, key, op, epoch, from).await {
+            Ok(outcome) => Response::Kv(outcome),
+            Err(NotServed::Misdirected(newer)) => Response::Misdirected(newer),
+            Err(NotServed::Unsettled) => Response::Refused(Refusal::Unsettled),
+            Err(NotServed::Failed(error)) => Response::Refused(Refusal::Storage(error.to_string())),
+        },
+    };
+    let status = match &response {
+        Response::Kv(KvOutcome::Added) => StatusCode::CREATED,
+        Response::Kv(KvOutcome::Absent) => StatusCode::NOT_FOUND,
+        Response::Kv(_) => StatusCode::OK,
+        Response::Misdirected(_) => StatusCode::MISDIRECTED_REQUEST,
+        Response::Refused(Refusal::Invalid(_)) => StatusCode::BAD_REQUEST,
+        _ => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    metrics::request(RouteLabel::Internal, &method, status, started.elapsed());
+    response
+}

@@ -1,0 +1,121 @@
+//! Every message nodes exchange: one [`Request`] variant per call, one [`Response`] variant
+//! per kind of answer, and [`Refusal`], the one list of reasons a node refuses a call.
+
+use serde::{Deserialize, Serialize};
+
+use crate::kv::{Invalid, KvOp, KvOutcome};
+use crate::store::Entry;
+use crate::wire::{Committed, Misdirected, NodeState, Outcome, Prepare, Shipped};
+
+/// What the sender of a message routes by: carried by every request and every answer, so
+/// a node acting on an old view is detected instead of silently obeyed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stamp {
+    pub epoch: u64,
+    /// The identity of the sender's member set ([`crate::view::view_id`]).
+    pub view_id: u64,
+}
+
+/// A call from one node to another.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// A client's key request, forwarded to the key's owner.
+    Kv {
+        key: String,
+        op: KvOp,
+    },
+    /// The receiver's view and change state.
+    State,
+    /// Phase 1 of a view change.
+    Prepare(Prepare),
+    /// Phase 2: ship the outgoing ranges.
+    Transfer {
+        change_id: u64,
+    },
+    /// Keys for ranges the receiver takes over (a `None` value is a deletion).
+    Stage {
+        change_id: u64,
+        entries: Vec<Entry>,
+    },
+    /// Phase 3: freeze the outgoing ranges and re-send what was written meanwhile.
+    CatchUp {
+        change_id: u64,
+    },
+    /// Phase 4.
+    Commit {
+        change_id: u64,
+    },
+    Abort {
+        change_id: u64,
+    },
+    /// What the receiver knows of a change (for a participant whose coordinator is silent).
+    Outcome {
+        change_id: u64,
+    },
+}
+
+impl Request {
+    /// The name logs and metrics use.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Request::Kv { .. } => "kv",
+            Request::State => "state",
+            Request::Prepare(_) => "prepare",
+            Request::Transfer { .. } => "transfer",
+            Request::Stage { .. } => "stage",
+            Request::CatchUp { .. } => "catch-up",
+            Request::Commit { .. } => "commit",
+            Request::Abort { .. } => "abort",
+            Request::Outcome { .. } => "outcome",
+        }
+    }
+}
+
+/// An answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    /// What the owner did with a key request.
+    Kv(KvOutcome),
+    /// Not the owner under the receiver's view, which is newer than the sender's.
+    Misdirected(Misdirected),
+    State(NodeState),
+    /// Done, nothing to report.
+    Done,
+    Shipped(Shipped),
+    Committed(Committed),
+    Outcome(Outcome),
+    Refused(Refusal),
+}
+
+/// Why a node refused a call; the caller maps it to its own error (one table per surface).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum Refusal {
+    #[error("View change in progress")]
+    InProgress,
+    #[error("epoch {offered} is not newer than the epoch in force ({current})")]
+    StaleEpoch { offered: u64, current: u64 },
+    #[error("epoch {offered} is too far ahead of the epoch in force ({current})")]
+    EpochTooFar { offered: u64, current: u64 },
+    #[error("no prepared change {0} on this node")]
+    UnknownChange(u64),
+    #[error("{0}")]
+    BadView(String),
+    #[error("{0} takes no part in this node's view or change")]
+    NotMember(String),
+    #[error("change {0} has not shipped what it hands over; commit refused")]
+    NotShipped(u64),
+    #[error("the sender does not hand over the range of key {0:?}")]
+    NotIncoming(String),
+    #[error("the view in force is not known yet")]
+    Unsettled,
+    #[error("{0}")]
+    Invalid(Invalid),
+    #[error("nodes did not answer: {0:?}")]
+    Unreachable(Vec<String>),
+    #[error("storage: {0}")]
+    Storage(String),
+    #[error("too many requests waiting on this connection")]
+    Busy,
+    #[error("an answer of the wrong kind")]
+    Unexpected,
+}
