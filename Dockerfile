@@ -2,6 +2,7 @@
 #
 #   docker build -t kvs:3.0 .                       (or scripts/docker-build)
 #   docker build --build-arg BUILDER=IMAGE -t kvs:3.0 .
+#   docker build --build-arg FEATURES=fault-hooks -t ringkv:test .   (the test harness's)
 #
 # Two stages. `build` compiles a static glibc binary in BUILDER, by default the
 # registry's rust:1-bookworm; where no registry can be reached, scripts/builder-image
@@ -37,8 +38,13 @@ RUN cargo-stubs >/dev/null \
 # stand in for the targets the manifest names).
 COPY . .
 ARG STRIP=1
+# Cargo features of the ringkv crate: none in production; the container test harness
+# builds with `fault-hooks` (test-only pause points), which no dependency depends on, so
+# the dependency layer above is shared.
+ARG FEATURES=
 RUN cargo-stubs >/dev/null \
     && cargo build --release --locked --target x86_64-unknown-linux-gnu --bin ringkv \
+        --features "$FEATURES" \
     && bin=target/x86_64-unknown-linux-gnu/release/ringkv \
     && if readelf -lW "$bin" | grep -q 'program interpreter'; then \
         echo "$bin is dynamically linked" >&2; exit 1; fi \

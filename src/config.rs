@@ -9,6 +9,10 @@ use crate::auth::{ClusterToken, TokenError};
 use crate::ring::{canonical_address, validate_address, DEFAULT_VNODES};
 use crate::view::{parse_members, ViewError};
 
+/// The largest `--max-body-bytes`: a forwarded PUT carries the value in one RPC frame, so
+/// the limit stays below the frame limit with room for the key and the headers.
+pub const MAX_BODY_BYTES: usize = crate::rpc::MAX_FRAME - (1 << 20);
+
 /// Why a node refused to start.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -24,6 +28,8 @@ pub enum ConfigError {
     ZeroVnodes,
     #[error("--{0} must be a positive number of seconds")]
     BadDuration(&'static str),
+    #[error("--max-body-bytes must be at most {0} (a forwarded value travels in one frame)")]
+    BodyLimitTooLarge(usize),
     #[error("--cluster-token/CLUSTER_TOKEN: {0}")]
     BadToken(TokenError),
 }
@@ -154,6 +160,9 @@ impl Config {
         if args.vnodes == 0 {
             return Err(ConfigError::ZeroVnodes);
         }
+        if args.max_body_bytes > MAX_BODY_BYTES {
+            return Err(ConfigError::BodyLimitTooLarge(MAX_BODY_BYTES));
+        }
         Ok(Config {
             listen,
             address,
@@ -241,6 +250,10 @@ mod tests {
             "--view/VIEW: View entry '10.10.2.0:1380010.10.3.0:13800' is not ip:port; \
              expected comma-separated ip:port entries, e.g. VIEW=10.10.0.4:13800,10.10.0.5:13800"
         );
+        assert!(matches!(
+            parse(&["--max-body-bytes", "1000000000"]),
+            Err(ConfigError::BodyLimitTooLarge(_))
+        ));
         assert!(matches!(
             parse(&["--forward-timeout", "0"]),
             Err(ConfigError::BadDuration(_))

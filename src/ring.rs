@@ -126,7 +126,6 @@ pub struct HashRing {
     tokens: Vec<u64>,
     /// `owners[i]` indexes `nodes` for `tokens[i]`.
     owners: Vec<u32>,
-    vnodes: u32,
     /// Lookup index by the top bits of a hash: `bucket_start[p]` is the index of the first
     /// token whose top bits are `>= p`, so the tokens with top bits `p` are
     /// `bucket_start[p]..bucket_start[p + 1]` and a lookup binary-searches only those few.
@@ -191,7 +190,6 @@ impl HashRing {
             nodes,
             tokens,
             owners,
-            vnodes,
             bucket_start,
             bucket_shift,
         })
@@ -202,19 +200,9 @@ impl HashRing {
         &self.nodes
     }
 
-    /// Tokens per node.
-    pub fn vnodes(&self) -> u32 {
-        self.vnodes
-    }
-
     /// Total number of tokens on the ring.
     pub fn token_count(&self) -> usize {
         self.tokens.len()
-    }
-
-    /// Whether `addr` is one of the ring's nodes.
-    pub fn has_node(&self, addr: &str) -> bool {
-        self.nodes.binary_search_by(|n| (**n).cmp(addr)).is_ok()
     }
 
     /// Index of the first token at or after `hash`, wrapping to 0.
