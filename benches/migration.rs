@@ -135,6 +135,13 @@ async fn change(
 }
 
 fn main() {
+    // RUST_LOG=debug shows what the nodes do (and why a GET failed).
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_target(false)
+            .init();
+    }
     let full = std::env::args().any(|a| a == "--bench");
     let key_count = if full { 1_000_000 } else { 20_000 };
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -6,7 +6,7 @@
 //! what each phase does is in [`crate::migrate`].
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -17,6 +17,10 @@ use tokio::sync::watch;
 use crate::ring::{MovedRange, RangeSet};
 use crate::store::{Entry, StoreError};
 use crate::view::{View, ViewError};
+
+const PREPARED: u8 = 0;
+const TRANSFERRED: u8 = 1;
+const SHIPPED: u8 = 2;
 
 /// Why a view-change step failed; mapped to replies in `api::reply` (for clients) and in
 /// `endpoint` (for the coordinator), one table each.
@@ -38,6 +42,10 @@ pub enum ChangeError {
     NotShipped(u64),
     #[error("the sender does not hand over the range of key {0:?}")]
     NotIncoming(String),
+    #[error("staged key {0:?}: {1}")]
+    Invalid(String, crate::kv::Invalid),
+    #[error("{0} does not know this change; this node will not decide it alone")]
+    NotConfirmed(String),
     #[error("Unable to satisfy request")]
     Unreachable(Vec<String>),
     #[error(transparent)]
@@ -54,9 +62,10 @@ pub struct Migration {
     /// The ranges this node owns now and hands over, each with its new owner.
     outgoing: Vec<MovedRange>,
     outgoing_set: RangeSet,
-    /// Set once this node's catch-up shipped everything it hands over: only then may the
-    /// commit drop those ranges.
-    shipped: AtomicBool,
+    /// How far this node's shipping got: [`PREPARED`], [`TRANSFERRED`] (the bulk transfer
+    /// of every outgoing range was accepted) or [`SHIPPED`] (and then the catch-up). Only a
+    /// shipped change may drop the outgoing ranges at commit.
+    progress: AtomicU8,
     /// Keys written in an outgoing range since prepare: re-sent in the catch-up.
     dirty: Mutex<HashSet<String>>,
     frozen: AtomicBool,
@@ -104,7 +113,7 @@ impl Migration {
             view,
             outgoing_set: RangeSet::new(outgoing.iter().map(|r| &r.range)),
             outgoing,
-            shipped: AtomicBool::new(false),
+            progress: AtomicU8::new(PREPARED),
             dirty: Mutex::new(HashSet::new()),
             frozen: AtomicBool::new(false),
             staged: Mutex::new(HashMap::new()),
@@ -151,11 +160,17 @@ impl Migration {
         if !self.participants.iter().any(|p| p == from) {
             return Err(ChangeError::NotCoordinator(from.to_string()));
         }
-        if let Some(stray) = entries
-            .iter()
-            .find(|e| **self.view.ring.owner(e.key.as_bytes()) != *me)
-        {
-            return Err(ChangeError::NotIncoming(stray.key.clone()));
+        for entry in &entries {
+            if **self.view.ring.owner(entry.key.as_bytes()) != *me {
+                return Err(ChangeError::NotIncoming(entry.key.clone()));
+            }
+            // What a client could not store, no peer may stage either.
+            let valid = match &entry.value {
+                Some(value) => crate::kv::check(&entry.key, &crate::kv::KvOp::Put(value.clone())),
+                None if crate::kv::key_fits(&entry.key) => Ok(()),
+                None => Err(crate::kv::Invalid::KeyTooLong),
+            };
+            valid.map_err(|why| ChangeError::Invalid(entry.key.clone(), why))?;
         }
         let mut staged = self.staged.lock();
         for entry in entries {
@@ -173,14 +188,33 @@ impl Migration {
         }
     }
 
-    pub(crate) fn mark_shipped(&self) {
-        self.shipped.store(true, Ordering::Release);
+    pub(crate) fn mark_transferred(&self) {
+        let _ = self.progress.compare_exchange(
+            PREPARED,
+            TRANSFERRED,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
     }
 
-    /// Whether the commit may drop the outgoing ranges: they were all shipped (or there
-    /// are none).
+    /// Whether the bulk transfer completed here (the catch-up must not run before it).
+    pub(crate) fn transferred(&self) -> bool {
+        self.progress.load(Ordering::Acquire) >= TRANSFERRED
+    }
+
+    pub(crate) fn mark_shipped(&self) {
+        let _ = self.progress.compare_exchange(
+            TRANSFERRED,
+            SHIPPED,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+    }
+
+    /// Whether the commit may drop the outgoing ranges: the transfer and then the catch-up
+    /// shipped them all (or there are none).
     pub(crate) fn may_drop(&self) -> bool {
-        self.outgoing.is_empty() || self.shipped.load(Ordering::Acquire)
+        self.outgoing.is_empty() || self.progress.load(Ordering::Acquire) == SHIPPED
     }
 
     pub(crate) fn take_staged(&self) -> HashMap<String, Option<Bytes>> {

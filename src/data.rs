@@ -12,6 +12,7 @@ use crate::migrate;
 use crate::node::{Node, Placement, Standing};
 use crate::peers::{ForwardReply, PeerError};
 use crate::ring::key_hash;
+use crate::rpc::Stamp;
 use crate::store::StoreError;
 use crate::view::View;
 use crate::wire::Misdirected;
@@ -50,6 +51,8 @@ pub enum NotServed {
     Misdirected(Misdirected),
     /// It does not know the view in force yet.
     Unsettled,
+    /// The sender routes by another view at the same epoch.
+    ViewMismatch,
     /// Its store failed.
     Failed(StoreError),
 }
@@ -164,20 +167,30 @@ pub async fn serve_kv(node: &Arc<Node>, key: &str, op: KvOp) -> Result<Served, K
     Err(KvError::NoStableOwner)
 }
 
-/// Serves a key request forwarded by `sender`, which routed it with view `epoch`.
-/// Never forwards again: answers with this node's newer view when it is not the owner,
-/// and refuses while it does not know the view in force.
+/// Serves a key request forwarded by `sender`, which routed it under `stamp`. Never
+/// forwards again: answers with this node's newer view when it is not the owner, and
+/// refuses while it does not know the view in force, or when the sender routes by another
+/// view of the same epoch (two rings; neither node can tell which is right).
 pub async fn serve_forwarded(
     node: &Arc<Node>,
     key: &str,
     op: KvOp,
-    epoch: u64,
+    stamp: Stamp,
     sender: &str,
 ) -> Result<KvOutcome, NotServed> {
-    migrate::learn(node, epoch, None, sender).await;
+    migrate::learn(node, stamp.epoch, None, sender).await;
     node.wait_until_in_force()
         .await
         .map_err(|_| NotServed::Unsettled)?;
+    let view = node.view();
+    if stamp.epoch == view.epoch && stamp.view_id != view.id {
+        tracing::warn!(
+            from = sender,
+            epoch = stamp.epoch,
+            "a forward routed by another view of the same epoch"
+        );
+        return Err(NotServed::ViewMismatch);
+    }
     let hash = key_hash(key.as_bytes());
     let misdirected = |view: &View| {
         NotServed::Misdirected(Misdirected {

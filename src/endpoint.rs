@@ -4,15 +4,18 @@
 //! [`Response`].
 //!
 //! The checks, in order:
-//! 1. the sender's identity was proven by the connection's handshake (it answered as the
-//!    address it claims when this node dials it, and with a cluster token both sides proved
-//!    they hold it);
+//! 1. the connection's handshake: with a cluster token both sides proved they hold it;
+//!    without one the sender's address is as claimed (this node checks an identity only
+//!    when it dials that address itself: a newer view is asked of the sender that way);
 //! 2. a stamp with a newer epoch makes the node learn that view (once at a time, asked of
 //!    the sender over this node's own connection to it, and only within
 //!    [`crate::view::MAX_EPOCH_GAP`]);
 //! 3. per message: forwarded keys and values are validated as the public API validates
-//!    them; view-change phases are obeyed only from the change's coordinator; staged keys
-//!    only from a node that hands their ranges to this one (see [`crate::migrate`]).
+//!    them, and refused when routed by another view of the same epoch; view-change phases
+//!    are obeyed only from the change's coordinator; staged keys only from a participant,
+//!    for keys this node owns under the new view, validated like forwarded ones; a commit
+//!    only after this node shipped what it hands over, and only when the other members of
+//!    its view know the change (see [`crate::migrate`]).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -49,7 +52,7 @@ impl Handler for Node {
             migrate::learn(&self, stamp.epoch, None, &from).await;
         }
         let response = match request {
-            Request::Kv { key, op } => serve_kv(&self, &key, op, stamp.epoch, &from).await,
+            Request::Kv { key, op } => serve_kv(&self, &key, op, stamp, &from).await,
             Request::State => Response::State(self.node_state()),
             Request::Outcome { change_id } => Response::Outcome(self.outcome(change_id)),
             Request::Prepare(prepare) => {
@@ -103,6 +106,8 @@ fn refusal(error: ChangeError) -> Refusal {
         ChangeError::NotCoordinator(sender) => Refusal::NotMember(sender),
         ChangeError::NotShipped(id) => Refusal::NotShipped(id),
         ChangeError::NotIncoming(key) => Refusal::NotIncoming(key),
+        ChangeError::Invalid(_, why) => Refusal::Invalid(why),
+        ChangeError::NotConfirmed(peer) => Refusal::NotConfirmed(peer),
         ChangeError::Unreachable(peers) => Refusal::Unreachable(peers),
         ChangeError::Storage(error) => Refusal::Storage(error.to_string()),
     }
@@ -118,7 +123,7 @@ fn method_of(op: &KvOp) -> Method {
 
 /// A forwarded key request: checked as the public API checks it, then served by this
 /// node as the key's owner.
-async fn serve_kv(node: &Arc<Node>, key: &str, op: KvOp, epoch: u64, from: &str) -> Response {
+async fn serve_kv(node: &Arc<Node>, key: &str, op: KvOp, stamp: Stamp, from: &str) -> Response {
     let started = Instant::now();
     let method = method_of(&op);
     let response = match kv::check(key, &op) {
@@ -126,10 +131,11 @@ async fn serve_kv(node: &Arc<Node>, key: &str, op: KvOp, epoch: u64, from: &str)
             tracing::warn!(from, key, %invalid, "refusing a forwarded request");
             Response::Refused(Refusal::Invalid(invalid))
         }
-        Ok(()) => match data::serve_forwarded(node, key, op, epoch, from).await {
+        Ok(()) => match data::serve_forwarded(node, key, op, stamp, from).await {
             Ok(outcome) => Response::Kv(outcome),
             Err(NotServed::Misdirected(newer)) => Response::Misdirected(newer),
             Err(NotServed::Unsettled) => Response::Refused(Refusal::Unsettled),
+            Err(NotServed::ViewMismatch) => Response::Refused(Refusal::ViewMismatch),
             Err(NotServed::Failed(error)) => Response::Refused(Refusal::Storage(error.to_string())),
         },
     };

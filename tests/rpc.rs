@@ -1145,7 +1145,7 @@ fn without_a_token_a_fake_that_answers_as_another_node_is_refused() {
 /// since its prepare, the catch-up ships nothing, counts as shipped, and the commit drops
 /// every key the node hands over to a node that does not exist.
 #[test]
-#[ignore = "hole: a catch-up with nothing dirty marks the change shipped without any transfer"]
+
 fn a_fake_coordinator_cannot_drop_keys_by_skipping_the_transfer() {
     let node = TestNode::start(&common::fresh_address(), &[], &[]);
     let a = node.address.clone();
@@ -1181,7 +1181,7 @@ fn a_fake_coordinator_cannot_drop_keys_by_skipping_the_transfer() {
 /// A fake coordinator's change that hands nothing over (the same view at the next epoch):
 /// it commits, and what was staged for keys the node already owns lands, unvalidated.
 #[test]
-#[ignore = "hole: staged entries for ranges that do not move, and unvalidated values, land at commit"]
+
 fn a_fake_change_that_moves_nothing_stores_nothing() {
     let node = TestNode::start(&common::fresh_address(), &[], &[]);
     let a = node.address.clone();
@@ -1233,7 +1233,7 @@ fn a_fake_change_that_moves_nothing_stores_nothing() {
 /// A fake coordinator's change that removes the node's peers: the node hands nothing over,
 /// so it commits, and serves the keys its peers hold as absent.
 #[test]
-#[ignore = "hole: a node commits a fake change that removes its peers (nothing outgoing)"]
+
 fn a_fake_change_cannot_remove_a_nodes_peers() {
     let cluster = Cluster::start(2, &[]);
     let client = Client::new();

@@ -140,6 +140,8 @@ impl ApiError {
                 | ChangeError::NotCoordinator(_)
                 | ChangeError::NotShipped(_)
                 | ChangeError::NotIncoming(_)
+                | ChangeError::Invalid(..)
+                | ChangeError::NotConfirmed(_)
                 | ChangeError::Unreachable(_)
                 | ChangeError::Storage(_) => StatusCode::SERVICE_UNAVAILABLE,
             },

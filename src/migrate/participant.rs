@@ -87,6 +87,7 @@ pub async fn transfer(
     migration.touch();
     node.faults().transfer_pause_point().await;
     let shipped = ship_ranges(node, &migration).await?;
+    migration.mark_transferred();
     tracing::info!(
         change = change_id,
         ranges = shipped.ranges,
@@ -122,6 +123,11 @@ pub async fn catch_up(
 ) -> Result<Shipped, ChangeError> {
     let migration = prepared(node, change_id)?;
     migration.coordinated_by(from)?;
+    if !migration.transferred() {
+        // Without the bulk transfer, a catch-up would mark as shipped ranges that never
+        // left this node.
+        return Err(ChangeError::NotShipped(change_id));
+    }
     migration.touch();
     node.freeze(&migration);
     let entries = migration
@@ -149,10 +155,11 @@ pub async fn commit(
     from: Option<&str>,
     change_id: u64,
 ) -> Result<Committed, ChangeError> {
-    if let (Some(from), Some(migration)) = (from, node.migration()) {
-        if migration.change_id() == change_id {
+    if let Some(migration) = node.migration().filter(|m| m.change_id() == change_id) {
+        if let Some(from) = from {
             migration.coordinated_by(from)?;
         }
+        confirm_with_members(node, &migration).await?;
     }
     node.faults().commit_pause_point().await;
     let node = node.clone();
@@ -161,6 +168,39 @@ pub async fn commit(
     tokio::task::spawn_blocking(move || commit_now(&node, change_id))
         .await
         .unwrap_or(Err(ChangeError::UnknownChange(change_id)))
+}
+
+/// A node never decides a change alone: before it commits, it asks the other members of
+/// its current view (the coordinator aside, which decided) for the change's outcome. One
+/// that answers it does not know the change (unknown, aborted) stops the commit. One that
+/// does not answer does not: a member may die after shipping, and an operator's
+/// `PUT /cluster/view-change` leaves unreachable members out on purpose.
+async fn confirm_with_members(node: &Arc<Node>, migration: &Migration) -> Result<(), ChangeError> {
+    let view = node.view();
+    let ask = Request::Outcome {
+        change_id: migration.change_id(),
+    };
+    let others = view
+        .members
+        .iter()
+        .filter(|m| **m != **node.address() && *m != migration.coordinator());
+    let answers = futures_util::future::join_all(others.map(|peer| {
+        let (view, ask) = (&view, &ask);
+        async move { (peer, node.peers().ask(peer, ask, view).await) }
+    }))
+    .await;
+    for (peer, answer) in answers {
+        match answer {
+            Ok(Response::Outcome(Outcome::Pending | Outcome::Committed)) => {}
+            Ok(Response::Outcome(outcome)) => {
+                tracing::warn!(change = migration.change_id(), %peer, ?outcome, "a member does not know this change; not committing");
+                return Err(ChangeError::NotConfirmed(peer.to_string()));
+            }
+            Ok(_) => return Err(ChangeError::NotConfirmed(peer.to_string())),
+            Err(error) => tracing::debug!(%peer, %error, "cannot confirm the change with a member"),
+        }
+    }
+    Ok(())
 }
 
 fn commit_now(node: &Node, change_id: u64) -> Result<Committed, ChangeError> {
@@ -189,13 +229,15 @@ fn commit_now(node: &Node, change_id: u64) -> Result<Committed, ChangeError> {
     for (key, value) in staged {
         node.store().apply(key_hash(key.as_bytes()), &key, value)?;
     }
+    // The outcome first: a peer asking about the change between the switch and the record
+    // would hear "unknown" and refuse to commit.
+    node.record_outcome(change_id, Outcome::Committed);
     node.switch_to(&migration);
     migration.end();
     let mut dropped = 0;
     for (start, end) in migration.outgoing().iter().flat_map(|r| r.range.segments()) {
         dropped += node.store().remove_segment(start, end)?;
     }
-    node.record_outcome(change_id, Outcome::Committed);
     tracing::info!(
         change = change_id,
         epoch = migration.view().epoch,
@@ -224,9 +266,9 @@ pub async fn abort(
     if let Some(from) = from {
         migration.coordinated_by(from)?;
     }
+    node.record_outcome(change_id, Outcome::Aborted);
     node.drop_migration(&migration);
     migration.end();
-    node.record_outcome(change_id, Outcome::Aborted);
     tracing::warn!(
         change = change_id,
         "aborted view change; the old view stays"

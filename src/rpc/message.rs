@@ -106,6 +106,10 @@ pub enum Refusal {
     NotShipped(u64),
     #[error("the sender does not hand over the range of key {0:?}")]
     NotIncoming(String),
+    #[error("{0} does not know this change; the receiver will not decide it alone")]
+    NotConfirmed(String),
+    #[error("the sender routes by another view at the same epoch")]
+    ViewMismatch,
     #[error("the view in force is not known yet")]
     Unsettled,
     #[error("{0}")]
