@@ -38,6 +38,8 @@ pub enum ChangeError {
     UnknownChange(u64),
     #[error("{0} does not coordinate this change")]
     NotCoordinator(String),
+    #[error("{0} takes no part in this change")]
+    NotParticipant(String),
     #[error("change {0} has not shipped what it hands over")]
     NotShipped(u64),
     #[error("the sender does not hand over the range of key {0:?}")]
@@ -144,8 +146,10 @@ impl Migration {
         }
     }
 
-    pub(crate) fn take_dirty(&self) -> HashSet<String> {
-        std::mem::take(&mut self.dirty.lock())
+    /// The keys written in the outgoing ranges since prepare (a copy: they stay recorded
+    /// until the change ends, so a catch-up that is sent again re-sends them all).
+    pub(crate) fn dirty_keys(&self) -> Vec<String> {
+        self.dirty.lock().iter().cloned().collect()
     }
 
     /// Takes a batch from `from`, a participant, if this node owns every key of it under
@@ -158,7 +162,7 @@ impl Migration {
         entries: Vec<Entry>,
     ) -> Result<(), ChangeError> {
         if !self.participants.iter().any(|p| p == from) {
-            return Err(ChangeError::NotCoordinator(from.to_string()));
+            return Err(ChangeError::NotParticipant(from.to_string()));
         }
         for entry in &entries {
             if **self.view.ring.owner(entry.key.as_bytes()) != *me {

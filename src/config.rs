@@ -83,8 +83,9 @@ pub struct Args {
     /// declaring it unreachable.
     #[arg(long, default_value_t = 5.0)]
     pub connect_window: f64,
-    /// Shared secret that every node-to-node (/internal/) request must carry; the same on
-    /// every node of a cluster. Unset: internal endpoints are open.
+    /// Shared secret of the cluster's nodes, the same on every node: each proves it holds
+    /// it when a node-to-node connection opens (it never crosses the wire). Unset: peers
+    /// are taken as they introduce themselves.
     #[arg(long, env = "CLUSTER_TOKEN", hide_env_values = true)]
     pub cluster_token: Option<String>,
     /// Enable the test-only fault hooks under /internal/fault (builds with the

@@ -103,7 +103,9 @@ fn refusal(error: ChangeError) -> Refusal {
         ChangeError::StaleEpoch { offered, current } => Refusal::StaleEpoch { offered, current },
         ChangeError::EpochTooFar { offered, current } => Refusal::EpochTooFar { offered, current },
         ChangeError::UnknownChange(id) => Refusal::UnknownChange(id),
-        ChangeError::NotCoordinator(sender) => Refusal::NotMember(sender),
+        ChangeError::NotCoordinator(sender) | ChangeError::NotParticipant(sender) => {
+            Refusal::NotMember(sender)
+        }
         ChangeError::NotShipped(id) => Refusal::NotShipped(id),
         ChangeError::NotIncoming(key) => Refusal::NotIncoming(key),
         ChangeError::Invalid(_, why) => Refusal::Invalid(why),

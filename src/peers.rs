@@ -153,7 +153,9 @@ impl Peers {
     }
 
     /// Sends a control call to `peer` and waits up to `timeout` for the answer. Every
-    /// control call is idempotent, so one whose connection failed is sent again: at once
+    /// control call is idempotent (a catch-up sent again re-sends every dirty key; the
+    /// first one's task is aborted with its connection), so one whose connection failed is
+    /// sent again: at once
     /// when an open connection turned out dead, with backoff when the peer refused the
     /// connection (a node that is starting is not listening yet), for up to the connect
     /// window. A timeout is not retried: the peer had its chance.

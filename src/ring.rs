@@ -27,6 +27,8 @@ pub enum RingError {
     ZeroVnodes,
     #[error("'{0}' is not an ip:port address")]
     BadAddress(String),
+    #[error("a view of {0} nodes is more than {max}", max = crate::view::MAX_MEMBERS)]
+    TooManyNodes(usize),
 }
 
 /// Hash of a key's bytes: where the key sits on the ring.

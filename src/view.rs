@@ -33,6 +33,10 @@ pub fn parse_members(text: &str) -> Result<Vec<String>, ViewError> {
         .collect()
 }
 
+/// Most members a view may have: a view from a peer or a client is built into a ring of
+/// `members × vnodes` tokens, so its size must be bounded.
+pub const MAX_MEMBERS: usize = 1024;
+
 /// How far ahead of the epoch in force a message's epoch may be before it is taken for a
 /// forgery or a bug: epochs grow by one per view change, so no real cluster gets near.
 /// Without the bound, one message with epoch `u64::MAX` would wedge every later change.
@@ -63,6 +67,9 @@ pub struct View {
 
 impl View {
     pub fn new(epoch: u64, members: Vec<String>, vnodes: u32) -> Result<Arc<View>, RingError> {
+        if members.len() > MAX_MEMBERS {
+            return Err(RingError::TooManyNodes(members.len()));
+        }
         let mut unique: Vec<String> = Vec::with_capacity(members.len());
         for member in members {
             if !unique.contains(&member) {

@@ -138,6 +138,7 @@ impl ApiError {
                 | ChangeError::EpochTooFar { .. }
                 | ChangeError::UnknownChange(_)
                 | ChangeError::NotCoordinator(_)
+                | ChangeError::NotParticipant(_)
                 | ChangeError::NotShipped(_)
                 | ChangeError::NotIncoming(_)
                 | ChangeError::Invalid(..)

@@ -29,23 +29,11 @@ pub async fn learn(node: &Arc<Node>, epoch: u64, members: Option<Vec<String>>, s
     if epoch <= node.view().epoch {
         return;
     }
-    if let Some(migration) = node.migration() {
-        if migration.view().epoch == epoch {
-            tracing::info!(
-                epoch,
-                from = source,
-                "a peer already serves the new view; committing"
-            );
-            if let Err(error) = super::commit(node, None, migration.change_id()).await {
-                tracing::warn!(%error, "commit on hearing a newer epoch failed");
-            }
-            return;
-        }
-    }
+    // The newer view, as `source` holds it: from its answer (an owner that said
+    // "misdirected"), or asked of it over this node's own connection, whose handshake saw
+    // it answer as `source` (a made-up sender cannot answer for it).
     let members = match members {
         Some(members) => members,
-        // Asked over this node's own connection to `source`, whose handshake proved it
-        // is `source`: a made-up sender cannot answer for it.
         None => match node
             .peers()
             .ask(source, &Request::State, &node.view())
@@ -63,5 +51,29 @@ pub async fn learn(node: &Arc<Node>, epoch: u64, members: Option<Vec<String>>, s
             }
         },
     };
+    if let Some(migration) = node.migration().filter(|m| m.view().epoch == epoch) {
+        // The change prepared here is decided if a participant already serves its view.
+        let same_view = crate::view::view_id(&members) == migration.view().id;
+        let participant = migration.participants().iter().any(|p| p == source);
+        if !(same_view && participant) {
+            tracing::warn!(
+                epoch,
+                from = source,
+                same_view,
+                participant,
+                "a newer epoch that is not the prepared change's; not committing"
+            );
+            return;
+        }
+        tracing::info!(
+            epoch,
+            from = source,
+            "a peer already serves the new view; committing"
+        );
+        if let Err(error) = super::commit(node, None, migration.change_id()).await {
+            tracing::warn!(%error, "commit on hearing a newer epoch failed");
+        }
+        return;
+    }
     node.adopt(epoch, members);
 }

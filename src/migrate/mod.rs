@@ -9,4 +9,4 @@ mod participant;
 mod transfer;
 
 pub use learn::learn;
-pub use participant::{abort, catch_up, commit, prepare, stage, transfer};
+pub(crate) use participant::{abort, catch_up, commit, prepare, stage, transfer};

@@ -21,7 +21,11 @@ fn prepared(node: &Node, change_id: u64) -> Result<Arc<Migration>, ChangeError> 
 /// Phase 1: remember the new view and start recording writes to the ranges that will move.
 /// Taken only from the coordinator the message names, at an epoch newer than this node's
 /// and within reach of it.
-pub async fn prepare(node: &Arc<Node>, from: &str, request: Prepare) -> Result<(), ChangeError> {
+pub(crate) async fn prepare(
+    node: &Arc<Node>,
+    from: &str,
+    request: Prepare,
+) -> Result<(), ChangeError> {
     if request.coordinator != from {
         return Err(ChangeError::NotCoordinator(from.to_string()));
     }
@@ -77,7 +81,7 @@ pub async fn prepare(node: &Arc<Node>, from: &str, request: Prepare) -> Result<(
 
 /// Phase 2: ship every key of the outgoing ranges to its new owner; this node keeps
 /// serving them meanwhile.
-pub async fn transfer(
+pub(crate) async fn transfer(
     node: &Arc<Node>,
     from: &str,
     change_id: u64,
@@ -100,23 +104,25 @@ pub async fn transfer(
 }
 
 /// A batch of entries from `from` for ranges it hands to this node.
-pub fn stage(
+pub(crate) fn stage(
     node: &Node,
     from: &str,
     change_id: u64,
     entries: Vec<Entry>,
 ) -> Result<(), ChangeError> {
     let migration = prepared(node, change_id)?;
-    migration.touch();
     let (keys, bytes) = (entries.len(), entries.iter().map(Entry::size).sum());
     migration.stage(node.address(), from, entries)?;
+    // Only a batch that was taken counts as progress (a refused one must not keep a dead
+    // change alive past its watchdog).
+    migration.touch();
     crate::metrics::received(keys, bytes);
     Ok(())
 }
 
 /// Phase 3: freeze writes to the outgoing ranges and re-send every key written there
 /// since prepare (deleted keys as tombstones).
-pub async fn catch_up(
+pub(crate) async fn catch_up(
     node: &Arc<Node>,
     from: &str,
     change_id: u64,
@@ -130,8 +136,10 @@ pub async fn catch_up(
     }
     migration.touch();
     node.freeze(&migration);
+    // A copy: the keys stay recorded until they are shipped, so a catch-up that fails (or
+    // is cut off and sent again) re-sends them all. After the freeze no write adds any.
     let entries = migration
-        .take_dirty()
+        .dirty_keys()
         .into_iter()
         .map(|key| {
             let value = node.store().get(key_hash(key.as_bytes()), &key)?;
@@ -150,7 +158,7 @@ pub async fn catch_up(
 /// `from` is the coordinator that asks, or `None` when this node settles the change itself
 /// (its watchdog, or a peer already serving the new epoch). Refused while this node has not
 /// shipped what it hands over: a commit never drops keys that are nowhere else.
-pub async fn commit(
+pub(crate) async fn commit(
     node: &Arc<Node>,
     from: Option<&str>,
     change_id: u64,
@@ -254,7 +262,7 @@ fn commit_now(node: &Node, change_id: u64) -> Result<Committed, ChangeError> {
 
 /// Abandons a prepared change: received keys are discarded, the old view stays. `from` is
 /// the coordinator that asks, or `None` when this node's watchdog gives up.
-pub async fn abort(
+pub(crate) async fn abort(
     node: &Arc<Node>,
     from: Option<&str>,
     change_id: u64,
@@ -306,10 +314,19 @@ async fn watchdog(node: Arc<Node>, migration: Arc<Migration>) {
             Resolution::Commit => commit(&node, None, migration.change_id()).await.map(|_| ()),
             Resolution::Abort => abort(&node, None, migration.change_id()).await,
         };
-        if let Err(error) = outcome {
-            tracing::warn!(change = migration.change_id(), %error, "watchdog could not settle the change");
+        match outcome {
+            // A member that does not know the change yet may learn it (or come back):
+            // ask again after another quiet period rather than decide alone.
+            Err(error @ ChangeError::NotConfirmed(_)) => {
+                tracing::warn!(change = migration.change_id(), %error, "watchdog cannot commit yet; will ask again");
+                migration.touch();
+            }
+            Err(error) => {
+                tracing::warn!(change = migration.change_id(), %error, "watchdog could not settle the change");
+                return;
+            }
+            Ok(()) => return,
         }
-        return;
     }
 }
 

@@ -86,6 +86,26 @@ impl<'a> Progress<'a> {
     }
 }
 
+/// `entries` cut into batches of at most [`BATCH_KEYS`] keys and [`BATCH_BYTES`] bytes (a
+/// single larger entry goes alone), as the bulk transfer cuts them.
+fn batches(entries: &[Entry]) -> impl Iterator<Item = &[Entry]> {
+    let mut rest = entries;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut bytes = 0;
+        let mut take = 0;
+        while take < rest.len() && take < BATCH_KEYS && (take == 0 || bytes < BATCH_BYTES) {
+            bytes += rest[take].size();
+            take += 1;
+        }
+        let (batch, tail) = rest.split_at(take);
+        rest = tail;
+        Some(batch)
+    })
+}
+
 /// Sends one batch of entries to `destination`'s staging area.
 async fn stage(
     node: &Node,
@@ -227,7 +247,7 @@ pub async fn ship_entries(
         let view = view.clone();
         async move {
             let mut shipped = Shipped::default();
-            for chunk in entries.chunks(BATCH_KEYS) {
+            for chunk in batches(&entries) {
                 let bytes = chunk.iter().map(Entry::size).sum::<usize>();
                 shipped.keys += chunk.len();
                 shipped.bytes += bytes;
@@ -259,6 +279,24 @@ pub async fn ship_entries(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
+
+    #[test]
+    fn catch_up_batches_are_bounded_by_keys_and_bytes() {
+        let entry = |size: usize| Entry {
+            key: "k".into(),
+            value: Some(Bytes::from(vec![b'1'; size - 1])),
+        };
+        let small: Vec<Entry> = (0..BATCH_KEYS * 2 + 1).map(|_| entry(10)).collect();
+        let sizes: Vec<usize> = batches(&small).map(<[Entry]>::len).collect();
+        assert_eq!(sizes, vec![BATCH_KEYS, BATCH_KEYS, 1]);
+        let big: Vec<Entry> = (0..5).map(|_| entry(BATCH_BYTES / 2)).collect();
+        let sizes: Vec<usize> = batches(&big).map(<[Entry]>::len).collect();
+        assert_eq!(sizes, vec![2, 2, 1]);
+        let huge = vec![entry(BATCH_BYTES * 3), entry(10)];
+        let sizes: Vec<usize> = batches(&huge).map(<[Entry]>::len).collect();
+        assert_eq!(sizes, vec![1, 1]);
+    }
 
     #[test]
     fn progress_is_the_share_of_the_hash_space_done() {

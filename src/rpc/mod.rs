@@ -151,8 +151,15 @@ fn put_frame<T: Serialize>(out: &mut BytesMut, id: u64, kind: u8, body: Option<&
             return;
         }
     }
-    let len = (out.len() - start - 4) as u32;
-    out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+    let len = out.len() - start - 4;
+    if len > MAX_FRAME {
+        // The other side would close the connection on it (and a length over 4 GiB would
+        // not even fit the prefix): drop it here; its caller times out.
+        tracing::error!(id, kind, len, "a message is larger than a frame; not sent");
+        out.truncate(start);
+        return;
+    }
+    out[start..start + 4].copy_from_slice(&(len as u32).to_le_bytes());
 }
 
 /// Appends the frame of a request.
