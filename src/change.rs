@@ -71,6 +71,8 @@ pub struct Migration {
     /// Keys written in an outgoing range since prepare: re-sent in the catch-up.
     dirty: Mutex<HashSet<String>>,
     frozen: AtomicBool,
+    /// When the catch-up froze the outgoing ranges.
+    frozen_at: Mutex<Option<Instant>>,
     /// Keys received for ranges this node takes over; `None` is a deletion.
     staged: Mutex<HashMap<String, Option<Bytes>>>,
     ended: watch::Sender<bool>,
@@ -118,6 +120,7 @@ impl Migration {
             progress: AtomicU8::new(PREPARED),
             dirty: Mutex::new(HashSet::new()),
             frozen: AtomicBool::new(false),
+            frozen_at: Mutex::new(None),
             staged: Mutex::new(HashMap::new()),
             ended: watch::Sender::new(false),
             last_heard: Mutex::new(Instant::now()),
@@ -135,7 +138,19 @@ impl Migration {
     }
 
     pub(crate) fn freeze(&self) {
+        self.frozen_at.lock().get_or_insert_with(Instant::now);
         self.frozen.store(true, Ordering::Release);
+    }
+
+    /// How long the catch-up's freeze lasted, as the change ends (its caller then releases
+    /// the waiters), if this node hands any range over: the window in which requests on
+    /// them wait. Counted in `ringkv_handover_freeze_seconds`.
+    pub(crate) fn end_freeze(&self) -> Option<std::time::Duration> {
+        let frozen = self.frozen_at.lock().take()?.elapsed();
+        (!self.outgoing.is_empty()).then(|| {
+            crate::metrics::freeze(frozen);
+            frozen
+        })
     }
 
     /// Notes a write to `key`, in a range this node hands over: re-sent in the catch-up.

@@ -178,7 +178,7 @@ pub async fn serve_forwarded(
     stamp: Stamp,
     sender: &str,
 ) -> Result<KvOutcome, NotServed> {
-    migrate::learn(node, stamp.epoch, None, sender).await;
+    // The endpoint has already caught up with a newer stamp (crate::endpoint).
     node.wait_until_in_force()
         .await
         .map_err(|_| NotServed::Unsettled)?;

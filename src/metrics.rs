@@ -80,6 +80,7 @@ struct Metrics {
     bytes_shipped: IntCounter,
     keys_received: IntCounter,
     bytes_received: IntCounter,
+    freeze: prometheus::Histogram,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str) -> prometheus::Result<IntCounter> {
@@ -111,7 +112,17 @@ impl Metrics {
             &["route"],
         )?;
         registry.register(Box::new(latency.clone()))?;
+        let freeze = prometheus::Histogram::with_opts(
+            HistogramOpts::new(
+                "ringkv_handover_freeze_seconds",
+                "How long the ranges this node handed over stayed frozen in a view change, \
+                 from the catch-up's freeze to the commit (requests on them wait meanwhile).",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+        )?;
+        registry.register(Box::new(freeze.clone()))?;
         Ok(Metrics {
+            freeze,
             requests: counter_vec(
                 &registry,
                 "ringkv_requests_total",
@@ -233,6 +244,11 @@ pub fn shipped(keys: usize, bytes: usize) {
         m.keys_shipped.inc_by(keys as u64);
         m.bytes_shipped.inc_by(bytes as u64);
     });
+}
+
+/// Records how long this node's outgoing ranges were frozen in a view change.
+pub fn freeze(frozen: Duration) {
+    with(|m| m.freeze.observe(frozen.as_secs_f64()));
 }
 
 /// Counts a batch received for a range this node takes over.

@@ -208,6 +208,11 @@ fn metrics_counters_move_with_requests_and_view_changes() {
     };
     let shipped = moved("ringkv_transfer_keys_shipped_total");
     assert!(shipped > 0.0, "the new node takes over some keys");
+    assert_eq!(
+        moved("ringkv_handover_freeze_seconds_count"),
+        2.0,
+        "the two nodes that hand over each had one freeze window"
+    );
     assert_eq!(shipped, moved("ringkv_transfer_keys_received_total"));
     assert_eq!(
         moved("ringkv_transfer_bytes_shipped_total"),

@@ -241,6 +241,7 @@ fn commit_now(node: &Node, change_id: u64) -> Result<Committed, ChangeError> {
     // would hear "unknown" and refuse to commit.
     node.record_outcome(change_id, Outcome::Committed);
     node.switch_to(&migration);
+    let frozen = migration.end_freeze();
     migration.end();
     let mut dropped = 0;
     for (start, end) in migration.outgoing().iter().flat_map(|r| r.range.segments()) {
@@ -252,6 +253,7 @@ fn commit_now(node: &Node, change_id: u64) -> Result<Committed, ChangeError> {
         view = %migration.view().members_text(),
         received,
         dropped,
+        freeze_ms = frozen.map(|f| f.as_secs_f64() * 1000.0),
         keys = node.store().len(),
         "committed view change"
     );
@@ -276,6 +278,7 @@ pub(crate) async fn abort(
     }
     node.record_outcome(change_id, Outcome::Aborted);
     node.drop_migration(&migration);
+    migration.end_freeze();
     migration.end();
     tracing::warn!(
         change = change_id,

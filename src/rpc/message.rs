@@ -120,6 +120,4 @@ pub enum Refusal {
     Storage(String),
     #[error("too many requests waiting on this connection")]
     Busy,
-    #[error("an answer of the wrong kind")]
-    Unexpected,
 }
