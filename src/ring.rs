@@ -27,9 +27,13 @@ pub enum RingError {
     ZeroVnodes,
     #[error("'{0}' is not an ip:port address")]
     BadAddress(String),
-    #[error("a view of {0} nodes is more than {max}", max = crate::view::MAX_MEMBERS)]
+    #[error("a view of {0} nodes is more than {MAX_NODES}")]
     TooManyNodes(usize),
 }
+
+/// Most nodes a view (and so a ring) may have: a view from a peer or a client becomes a ring
+/// of `nodes × vnodes` tokens, so its size must be bounded.
+pub const MAX_NODES: usize = 1024;
 
 /// Hash of a key's bytes: where the key sits on the ring.
 #[inline]

@@ -33,9 +33,8 @@ pub fn parse_members(text: &str) -> Result<Vec<String>, ViewError> {
         .collect()
 }
 
-/// Most members a view may have: a view from a peer or a client is built into a ring of
-/// `members × vnodes` tokens, so its size must be bounded.
-pub const MAX_MEMBERS: usize = 1024;
+/// Most members a view may have (see [`crate::ring::MAX_NODES`]).
+pub const MAX_MEMBERS: usize = crate::ring::MAX_NODES;
 
 /// How far ahead of the epoch in force a message's epoch may be before it is taken for a
 /// forgery or a bug: epochs grow by one per view change, so no real cluster gets near.
