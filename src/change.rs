@@ -46,12 +46,24 @@ pub enum ChangeError {
     NotIncoming(String),
     #[error("staged key {0:?}: {1}")]
     Invalid(String, crate::kv::Invalid),
-    #[error("{0} does not know this change; this node will not decide it alone")]
-    NotConfirmed(String),
+    #[error("the log aborted change {0}")]
+    Aborted(u64),
+    #[error("{0} belongs to another cluster's log")]
+    OtherGroup(String),
     #[error("Unable to satisfy request")]
     Unreachable(Vec<String>),
     #[error(transparent)]
     Storage(#[from] StoreError),
+}
+
+/// A key received for a range this node takes over.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Staged {
+    /// `None` is a deletion.
+    pub value: Option<Bytes>,
+    /// Sent by a node of another group that this change merges in: applied only where
+    /// this group has no such key (this group's copy, shipped or already here, wins).
+    pub foreign: bool,
 }
 
 /// A change this node has prepared: the new view, what it hands over, what it receives.
@@ -74,7 +86,9 @@ pub struct Migration {
     /// When the catch-up froze the outgoing ranges.
     frozen_at: Mutex<Option<Instant>>,
     /// Keys received for ranges this node takes over; `None` is a deletion.
-    staged: Mutex<HashMap<String, Option<Bytes>>>,
+    staged: Mutex<HashMap<String, Staged>>,
+    /// Participants from another group: their keys never overwrite this group's.
+    merging: Vec<String>,
     ended: watch::Sender<bool>,
     last_heard: Mutex<Instant>,
 }
@@ -109,8 +123,10 @@ impl Migration {
         participants: Vec<String>,
         view: Arc<View>,
         outgoing: Vec<MovedRange>,
+        merging: Vec<String>,
     ) -> Self {
         Migration {
+            merging,
             change_id,
             coordinator,
             participants,
@@ -191,9 +207,22 @@ impl Migration {
             };
             valid.map_err(|why| ChangeError::Invalid(entry.key.clone(), why))?;
         }
+        let foreign = self.merging.iter().any(|m| m == from);
         let mut staged = self.staged.lock();
         for entry in entries {
-            staged.insert(entry.key, entry.value);
+            let value = entry.value;
+            match staged.entry(entry.key) {
+                std::collections::hash_map::Entry::Occupied(mut held) => {
+                    // This group's copy wins over a merged group's; a merged node's later
+                    // copy (its catch-up) replaces only its own earlier one.
+                    if !foreign || held.get().foreign {
+                        held.insert(Staged { value, foreign });
+                    }
+                }
+                std::collections::hash_map::Entry::Vacant(slot) => {
+                    slot.insert(Staged { value, foreign });
+                }
+            }
         }
         Ok(())
     }
@@ -236,7 +265,7 @@ impl Migration {
         self.outgoing.is_empty() || self.progress.load(Ordering::Acquire) == SHIPPED
     }
 
-    pub(crate) fn take_staged(&self) -> HashMap<String, Option<Bytes>> {
+    pub(crate) fn take_staged(&self) -> HashMap<String, Staged> {
         std::mem::take(&mut self.staged.lock())
     }
 

@@ -33,6 +33,8 @@ pub enum KvError {
     NoStableOwner,
     #[error("the view in force is not known yet ({0:?})")]
     ViewNotSettled(Standing),
+    #[error("this node restarted empty: the keys it owned are gone")]
+    Lost,
     #[error(transparent)]
     Storage(#[from] StoreError),
 }
@@ -66,6 +68,8 @@ enum Local {
     Wait(tokio::sync::watch::Receiver<bool>),
     /// The store could not do it.
     Failed(StoreError),
+    /// This node restarted empty: the key's data is gone (503, not 404).
+    Lost,
 }
 
 /// Applies `op` to the store.
@@ -97,6 +101,7 @@ fn execute(node: &Node, key: &str, hash: u64, op: &KvOp) -> Result<KvOutcome, St
 /// over consistent: writes to it are recorded for re-sending; once it is frozen, every
 /// operation waits, reads too, since the new owner may commit first and take writes.
 fn try_local(node: &Node, key: &str, hash: u64, op: &KvOp) -> Local {
+    let lost = node.restarted();
     let moving = |migration: &Migration| {
         if migration.is_frozen() {
             return Some(Local::Wait(migration.ended()));
@@ -108,6 +113,7 @@ fn try_local(node: &Node, key: &str, hash: u64, op: &KvOp) -> Local {
     };
     let done = node.placement(hash, |placement| match placement {
         Placement::NotOwner(view) => Err(Local::NotOwner(view.clone())),
+        Placement::Owner(_) if lost => Err(Local::Lost),
         Placement::Owner(Some(migration)) => match moving(migration) {
             Some(wait) => Err(wait),
             None => Ok(execute(node, key, hash, op)),
@@ -145,6 +151,7 @@ pub async fn serve_kv(node: &Arc<Node>, key: &str, op: KvOp) -> Result<Served, K
                 continue;
             }
             Local::Failed(error) => return Err(error.into()),
+            Local::Lost => return Err(KvError::Lost),
             Local::NotOwner(view) => view,
         };
         let owner = view.ring.owner_of_hash(hash).clone();
@@ -208,6 +215,7 @@ pub async fn serve_forwarded(
             }
             Local::NotOwner(view) => return Err(misdirected(&view)),
             Local::Failed(error) => return Err(NotServed::Failed(error)),
+            Local::Lost => return Err(NotServed::Unsettled),
         }
     }
 }

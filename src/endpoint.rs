@@ -48,13 +48,15 @@ impl Handler for Node {
         stamp: Stamp,
         request: Request,
     ) -> (Stamp, Response) {
-        if stamp.epoch > self.view().epoch {
+        // A key routed by a newer view: catch up first (from the log, for a node that
+        // applies one). Not for the log's own messages, which are how it catches up.
+        if stamp.epoch > self.view().epoch && matches!(request, Request::Kv { .. }) {
             migrate::learn(&self, stamp.epoch, None, &from).await;
         }
         let response = match request {
             Request::Kv { key, op } => serve_kv(&self, &key, op, stamp, &from).await,
             Request::State => Response::State(self.node_state()),
-            Request::Outcome { change_id } => Response::Outcome(self.outcome(change_id)),
+            Request::Outcome { change_id } => Response::Outcome(self.log_outcome(change_id)),
             Request::Prepare(prepare) => {
                 reply(migrate::prepare(&self, &from, prepare).await, |()| {
                     Response::Done
@@ -73,15 +75,22 @@ impl Handler for Node {
                 migrate::catch_up(&self, &from, change_id).await,
                 Response::Shipped,
             ),
-            Request::Commit { change_id } => reply(
-                migrate::commit(&self, Some(&from), change_id).await,
-                Response::Committed,
-            ),
-            Request::Abort { change_id } => {
-                reply(migrate::abort(&self, Some(&from), change_id).await, |()| {
-                    Response::Done
-                })
+            Request::Commit { change_id } => {
+                reply(migrate::committed(&self, change_id).await, Response::Committed)
             }
+            Request::Raft { target, message } => match self.meta() {
+                Some(meta) => Response::Raft(meta.handle(target, &message).await),
+                None => Response::Refused(Refusal::Unsettled),
+            },
+            Request::Lead(op) => match self.meta() {
+                Some(meta) => Response::Led(meta.lead(op).await),
+                None => Response::Refused(Refusal::Unsettled),
+            },
+            Request::Restarted { raft_id } => {
+                self.note_restart(&from, raft_id);
+                Response::Done
+            }
+            Request::Reset => reply(migrate::reset(&self, &from).await, Response::Reset),
         };
         (self.stamp(), response)
     }
@@ -109,7 +118,8 @@ fn refusal(error: ChangeError) -> Refusal {
         ChangeError::NotShipped(id) => Refusal::NotShipped(id),
         ChangeError::NotIncoming(key) => Refusal::NotIncoming(key),
         ChangeError::Invalid(_, why) => Refusal::Invalid(why),
-        ChangeError::NotConfirmed(peer) => Refusal::NotConfirmed(peer),
+        ChangeError::Aborted(id) => Refusal::Aborted(id),
+        ChangeError::OtherGroup(peer) => Refusal::NotMember(peer),
         ChangeError::Unreachable(peers) => Refusal::Unreachable(peers),
         ChangeError::Storage(error) => Refusal::Storage(error.to_string()),
     }

@@ -1,152 +1,142 @@
-//! Start-up: learning which view is in force before routing a single key.
+//! Start-up: a node's `VIEW` is a bootstrap hint. Before routing a single key, a node
+//! finds the group (the metadata log, [`crate::consensus`]) that holds the view in force,
+//! or forms one with the other nodes of its start view. The rule, also in docs/DESIGN.md
+//! "Start-up: bootstrap and join":
 //!
-//! A node's `VIEW` is what it was told, and the course starts a joining node with the view
-//! the cluster will have *after* the next view change, while the members still hold the
-//! current one. Routing by a ring nobody else holds gives wrong answers (404 for keys that
-//! exist, writes stored where nobody looks), so a node first asks the other members of its
-//! start view which view they hold, and serves keys only once it knows (see
-//! [`Standing`]). The rule, also in docs/DESIGN.md "Start-up: the view in force":
+//! 1. A node alone in its view forms a group of itself at once.
+//! 2. Otherwise it asks every other node of its start view for its state (and the nodes of
+//!    every view those answers name). If some of them belong to a group, the group with the
+//!    newest epoch is the one in force (two different groups at that epoch: disputed, key
+//!    requests get 503 until a view change brings every node into one group):
+//!    - the group's view does not name this node: it routes every key by that view, as a
+//!      non-member, and keeps following the group's view until a view change adds it;
+//!    - it names this node under this node's Raft id: the group formed with this node in
+//!      it, and this node's own log brings it the view;
+//!    - it names this node under another Raft id: this node restarted, empty. It routes by
+//!      the group's view and answers 503 for the keys it owned (they are gone) until a view
+//!      change takes it back (or drops it); the group's nodes log a warning.
+//! 3. If nobody belongs to a group, the node with the lowest address of the start view
+//!    forms one, once every node of the start view has answered holding that same start
+//!    view and no group: it initializes the log with all of them as voters and writes the
+//!    view as the first entry. The others wait for that entry.
 //!
-//! 1. a member that answers with a newer epoch has seen a view change: learn its view;
-//! 2. if every other member of the start view answers with the same view, it is in force;
-//! 3. otherwise each view held by someone is a candidate (the start view included), the
-//!    members of every candidate are asked too, and a candidate is *in force* when every
-//!    one of its members other than this node answers holding it. Exactly one in force:
-//!    route by it, as a member or not. None or several: the members truly disagree and key
-//!    requests get 503 until a view change brings the nodes to one view; the node asks again
-//!    every second meanwhile;
-//! 4. a member that refuses connections is retried for the connect window (it may be
-//!    starting); if members stay silent past it and nobody who answered disagrees, the start
-//!    view is served and the silent ones keep being asked in the background, so a node that
-//!    comes up later holding another view is still noticed.
+//! Until one of these happens, key requests wait, bounded by the forwarding timeout, then
+//! get 503. Nodes are asked again every 200 ms during the connect window, then every second.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 
+use crate::consensus::new_id;
+use crate::meta::{Command, RaftId};
 use crate::node::{Node, Standing};
 use crate::rpc::{Request, Response};
-use crate::view::{parse_members, view_id, View};
-use crate::wire::NodeState;
+use crate::view::View;
+use crate::wire::{GroupState, NodeState};
 
-/// How long a node whose members disagree waits before asking them again.
+/// How often a node asks again once the connect window has passed.
 const ASK_AGAIN: Duration = Duration::from_secs(1);
+/// How often during the connect window.
+const ASK_SOON: Duration = Duration::from_millis(200);
 
-/// What one node said when asked for its state, checked: `None` when it did not answer
-/// (or answered something that is not a valid state).
-type Answers = BTreeMap<String, Option<Held>>;
+/// Every node asked, by address: its state, or `None` when it did not answer.
+type Answers = BTreeMap<String, Option<NodeState>>;
 
-/// A view some node holds, as it reported it (members re-parsed, identity recomputed).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Held {
-    pub epoch: u64,
-    pub members: Vec<String>,
-    pub id: u64,
-}
-
-impl Held {
-    fn from_state(state: NodeState) -> Option<Held> {
-        let members = parse_members(&state.view.join(",")).ok()?;
-        Some(Held {
-            epoch: state.epoch,
-            id: view_id(&members),
-            members,
-        })
-    }
-}
-
-/// What the answers say about the view in force.
+/// What the answers say.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
-    /// `from` serves a newer epoch: a view change happened that this node missed.
-    Newer { from: String, held: Held },
-    /// This view, at this node's epoch, is held by every other member of it.
-    InForce(Vec<String>),
-    /// Nobody who answered disagrees with the start view, but these members did not answer.
-    Unconfirmed(Vec<String>),
-    /// No single view is held by all its members.
+    /// Route by this group's view; `restarted` when it names this node under another id.
+    Follow { group: GroupState, restarted: bool },
+    /// This node's own log is (or will be) the group's: wait for it.
+    Wait,
+    /// Form the group of the start view with these nodes.
+    Bootstrap(BTreeMap<RaftId, String>),
+    /// Two groups at the newest epoch.
     Disputed,
 }
 
-/// Judges `answers` (every node asked, by address) for a node at `me` holding `own`.
-pub fn judge(own: &View, me: &str, answers: &Answers) -> Verdict {
-    let newest = answers
-        .iter()
-        .filter_map(|(from, held)| Some((from, held.as_ref()?)))
-        .filter(|(_, held)| held.epoch > own.epoch)
-        .max_by_key(|(_, held)| held.epoch);
-    if let Some((from, held)) = newest {
-        return Verdict::Newer {
-            from: from.clone(),
-            held: held.clone(),
-        };
-    }
-    let mut candidates: Vec<(u64, &[String])> = vec![(own.id, &own.members)];
-    for held in answers.values().flatten() {
-        if held.epoch == own.epoch && !candidates.iter().any(|(id, _)| *id == held.id) {
-            candidates.push((held.id, &held.members));
-        }
-    }
-    if candidates.len() == 1 {
-        let silent: Vec<String> = own
-            .members
-            .iter()
-            .filter(|m| **m != me && !matches!(answers.get(*m), Some(Some(_))))
-            .cloned()
-            .collect();
-        return if silent.is_empty() {
-            Verdict::InForce(own.members.clone())
-        } else {
-            Verdict::Unconfirmed(silent)
-        };
-    }
-    let held_by_all = |id: u64, members: &[String]| {
-        members.iter().filter(|m| **m != me).all(|m| {
-            matches!(answers.get(m), Some(Some(held)) if held.id == id && held.epoch == own.epoch)
-        })
-    };
-    let in_force: Vec<&[String]> = candidates
-        .iter()
-        .filter(|(id, members)| held_by_all(*id, members))
-        .map(|(_, members)| *members)
+/// The group in force among `answers`: the newest epoch, and alone at it.
+fn group_in_force(answers: &Answers) -> Result<Option<&GroupState>, ()> {
+    let groups: Vec<&GroupState> = answers
+        .values()
+        .flatten()
+        .filter_map(|s| s.group.as_ref())
         .collect();
-    match in_force.as_slice() {
-        [one] => Verdict::InForce(one.to_vec()),
-        _ => Verdict::Disputed,
+    let Some(newest) = groups.iter().map(|g| g.epoch).max() else {
+        return Ok(None);
+    };
+    let mut at_newest = groups.into_iter().filter(|g| g.epoch == newest);
+    let first = at_newest.next();
+    if at_newest.any(|g| Some(g.group) != first.map(|f| f.group)) {
+        return Err(());
     }
+    Ok(first)
 }
 
-/// Asks each of `peers` for the view it holds, all at once.
+/// Judges `answers` for the node at `me`, Raft node `id`, started with `start`.
+pub fn judge(start: &View, me: &str, id: RaftId, answers: &Answers) -> Verdict {
+    match group_in_force(answers) {
+        Err(()) => return Verdict::Disputed,
+        Ok(Some(group)) => {
+            return match group.ids.get(me) {
+                Some(known) if *known == id => Verdict::Wait,
+                Some(_) => Verdict::Follow {
+                    group: group.clone(),
+                    restarted: true,
+                },
+                None => Verdict::Follow {
+                    group: group.clone(),
+                    restarted: false,
+                },
+            }
+        }
+        Ok(None) => {}
+    }
+    let bootstrapper = start.members.iter().min().is_some_and(|m| m == me);
+    if !bootstrapper {
+        return Verdict::Wait;
+    }
+    let mut ids = BTreeMap::from([(id, me.to_string())]);
+    for member in start.members.iter().filter(|m| **m != me) {
+        match answers.get(member) {
+            Some(Some(state)) if state.epoch == 0 && state.view_id == start.id => {
+                ids.insert(state.raft_id, member.clone());
+            }
+            _ => return Verdict::Wait,
+        }
+    }
+    Verdict::Bootstrap(ids)
+}
+
+/// Asks each of `peers` for its state, all at once.
 async fn ask(node: &Node, peers: impl IntoIterator<Item = String>, answers: &mut Answers) {
     let view = node.view();
     let calls = peers.into_iter().map(|peer| {
         let view = view.clone();
         async move {
-            let answer = node
-                .peers()
-                .call(&peer, &Request::State, &view, node.peers().timeout())
-                .await;
-            let held = match answer {
-                Ok(Response::State(state)) => Held::from_state(state),
+            let answer = node.peers().ask(&peer, &Request::State, &view).await;
+            let state = match answer {
+                Ok(Response::State(state)) if state.address == peer => Some(state),
                 _ => None,
             };
-            (peer, held)
+            (peer, state)
         }
     });
     answers.extend(join_all(calls).await);
 }
 
-/// Asks the members of `own` and of every view they name, until nobody new is named.
-async fn gather(node: &Node, own: &View) -> Answers {
+/// Asks the nodes of `start` and of every view they name, until nobody new is named.
+async fn gather(node: &Node, start: &View) -> Answers {
     let me = node.address().as_ref();
     let mut answers = Answers::new();
-    let mut to_ask: Vec<String> = own.members.iter().filter(|m| **m != me).cloned().collect();
+    let mut to_ask: Vec<String> = start.members.iter().filter(|m| **m != me).cloned().collect();
     while !to_ask.is_empty() {
         ask(node, std::mem::take(&mut to_ask), &mut answers).await;
-        for held in answers.values().flatten() {
-            for member in &held.members {
+        for state in answers.values().flatten() {
+            let named = state.group.iter().flat_map(|g| g.view.iter());
+            for member in state.view.iter().chain(named) {
                 if member != me && !answers.contains_key(member) && !to_ask.contains(member) {
                     to_ask.push(member.clone());
                 }
@@ -156,157 +146,200 @@ async fn gather(node: &Node, own: &View) -> Answers {
     answers
 }
 
-/// Settles the node's start view (see the module docs); spawned once when a node starts
-/// serving. Ends when the view in force is known and every member has been heard from, or
-/// when a view change has decided it.
+/// Finds or forms the group in force (see the module docs); spawned once when a node starts
+/// serving. A node that follows a group as a non-member keeps following its view until its
+/// own log holds a group (a view change added it).
 pub async fn settle(node: Arc<Node>) {
     let me = node.address().to_string();
-    let mut announced_silent = false;
-    loop {
-        if let Some(migration) = node.migration() {
-            // A view change under way decides the view; see how it ends.
-            migration.ended().wait_for(|ended| *ended).await.ok();
-            continue;
+    let start = node.view();
+    let started = Instant::now();
+    let timeout = node.config().phase_timeout;
+    if start.members.iter().all(|m| *m == me) {
+        let Some(meta) = node.meta() else { return };
+        let genesis = Command::Genesis {
+            group: new_id(),
+            view: start.members.clone(),
+            ids: BTreeMap::from([(me.clone(), meta.id())]),
+        };
+        if let Err(error) = meta
+            .bootstrap(BTreeMap::from([(meta.id(), me)]), genesis, timeout)
+            .await
+        {
+            tracing::error!(%error, "could not form a group of this node alone");
         }
-        let own = node.view();
-        if own.epoch > 0 {
+        return;
+    }
+    let mut restarted_announced = false;
+    loop {
+        let Some(meta) = node.meta() else { return };
+        if meta.state().formed() {
             return;
         }
-        let answers = gather(&node, &own).await;
-        let verdict = judge(&own, &me, &answers);
-        tracing::debug!(?verdict, ?answers, "start-up view check");
+        let answers = gather(&node, &start).await;
+        let verdict = judge(&start, &me, meta.id(), &answers);
+        tracing::debug!(?verdict, "start-up group check");
         match verdict {
-            Verdict::Newer { from, held } => {
-                tracing::info!(%from, epoch = held.epoch, "a member serves a newer view");
-                crate::migrate::learn(&node, held.epoch, Some(held.members), &from).await;
-                if node.view().epoch == own.epoch {
-                    tracing::warn!(%from, "could not take the newer view; asking again");
-                    tokio::time::sleep(ASK_AGAIN).await;
-                }
-            }
-            Verdict::InForce(members) => {
-                if node.settle(&own, Some(members), Standing::InForce) {
-                    tracing::info!("the view in force is confirmed by its members");
-                    return;
-                }
-            }
-            Verdict::Unconfirmed(silent) => {
-                // Every silent member was retried for the connect window: presume it down,
-                // serve the start view, and keep asking it.
-                if !announced_silent {
+            Verdict::Follow { group, restarted } => {
+                if restarted && !restarted_announced {
                     tracing::warn!(
-                        ?silent,
-                        "members did not answer within the connect window; serving the \
-                         start view and asking them again in the background"
+                        group = group.group,
+                        "this node restarted empty: its group knows this address under \
+                         another incarnation; the keys it held are gone and answer 503 until \
+                         a view change takes it back"
                     );
-                    announced_silent = true;
+                    announce_restart(&node, &group).await;
+                    restarted_announced = true;
                 }
-                node.settle(&own, None, Standing::InForce);
-                tokio::time::sleep(ASK_AGAIN).await;
+                node.set_restarted(restarted);
+                node.follow(group.epoch, group.view);
+            }
+            Verdict::Bootstrap(ids) => {
+                tracing::info!(members = ?ids, "forming the group of the start view");
+                let genesis = Command::Genesis {
+                    group: new_id(),
+                    view: start.members.clone(),
+                    ids: ids.iter().map(|(id, a)| (a.clone(), *id)).collect(),
+                };
+                if let Err(error) = meta.bootstrap(ids, genesis, timeout).await {
+                    tracing::warn!(%error, "could not form the group; asking again");
+                }
             }
             Verdict::Disputed => {
-                if node.settle(&own, None, Standing::Disputed) {
+                if node.standing() != Standing::Disputed {
                     tracing::warn!(
-                        views = ?answers,
-                        "members hold contradicting views; key requests get 503 until a \
-                         view change brings them to one view"
+                        "nodes hold views of two groups; key requests get 503 until a view \
+                         change brings them into one"
                     );
                 }
-                tokio::time::sleep(ASK_AGAIN).await;
+                node.dispute();
             }
+            Verdict::Wait => {}
         }
+        let pause = if started.elapsed() < node.config().connect_window {
+            ASK_SOON
+        } else {
+            ASK_AGAIN
+        };
+        tokio::time::sleep(pause).await;
     }
+}
+
+/// Tells the group's nodes that this address restarted empty (each logs a warning).
+async fn announce_restart(node: &Node, group: &GroupState) {
+    let me = node.address().as_ref();
+    let view = node.view();
+    let raft_id = node.meta().map_or(0, |m| m.id());
+    let calls = group.view.iter().filter(|m| **m != me).map(|peer| {
+        let (view, request) = (&view, Request::Restarted { raft_id });
+        async move { node.peers().ask(peer, &request, view).await }
+    });
+    join_all(calls).await;
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::view::view_id;
+
+    const A: &str = "10.0.0.1:1";
+    const B: &str = "10.0.0.2:1";
+    const C: &str = "10.0.0.3:1";
 
     fn view(members: &[&str]) -> Arc<View> {
         View::new(0, members.iter().map(|m| m.to_string()).collect(), 8).unwrap()
     }
 
-    fn holds(epoch: u64, members: &[&str]) -> Option<Held> {
-        let members: Vec<String> = members.iter().map(|m| m.to_string()).collect();
-        Some(Held {
+    fn state(address: &str, raft_id: u64, start: &[&str], group: Option<GroupState>) -> NodeState {
+        let members: Vec<String> = start.iter().map(|m| m.to_string()).collect();
+        NodeState {
+            address: address.into(),
+            epoch: 0,
+            view_id: view_id(&members),
+            view: members,
+            vnodes: 8,
+            key_count: 0,
+            pending: None,
+            raft_id,
+            restarted: false,
+            group,
+        }
+    }
+
+    fn group(id: u64, epoch: u64, members: &[(&str, u64)]) -> GroupState {
+        GroupState {
+            group: id,
             epoch,
-            id: view_id(&members),
-            members,
-        })
+            view: members.iter().map(|(a, _)| a.to_string()).collect(),
+            ids: members.iter().map(|(a, i)| (a.to_string(), *i)).collect(),
+            change: None,
+            leader: None,
+        }
     }
 
-    fn answers(list: &[(&str, Option<Held>)]) -> Answers {
-        list.iter()
-            .map(|(a, h)| (a.to_string(), h.clone()))
-            .collect()
-    }
-
-    const A: &str = "10.0.0.1:1";
-    const B: &str = "10.0.0.2:1";
-    const C: &str = "10.0.0.3:1";
-    const D: &str = "10.0.0.4:1";
-
-    #[test]
-    fn a_joining_node_with_the_future_view_routes_by_the_members_view() {
-        let own = view(&[A, B, C]);
-        let got = answers(&[(A, holds(0, &[A, B])), (B, holds(0, &[A, B]))]);
-        assert_eq!(
-            judge(&own, C, &got),
-            Verdict::InForce(vec![A.into(), B.into()])
-        );
+    fn answers(list: Vec<(&str, Option<NodeState>)>) -> Answers {
+        list.into_iter().map(|(a, s)| (a.to_string(), s)).collect()
     }
 
     #[test]
-    fn members_keep_their_view_when_a_non_member_holds_another() {
-        let own = view(&[A, B]);
-        let got = answers(&[(B, holds(0, &[A, B]))]);
-        assert_eq!(
-            judge(&own, A, &got),
-            Verdict::InForce(vec![A.into(), B.into()])
-        );
-    }
-
-    #[test]
-    fn a_node_with_a_smaller_view_joins_the_members_view() {
-        let own = view(&[B, C]);
-        let got = answers(&[(A, holds(0, &[A, B, C])), (B, holds(0, &[A, B, C]))]);
-        assert_eq!(
-            judge(&own, C, &got),
-            Verdict::InForce(vec![A.into(), B.into(), C.into()])
-        );
-    }
-
-    #[test]
-    fn two_groups_in_force_are_a_dispute() {
-        let own = view(&[A, B, C, D]);
-        let got = answers(&[
-            (A, holds(0, &[A, B])),
-            (B, holds(0, &[A, B])),
-            (C, holds(0, &[C, D])),
-            (D, holds(0, &[C, D])),
+    fn the_lowest_address_forms_the_group_once_everyone_holds_the_start_view() {
+        let start = view(&[B, A, C]);
+        let all = answers(vec![
+            (B, Some(state(B, 2, &[A, B, C], None))),
+            (C, Some(state(C, 3, &[A, B, C], None))),
         ]);
-        assert_eq!(judge(&own, "10.0.0.5:1", &got), Verdict::Disputed);
+        let expected = BTreeMap::from([(1, A.to_string()), (2, B.to_string()), (3, C.to_string())]);
+        assert_eq!(judge(&start, A, 1, &all), Verdict::Bootstrap(expected));
+        assert_eq!(judge(&start, B, 2, &all), Verdict::Wait);
+        let silent = answers(vec![(B, Some(state(B, 2, &[A, B, C], None))), (C, None)]);
+        assert_eq!(judge(&start, A, 1, &silent), Verdict::Wait);
+        let other = answers(vec![
+            (B, Some(state(B, 2, &[B, C], None))),
+            (C, Some(state(C, 3, &[A, B, C], None))),
+        ]);
+        assert_eq!(judge(&start, A, 1, &other), Verdict::Wait);
     }
 
     #[test]
-    fn an_unconfirmable_candidate_is_no_answer() {
-        // The only other view's member B is silent: nothing can be told.
-        let own = view(&[A, B, C]);
-        let got = answers(&[(A, holds(0, &[A, B])), (B, None)]);
-        assert_eq!(judge(&own, C, &got), Verdict::Disputed);
+    fn a_node_follows_the_group_in_force_and_knows_when_it_restarted() {
+        let start = view(&[A, B, C]);
+        let g = group(9, 0, &[(A, 1), (B, 2)]);
+        let got = answers(vec![
+            (A, Some(state(A, 1, &[A, B], Some(g.clone())))),
+            (B, Some(state(B, 2, &[A, B], Some(g.clone())))),
+        ]);
+        let follow = Verdict::Follow {
+            group: g.clone(),
+            restarted: false,
+        };
+        assert_eq!(judge(&start, C, 3, &got), follow);
+        assert_eq!(judge(&start, B, 2, &got), Verdict::Wait);
+        let restarted = Verdict::Follow {
+            group: g,
+            restarted: true,
+        };
+        assert_eq!(judge(&start, B, 7, &got), restarted);
     }
 
     #[test]
-    fn silence_alone_is_unconfirmed_and_a_newer_epoch_wins() {
-        let own = view(&[A, B, C]);
-        let got = answers(&[(A, holds(0, &[A, B, C])), (B, None)]);
-        assert_eq!(judge(&own, C, &got), Verdict::Unconfirmed(vec![B.into()]));
-        let got = answers(&[(A, holds(0, &[A, B])), (B, holds(3, &[B, D]))]);
+    fn two_groups_at_the_newest_epoch_are_a_dispute_and_a_newer_one_wins() {
+        let start = view(&[A, B, C]);
+        let left = group(1, 0, &[(A, 1)]);
+        let right = group(2, 0, &[(B, 2)]);
+        let got = answers(vec![
+            (A, Some(state(A, 1, &[A], Some(left)))),
+            (B, Some(state(B, 2, &[B], Some(right.clone())))),
+        ]);
+        assert_eq!(judge(&start, C, 3, &got), Verdict::Disputed);
+        let newer = group(2, 4, &[(B, 2)]);
+        let got = answers(vec![
+            (A, Some(state(A, 1, &[A], Some(group(1, 0, &[(A, 1)]))))),
+            (B, Some(state(B, 2, &[B], Some(newer.clone())))),
+        ]);
         assert_eq!(
-            judge(&own, C, &got),
-            Verdict::Newer {
-                from: B.into(),
-                held: holds(3, &[B, D]).unwrap()
+            judge(&start, C, 3, &got),
+            Verdict::Follow {
+                group: newer,
+                restarted: false
             }
         );
     }

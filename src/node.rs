@@ -17,6 +17,7 @@ use tokio::sync::watch;
 
 use crate::change::Migration;
 use crate::config::Config;
+use crate::consensus::Metadata;
 use crate::fault::Faults;
 use crate::peers::Peers;
 use crate::ring::RingError;
@@ -85,6 +86,14 @@ pub struct Node {
     standing: watch::Sender<Standing>,
     /// `standing == InForce`, read on every key request without touching the watch.
     in_force: AtomicBool,
+    /// The metadata log, once started ([`Node::start_log`]); replaced when the node leaves
+    /// a group it formed alone to join another ([`Node::restart_log`]).
+    meta: RwLock<Option<Arc<Metadata>>>,
+    /// Set when this node finds the group holding its address under another Raft id: it
+    /// restarted empty, and the keys it held are gone.
+    restarted: AtomicBool,
+    /// Members that told this node they restarted empty.
+    restarts: Mutex<std::collections::BTreeSet<String>>,
 }
 
 impl Node {
@@ -128,8 +137,80 @@ impl Node {
             waiting_for_handover: AtomicUsize::new(0),
             in_force: AtomicBool::new(standing == Standing::InForce),
             standing: watch::Sender::new(standing),
+            meta: RwLock::new(None),
+            restarted: AtomicBool::new(false),
+            restarts: Mutex::new(Default::default()),
             config,
         }))
+    }
+
+    /// Starts this node's part of the metadata log; done once, before serving.
+    pub async fn start_log(
+        &self,
+        effects: Arc<dyn crate::consensus::Effects>,
+        transport: Arc<dyn crate::consensus::Transport>,
+    ) -> Result<(), String> {
+        let meta = Metadata::start(effects, transport).await?;
+        tracing::info!(raft_id = meta.id(), "metadata log started");
+        let old = self.meta.write().replace(Arc::new(meta));
+        if let Some(old) = old {
+            old.shutdown().await;
+        }
+        Ok(())
+    }
+
+    /// The metadata log; `None` only before [`Node::start_log`].
+    pub fn meta(&self) -> Option<Arc<Metadata>> {
+        self.meta.read().clone()
+    }
+
+    /// Whether this node is a member of the view in force as the log it applies says.
+    pub fn is_log_member(&self) -> bool {
+        self.meta()
+            .is_some_and(|m| m.state().is_member(&self.address, m.id()))
+    }
+
+    /// Marks this node as one that restarted empty under an address the group knows.
+    pub(crate) fn set_restarted(&self, restarted: bool) {
+        self.restarted.store(restarted, Ordering::Release);
+    }
+
+    /// Whether this node restarted empty and has not been taken back by a view change: the
+    /// keys the group expects it to hold are gone.
+    pub fn restarted(&self) -> bool {
+        self.restarted.load(Ordering::Acquire)
+    }
+
+    /// Routes by exactly this view from now on (the log, or the group this node follows,
+    /// holds it): at least as new as the current one, and in force.
+    pub(crate) fn follow(&self, epoch: u64, members: Vec<String>) {
+        let mut state = self.state.write();
+        if state.view.epoch > epoch
+            || (state.view.epoch == epoch
+                && state.view.id == crate::view::view_id(&members)
+                && self.in_force.load(Ordering::Acquire))
+        {
+            return;
+        }
+        let Ok(view) = View::new(epoch, members, self.config.vnodes) else {
+            tracing::warn!(epoch, "refusing an invalid view");
+            return;
+        };
+        if let Some(stale) = state.migration.take_if(|m| m.view().epoch <= epoch) {
+            tracing::warn!(change = stale.change_id(), "a newer view superseded the prepared change");
+            stale.end();
+        }
+        tracing::info!(
+            epoch,
+            view = %view.members_text(),
+            member = view.members.iter().any(|m| *m == *self.address),
+            "routing by the group's view"
+        );
+        if view.members.iter().any(|m| *m == *self.address) && self.is_log_member() {
+            self.set_restarted(false);
+        }
+        state.view = view;
+        self.set_standing(Standing::InForce);
     }
 
     pub fn config(&self) -> &Config {
@@ -254,38 +335,38 @@ impl Node {
         }
     }
 
-    /// The start-up settlement's verdict (see [`crate::join`]): routes by `members` (at the
-    /// same epoch) from now on, with `standing`. Refused, returning false, when the view is
-    /// no longer `seen` (a view change or a newer view came first) or a change is prepared.
-    pub(crate) fn settle(
-        &self,
-        seen: &Arc<View>,
-        members: Option<Vec<String>>,
-        standing: Standing,
-    ) -> bool {
-        let mut state = self.state.write();
-        if !Arc::ptr_eq(&state.view, seen) || state.migration.is_some() {
-            return false;
+    /// Key requests get 503: the nodes this one asked belong to two groups (see
+    /// [`crate::join`]).
+    pub(crate) fn dispute(&self) {
+        let _state = self.state.write();
+        if !self.in_force.load(Ordering::Acquire) {
+            self.set_standing(Standing::Disputed);
         }
-        if let Some(members) = members.filter(|m| crate::view::view_id(m) != seen.id) {
-            match View::new(seen.epoch, members, self.config.vnodes) {
-                Ok(view) => {
-                    tracing::info!(
-                        epoch = view.epoch,
-                        view = %view.members_text(),
-                        member = view.members.iter().any(|m| *m == *self.address),
-                        "routing by the view the members hold"
-                    );
-                    state.view = view;
-                }
-                Err(error) => {
-                    tracing::warn!(%error, "refusing an invalid view from a peer");
-                    return false;
-                }
-            }
+    }
+
+    /// Notes that `address` restarted empty as Raft node `raft_id` (it said so).
+    pub(crate) fn note_restart(&self, address: &str, raft_id: u64) {
+        let known = self.meta().and_then(|m| m.state().ids.get(address).copied());
+        if known.is_some_and(|id| id != raft_id) {
+            tracing::warn!(
+                node = address,
+                raft_id,
+                "a member restarted empty: the keys it held are gone; a view change takes it \
+                 back (or drops it)"
+            );
+            self.restarts.lock().insert(address.to_string());
         }
-        self.set_standing(standing);
-        true
+    }
+
+    /// Members that said they restarted empty and are still members under their old id.
+    pub fn restarts(&self) -> Vec<String> {
+        let Some(meta) = self.meta() else {
+            return Vec::new();
+        };
+        let state = meta.state();
+        let mut restarts = self.restarts.lock();
+        restarts.retain(|a| state.ids.contains_key(a));
+        restarts.iter().cloned().collect()
     }
 
     /// A snapshot of what the metrics report about this node.
@@ -308,6 +389,19 @@ impl Node {
             vnodes: self.config.vnodes,
             key_count: self.store.len(),
             pending: state.migration.as_ref().map(|m| m.change_id()),
+            raft_id: self.meta().map_or(0, |m| m.id()),
+            restarted: self.restarted(),
+            group: self.meta().and_then(|m| {
+                let meta = m.state();
+                meta.formed().then(|| crate::wire::GroupState {
+                    group: meta.group,
+                    epoch: meta.epoch,
+                    view: meta.view,
+                    ids: meta.ids,
+                    change: meta.change.map(|c| c.change_id),
+                    leader: m.leader(),
+                })
+            }),
         }
     }
 
@@ -404,6 +498,14 @@ impl Node {
         outcomes.push_back((change_id, outcome));
         while outcomes.len() > REMEMBERED_OUTCOMES {
             outcomes.pop_front();
+        }
+    }
+
+    /// What the log says of a change, or else what this node knows.
+    pub fn log_outcome(&self, change_id: u64) -> Outcome {
+        match self.meta().map(|m| m.state().outcome(change_id)) {
+            Some(outcome @ (Outcome::Committed | Outcome::Aborted | Outcome::Pending)) => outcome,
+            _ => self.outcome(change_id),
         }
     }
 

@@ -182,6 +182,19 @@ impl Peers {
             .await
     }
 
+    /// One attempt, no connect window, answered within `timeout` (the metadata log's
+    /// messages: openraft retries on its own).
+    pub async fn send_once(
+        &self,
+        peer: &str,
+        request: &Request,
+        view: &View,
+        timeout: Duration,
+    ) -> Result<Response, PeerError> {
+        self.call_within(peer, request, view, timeout, Duration::ZERO)
+            .await
+    }
+
     async fn call_within(
         &self,
         peer: &str,

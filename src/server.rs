@@ -18,7 +18,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 
 use crate::api;
-use crate::node::{Node, Standing};
+use crate::node::Node;
 use crate::parse_errors::JsonParseErrors;
 use crate::rpc;
 
@@ -32,7 +32,14 @@ pub async fn bind(node: &Node) -> std::io::Result<TcpListener> {
 
 /// Serves `node` on `listener` until `shutdown` resolves.
 pub async fn serve(node: Arc<Node>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
-    if node.standing() != Standing::InForce {
+    if node.meta().is_none() {
+        let link = crate::migrate::apply::Link::new(&node);
+        if let Err(error) = node.start_log(link.clone(), link).await {
+            tracing::error!(%error, "cannot start the metadata log");
+            return;
+        }
+    }
+    if node.config().forwarding_address.is_none() {
         tokio::spawn(crate::join::settle(node.clone()));
     }
     let service = warp::service(api::routes(node.clone()));

@@ -15,6 +15,26 @@ pub struct NodeState {
     pub key_count: usize,
     /// The change this node has prepared and not yet committed or aborted.
     pub pending: Option<u64>,
+    /// The Raft id of this incarnation.
+    pub raft_id: u64,
+    /// This node restarted empty under an address its group knows (its keys are gone).
+    pub restarted: bool,
+    /// The metadata group this node applies the log of, if it belongs to one.
+    pub group: Option<GroupState>,
+}
+
+/// A group's metadata as one of its nodes has applied it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupState {
+    pub group: u64,
+    pub epoch: u64,
+    pub view: Vec<String>,
+    /// Raft id of each member's incarnation.
+    pub ids: std::collections::BTreeMap<String, u64>,
+    /// The change the log has begun and not decided.
+    pub change: Option<u64>,
+    /// The leader, as this node last heard.
+    pub leader: Option<String>,
 }
 
 /// The answer of an owner that no longer owns a key: its newer view.
@@ -33,6 +53,8 @@ pub struct Prepare {
     pub coordinator: String,
     /// Every node taking part (old view ∪ new view), for asking about the outcome.
     pub participants: Vec<String>,
+    /// Participants that come from another group (see `meta::Change::merging`).
+    pub merging: Vec<String>,
 }
 
 /// What a node shipped in the transfer or catch-up phase.

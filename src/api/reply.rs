@@ -142,7 +142,8 @@ impl ApiError {
                 | ChangeError::NotShipped(_)
                 | ChangeError::NotIncoming(_)
                 | ChangeError::Invalid(..)
-                | ChangeError::NotConfirmed(_)
+                | ChangeError::Aborted(_)
+                | ChangeError::OtherGroup(_)
                 | ChangeError::Unreachable(_)
                 | ChangeError::Storage(_) => StatusCode::SERVICE_UNAVAILABLE,
             },

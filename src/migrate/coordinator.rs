@@ -2,7 +2,7 @@
 //! node of the old and new view, then drives prepare → transfer → catch-up → commit, and
 //! aborts everywhere if any step fails before the commit point.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,7 +15,9 @@ use crate::node::Node;
 use crate::peers::PeerError;
 use crate::rpc::{Refusal, Request, Response};
 use crate::view::{View, ViewError};
-use crate::wire::{ChangeReport, Committed, NodeState, Outcome, Prepare, Shipped};
+use crate::consensus::Metadata;
+use crate::meta::{Applied, Change, Command, LeaderOp, Refusal as MetaRefusal};
+use crate::wire::{ChangeReport, Committed, GroupState, NodeState, Outcome, Prepare, Shipped};
 
 /// How long the transfer and catch-up phases may take on one node.
 const PHASE_CALL_TIMEOUT: Duration = Duration::from_secs(120);
@@ -122,12 +124,6 @@ impl Run<'_> {
         }
     }
 
-    async fn abort_everywhere(&self, change_id: u64) {
-        let request = Request::Abort { change_id };
-        let _ = self
-            .everyone(&request, self.node.peers().timeout(), |_| Some(()))
-            .await;
-    }
 }
 
 /// Carries out a view change to `members`; answers the new view's shards in view order.
@@ -226,9 +222,17 @@ async fn coordinate(
     if states.iter().any(|s| s.pending.is_some()) {
         return Err(ChangeError::InProgress);
     }
-    let agreed = states
-        .iter()
-        .all(|s| s.view_id == target.id && s.epoch == states[0].epoch);
+    // A no-op only when every node holds this view at one epoch as a member of one group
+    // under its current incarnation (a node that restarted empty is taken back by a change).
+    let one_group = group_of(&states).is_some_and(|g| {
+        states
+            .iter()
+            .all(|s| g.ids.get(&s.address) == Some(&s.raft_id) && s.group.as_ref().map(|h| h.group) == Some(g.group))
+    });
+    let agreed = one_group
+        && states
+            .iter()
+            .all(|s| s.view_id == target.id && s.epoch == states[0].epoch);
     if agreed {
         tracing::info!(view = %target.members_text(), "view change to the view in force: no-op");
         let counts: HashMap<&str, usize> = states
@@ -237,8 +241,59 @@ async fn coordinate(
             .collect();
         return Ok(shards(&target, |a| counts.get(a).copied()));
     }
+    // The group whose log decides the change: the newest (then the largest) of the groups
+    // the participants belong to. Nodes of other groups (a node started alone, two groups
+    // started apart) leave theirs and join it, their keys with them.
+    let Some(group) = group_of(&states).cloned() else {
+        let unformed: Vec<String> = states.iter().map(|s| s.address.clone()).collect();
+        tracing::warn!(?unformed, "no participant belongs to a formed group yet");
+        return Err(ChangeError::Unreachable(unformed));
+    };
+    if group.change.is_some() {
+        return Err(ChangeError::InProgress);
+    }
+    let meta = node.meta().ok_or(ChangeError::Unreachable(Vec::new()))?;
+    let timeout = node.config().phase_timeout;
+    let leader = group.leader.clone();
+    let mut joining = BTreeMap::new();
+    let mut merging = Vec::new();
+    for state in &states {
+        if group.ids.get(&state.address) == Some(&state.raft_id) {
+            continue;
+        }
+        let mut id = state.raft_id;
+        match &state.group {
+            Some(other) if other.group != group.group => {
+                // Leaves its own group for this one, keeping its keys for the handover.
+                id = reset(node, &state.address, &run.view).await?;
+                merging.push(state.address.clone());
+            }
+            _ if group.ids.contains_key(&state.address) => {
+                tracing::warn!(
+                    node = %state.address,
+                    "this node restarted empty; the change takes it back as a new incarnation, \
+                     the keys it held are lost"
+                );
+            }
+            _ => {}
+        }
+        if target.members.contains(&state.address) {
+            joining.insert(state.address.clone(), id);
+        }
+    }
+    for (address, id) in &joining {
+        let op = LeaderOp::AddLearner {
+            id: *id,
+            address: address.clone(),
+        };
+        submit(&meta, op, timeout, &leader).await?;
+    }
 
-    let newest = states.iter().map(|s| s.epoch).max().unwrap_or(0);
+    let newest = states
+        .iter()
+        .map(|s| s.epoch.max(s.group.as_ref().map_or(0, |g| g.epoch)))
+        .max()
+        .unwrap_or(0);
     let Some(epoch) = newest
         .checked_add(1)
         .filter(|e| crate::view::epoch_within_reach(newest, *e))
@@ -250,6 +305,23 @@ async fn coordinate(
         });
     };
     let change_id = xxh3_64(format!("{}#{epoch}#{:?}", node.address(), Instant::now()).as_bytes());
+    let begin = Change {
+        change_id,
+        epoch,
+        view: target.members.clone(),
+        coordinator: node.address().to_string(),
+        participants: run.participants.clone(),
+        joining: joining.clone(),
+        merging: merging.clone(),
+    };
+    match submit(&meta, LeaderOp::Write(Command::Begin(begin)), timeout, &leader).await? {
+        Applied::Done => {}
+        Applied::Refused(MetaRefusal::InProgress) => return Err(ChangeError::InProgress),
+        other => {
+            tracing::warn!(?other, "the log refused the change");
+            return Err(ChangeError::Unreachable(Vec::new()));
+        }
+    }
     node.coordinate(change_id);
     metrics::view_change(ChangeOutcome::Started);
     tracing::info!(
@@ -257,7 +329,7 @@ async fn coordinate(
         epoch,
         from = %old.members_text(),
         to = %target.members_text(),
-        "coordinating view change"
+        "coordinating view change (begun in the log)"
     );
     let prepare = Prepare {
         change_id,
@@ -265,10 +337,11 @@ async fn coordinate(
         view: target.members.clone(),
         coordinator: node.address().to_string(),
         participants: run.participants.clone(),
+        merging,
     };
     let phases = async {
         let phase_started = Instant::now();
-        run.everyone(&Request::Prepare(prepare), node.peers().timeout(), |r| {
+        run.everyone(&Request::Prepare(prepare), timeout, |r| {
             matches!(r, Response::Done).then_some(())
         })
         .await?;
@@ -281,28 +354,61 @@ async fn coordinate(
         let caught_up = run.shipping_phase(Request::CatchUp { change_id }).await?;
         Ok::<_, Vec<PeerError>>((shipped, caught_up))
     };
-    let (shipped, caught_up) = match phases.await {
-        Ok(done) => done,
-        Err(errors) => {
-            let error = as_change_error(errors);
-            tracing::warn!(change = change_id, %error, ?error, "view change failed before commit; aborting");
-            node.decide(change_id, Outcome::Aborted);
+    let phases = phases.await;
+    // The commit point is the log's: the first of Commit and Abort in it decides.
+    let proposal = match &phases {
+        Ok(_) => Command::Commit { change_id },
+        Err(_) => Command::Abort { change_id },
+    };
+    let log_started = Instant::now();
+    let decided = submit(&meta, LeaderOp::Write(proposal), timeout, &leader).await;
+    let log_millis = log_started.elapsed().as_secs_f64() * 1000.0;
+    node.decide(change_id, match &decided {
+        Ok(Applied::Decided(outcome)) => *outcome,
+        _ => Outcome::Pending,
+    });
+    let (shipped, caught_up) = match (phases, decided) {
+        (Ok(done), Ok(Applied::Decided(Outcome::Committed))) => done,
+        (phases, decided) => {
+            let error = match phases {
+                Err(errors) => as_change_error(errors),
+                Ok(_) => ChangeError::Aborted(change_id),
+            };
+            tracing::warn!(change = change_id, %error, ?decided, "view change not committed");
             metrics::view_change(ChangeOutcome::Aborted);
-            run.abort_everywhere(change_id).await;
             return Err(error);
         }
     };
-
-    // The commit point: from here on the change completes, whoever is asked about it.
-    node.decide(change_id, Outcome::Committed);
     metrics::view_change(ChangeOutcome::Committed);
     let phase_started = Instant::now();
     let (committed, unconfirmed) = commit_everywhere(&run, change_id).await;
     tracing::info!(
         change = change_id,
         millis = phase_started.elapsed().as_millis() as u64,
+        log_commit_ms = log_millis,
         "phase commit done"
     );
+    // The new view's members become the log's voters (joint consensus); removed nodes stay
+    // learners until they confirmed, so a late one still learns the decision.
+    let state = meta.state();
+    let ids = if state.epoch >= epoch { state.ids } else { BTreeMap::new() };
+    let voters: BTreeMap<u64, String> = ids.into_iter().map(|(a, id)| (id, a)).collect();
+    if voters.len() == target.members.len() {
+        if let Err(error) = submit(&meta, LeaderOp::Voters(voters.clone()), timeout, &leader).await {
+            tracing::warn!(%error, "the log's voters are not the new view's members yet");
+        }
+        let gone: Vec<u64> = group
+            .ids
+            .iter()
+            .filter(|(a, id)| !voters.contains_key(id) && !unconfirmed.contains(a))
+            .map(|(_, id)| *id)
+            .collect();
+        if !gone.is_empty() {
+            if let Err(error) = submit(&meta, LeaderOp::RemoveLearners(gone), timeout, &leader).await {
+                tracing::warn!(%error, "removed nodes are still learners of the log");
+            }
+        }
+    }
     let report = ChangeReport {
         epoch,
         view: target.members.clone(),
@@ -319,11 +425,49 @@ async fn coordinate(
             change = change_id,
             ?unconfirmed,
             "committed, but these nodes did not confirm within the phase timeout; \
-             they finish the change when they hear of the new epoch"
+             they apply the change when their log has it"
         );
         return Err(ChangeError::Unreachable(unconfirmed));
     }
     Ok(shards(&target, |a| committed.get(a).copied()))
+}
+
+/// The group the change belongs to: the newest, then the largest, then the lowest id.
+fn group_of(states: &[NodeState]) -> Option<&GroupState> {
+    states
+        .iter()
+        .filter_map(|s| s.group.as_ref())
+        .max_by(|a, b| {
+            (a.epoch, a.view.len(), std::cmp::Reverse(a.group))
+                .cmp(&(b.epoch, b.view.len(), std::cmp::Reverse(b.group)))
+        })
+}
+
+async fn submit(
+    meta: &Metadata,
+    op: LeaderOp,
+    timeout: Duration,
+    leader: &Option<String>,
+) -> Result<Applied, ChangeError> {
+    let name = match &op {
+        LeaderOp::Write(command) => command.name(),
+        LeaderOp::AddLearner { .. } => "add-learner",
+        LeaderOp::Voters(_) => "voters",
+        LeaderOp::RemoveLearners(_) => "remove-learners",
+    };
+    meta.submit(op, timeout, leader.clone()).await.map_err(|error| {
+        tracing::warn!(op = name, %error, "the metadata log did not take the operation");
+        ChangeError::Unreachable(leader.iter().cloned().collect())
+    })
+}
+
+/// Asks `peer`, a node of another group, to leave it; its new Raft id.
+async fn reset(node: &Node, peer: &str, view: &View) -> Result<u64, ChangeError> {
+    match node.peers().call(peer, &Request::Reset, view, node.peers().timeout()).await {
+        Ok(Response::Reset(id)) => Ok(id),
+        Ok(_) => Err(ChangeError::OtherGroup(peer.to_string())),
+        Err(error) => Err(as_change_error(vec![error])),
+    }
 }
 
 /// The commit point: once the first participant switches, the change is decided. Every

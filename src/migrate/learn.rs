@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use crate::node::Node;
 use crate::rpc::{Request, Response};
+use crate::wire::Outcome;
 
 /// Catches up with a newer epoch heard from `source`: commits the prepared change of
 /// that epoch (someone committed it, so it is decided), or adopts the newer view.
@@ -20,6 +21,36 @@ pub async fn learn(node: &Arc<Node>, epoch: u64, members: Option<Vec<String>>, s
             from = source,
             "ignoring an epoch too far ahead"
         );
+        return;
+    }
+    // A node that applies a group's log learns newer views from the log, never from gossip:
+    // it waits (bounded) for its log to get there.
+    if let Some(meta) = node.meta().filter(|m| m.state().formed() || node.migration().is_some()) {
+        let timeout = node.peers().timeout();
+        if meta.wait_for(timeout, |s| s.epoch >= epoch).await {
+            meta.caught_up(timeout).await;
+            return;
+        }
+        // A removed node the log no longer replicates to: the outcome, as the log of a
+        // node serving the new epoch has it.
+        let Some(migration) = node.migration().filter(|m| m.view().epoch == epoch) else {
+            tracing::warn!(epoch, from = source, "a newer epoch this node's log does not have yet");
+            return;
+        };
+        let ask = Request::Outcome {
+            change_id: migration.change_id(),
+        };
+        if let Ok(Response::Outcome(Outcome::Committed)) =
+            node.peers().ask(source, &ask, &node.view()).await
+        {
+            tracing::info!(epoch, from = source, "the log committed the prepared change; applying it");
+            let node = node.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                let _ = super::participant::commit_now(&node, migration.change_id());
+                node.follow(migration.view().epoch, migration.view().members.clone());
+            })
+            .await;
+        }
         return;
     }
     // One catch-up at a time: every forward that arrives with the newer epoch would
@@ -51,29 +82,5 @@ pub async fn learn(node: &Arc<Node>, epoch: u64, members: Option<Vec<String>>, s
             }
         },
     };
-    if let Some(migration) = node.migration().filter(|m| m.view().epoch == epoch) {
-        // The change prepared here is decided if a participant already serves its view.
-        let same_view = crate::view::view_id(&members) == migration.view().id;
-        let participant = migration.participants().iter().any(|p| p == source);
-        if !(same_view && participant) {
-            tracing::warn!(
-                epoch,
-                from = source,
-                same_view,
-                participant,
-                "a newer epoch that is not the prepared change's; not committing"
-            );
-            return;
-        }
-        tracing::info!(
-            epoch,
-            from = source,
-            "a peer already serves the new view; committing"
-        );
-        if let Err(error) = super::commit(node, None, migration.change_id()).await {
-            tracing::warn!(%error, "commit on hearing a newer epoch failed");
-        }
-        return;
-    }
     node.adopt(epoch, members);
 }

@@ -9,4 +9,6 @@ mod participant;
 mod transfer;
 
 pub use learn::learn;
-pub(crate) use participant::{abort, catch_up, commit, prepare, stage, transfer};
+pub mod apply;
+
+pub(crate) use participant::{catch_up, committed, prepare, reset, stage, transfer};

@@ -7,7 +7,6 @@ use super::transfer::{ship_entries, ship_ranges};
 use crate::change::{ChangeError, Migration};
 use crate::node::Node;
 use crate::ring::{key_hash, HashRing, MovedRange};
-use crate::rpc::{Request, Response};
 use crate::store::Entry;
 use crate::view::{View, ViewError};
 use crate::wire::{Committed, Outcome, Prepare, Shipped};
@@ -28,6 +27,18 @@ pub(crate) async fn prepare(
 ) -> Result<(), ChangeError> {
     if request.coordinator != from {
         return Err(ChangeError::NotCoordinator(from.to_string()));
+    }
+    // Only a change the log has begun: wait (bounded) for this node's log to apply it.
+    let meta = node.meta().ok_or(ChangeError::UnknownChange(request.change_id))?;
+    let begun = |s: &crate::meta::MetaState| {
+        s.change.as_ref().is_some_and(|c| {
+            c.change_id == request.change_id && c.epoch == request.epoch && c.view == request.view
+        })
+    };
+    let timeout = node.config().phase_timeout;
+    // And until this node carried out every entry before it (a commit applied late).
+    if !meta.wait_for(timeout, begun).await || !meta.caught_up(timeout).await {
+        return Err(ChangeError::UnknownChange(request.change_id));
     }
     let _serial = node.change_lock().lock().await;
     if let Some(current) = node.migration() {
@@ -73,6 +84,7 @@ pub(crate) async fn prepare(
         request.participants,
         view,
         outgoing,
+        request.merging,
     ));
     node.install_migration(migration.clone());
     tokio::spawn(watchdog(node.clone(), migration));
@@ -153,65 +165,32 @@ pub(crate) async fn catch_up(
     Ok(shipped)
 }
 
-/// Phase 4: make received keys live, switch to the new view, drop what was handed over.
-/// Idempotent: committing a change that already committed here reports the key count.
-/// `from` is the coordinator that asks, or `None` when this node settles the change itself
-/// (its watchdog, or a peer already serving the new epoch). Refused while this node has not
-/// shipped what it hands over: a commit never drops keys that are nowhere else.
-pub(crate) async fn commit(
-    node: &Arc<Node>,
-    from: Option<&str>,
-    change_id: u64,
-) -> Result<Committed, ChangeError> {
-    if let Some(migration) = node.migration().filter(|m| m.change_id() == change_id) {
-        if let Some(from) = from {
-            migration.coordinated_by(from)?;
-        }
-        confirm_with_members(node, &migration).await?;
+/// Phase 4, as the coordinator asks it: the log decides the change (see
+/// [`super::apply`]); this waits until this node has applied the decision, and reports its
+/// key count then. Refused if the log aborted the change.
+pub(crate) async fn committed(node: &Arc<Node>, change_id: u64) -> Result<Committed, ChangeError> {
+    let meta = node.meta().ok_or(ChangeError::UnknownChange(change_id))?;
+    let decided = |s: &crate::meta::MetaState| s.outcome(change_id) != Outcome::Pending;
+    let timeout = node.config().phase_timeout;
+    if meta.wait_for(timeout, decided).await {
+        meta.caught_up(timeout).await;
     }
-    node.faults().commit_pause_point().await;
-    let node = node.clone();
-    // On a blocking thread: applying and dropping a large range takes a while, and once
-    // begun it must finish even if the caller goes away (half a commit loses staged keys).
-    tokio::task::spawn_blocking(move || commit_now(&node, change_id))
-        .await
-        .unwrap_or(Err(ChangeError::UnknownChange(change_id)))
+    match meta.state().outcome(change_id) {
+        Outcome::Committed if node.migration().is_none_or(|m| m.change_id() != change_id) => {
+            Ok(Committed {
+                key_count: node.store().len(),
+            })
+        }
+        Outcome::Aborted => Err(ChangeError::Aborted(change_id)),
+        _ => Err(ChangeError::UnknownChange(change_id)),
+    }
 }
 
-/// A node never decides a change alone: before it commits, it asks the other members of
-/// its current view (the coordinator aside, which decided) for the change's outcome. One
-/// that answers it does not know the change (unknown, aborted) stops the commit. One that
-/// does not answer does not: a member may die after shipping, and an operator's
-/// `PUT /cluster/view-change` leaves unreachable members out on purpose.
-async fn confirm_with_members(node: &Arc<Node>, migration: &Migration) -> Result<(), ChangeError> {
-    let view = node.view();
-    let ask = Request::Outcome {
-        change_id: migration.change_id(),
-    };
-    let others = view
-        .members
-        .iter()
-        .filter(|m| **m != **node.address() && *m != migration.coordinator());
-    let answers = futures_util::future::join_all(others.map(|peer| {
-        let (view, ask) = (&view, &ask);
-        async move { (peer, node.peers().ask(peer, ask, view).await) }
-    }))
-    .await;
-    for (peer, answer) in answers {
-        match answer {
-            Ok(Response::Outcome(Outcome::Pending | Outcome::Committed)) => {}
-            Ok(Response::Outcome(outcome)) => {
-                tracing::warn!(change = migration.change_id(), %peer, ?outcome, "a member does not know this change; not committing");
-                return Err(ChangeError::NotConfirmed(peer.to_string()));
-            }
-            Ok(_) => return Err(ChangeError::NotConfirmed(peer.to_string())),
-            Err(error) => tracing::debug!(%peer, %error, "cannot confirm the change with a member"),
-        }
-    }
-    Ok(())
-}
-
-fn commit_now(node: &Node, change_id: u64) -> Result<Committed, ChangeError> {
+/// Applies a committed change here: received keys go live, the view switches, what was
+/// handed over is dropped. Called in log order (from the log's effects) on a blocking
+/// thread. A node that has not shipped what it hands over (it cannot happen when the log
+/// commits only after every catch-up, but a bug must not lose keys) keeps those ranges.
+pub(crate) fn commit_now(node: &Node, change_id: u64) -> Result<Committed, ChangeError> {
     let _serial = node.change_lock().blocking_lock();
     let migration = match prepared(node, change_id) {
         Ok(migration) => migration,
@@ -225,17 +204,22 @@ fn commit_now(node: &Node, change_id: u64) -> Result<Committed, ChangeError> {
             };
         }
     };
-    if !migration.may_drop() {
-        tracing::warn!(
+    let may_drop = migration.may_drop();
+    if !may_drop {
+        tracing::error!(
             change = change_id,
-            "commit before this node shipped its ranges; refused"
+            "the log committed a change before this node shipped its ranges; keeping them"
         );
-        return Err(ChangeError::NotShipped(change_id));
     }
     let staged = migration.take_staged();
     let received = staged.len();
-    for (key, value) in staged {
-        node.store().apply(key_hash(key.as_bytes()), &key, value)?;
+    for (key, staged) in staged {
+        let hash = key_hash(key.as_bytes());
+        if staged.foreign && (staged.value.is_none() || node.store().get(hash, &key)?.is_some()) {
+            // A merged group's key never overwrites (or deletes) one this group holds.
+            continue;
+        }
+        node.store().apply(hash, &key, staged.value)?;
     }
     // The outcome first: a peer asking about the change between the switch and the record
     // would hear "unknown" and refuse to commit.
@@ -244,7 +228,8 @@ fn commit_now(node: &Node, change_id: u64) -> Result<Committed, ChangeError> {
     let frozen = migration.end_freeze();
     migration.end();
     let mut dropped = 0;
-    for (start, end) in migration.outgoing().iter().flat_map(|r| r.range.segments()) {
+    let handed_over = migration.outgoing().iter().filter(|_| may_drop);
+    for (start, end) in handed_over.flat_map(|r| r.range.segments()) {
         dropped += node.store().remove_segment(start, end)?;
     }
     tracing::info!(
@@ -262,20 +247,13 @@ fn commit_now(node: &Node, change_id: u64) -> Result<Committed, ChangeError> {
     })
 }
 
-/// Abandons a prepared change: received keys are discarded, the old view stays. `from` is
-/// the coordinator that asks, or `None` when this node's watchdog gives up.
-pub(crate) async fn abort(
-    node: &Arc<Node>,
-    from: Option<&str>,
-    change_id: u64,
-) -> Result<(), ChangeError> {
-    let _serial = node.change_lock().lock().await;
+/// Abandons a prepared change as the log decided: received keys are discarded, the old
+/// view stays, the frozen ranges are released. Called in log order, on a blocking thread.
+pub(crate) fn abort_now(node: &Node, change_id: u64) {
+    let _serial = node.change_lock().blocking_lock();
     let Ok(migration) = prepared(node, change_id) else {
-        return Ok(());
+        return;
     };
-    if let Some(from) = from {
-        migration.coordinated_by(from)?;
-    }
     node.record_outcome(change_id, Outcome::Aborted);
     node.drop_migration(&migration);
     migration.end_freeze();
@@ -284,20 +262,12 @@ pub(crate) async fn abort(
         change = change_id,
         "aborted view change; the old view stays"
     );
-    Ok(())
 }
 
-/// What a silent coordinator leaves a participant to do.
-enum Resolution {
-    Commit,
-    Abort,
-    Wait,
-}
-
-/// Watches a prepared change: when nothing has been heard of it for the phase timeout,
-/// asks the coordinator and peers for its outcome. Once any node committed, the change is
-/// decided and this node commits too; it aborts only when nobody committed and the
-/// coordinator is gone or has given up.
+/// Watches a prepared change: when nothing has been heard of it for the phase timeout, it
+/// proposes to the log that the change be aborted. The log decides: if the coordinator's
+/// commit is in it first, the change commits, here too. A node never decides alone: with
+/// no majority reachable the change stays pending (ranges frozen) until one is.
 async fn watchdog(node: Arc<Node>, migration: Arc<Migration>) {
     let timeout = node.config().phase_timeout;
     let mut ended = migration.ended();
@@ -309,78 +279,60 @@ async fn watchdog(node: Arc<Node>, migration: Arc<Migration>) {
         if migration.quiet_for() < timeout {
             continue;
         }
-        let outcome = match resolve(&node, &migration).await {
-            Resolution::Wait => {
-                migration.touch();
-                continue;
+        let Some(meta) = node.meta() else { return };
+        let change_id = migration.change_id();
+        tracing::warn!(
+            change = change_id,
+            coordinator = %migration.coordinator(),
+            "no progress past the phase timeout; proposing to the log that the change abort"
+        );
+        let proposed = meta
+            .submit(
+                crate::meta::LeaderOp::Write(crate::meta::Command::Abort { change_id }),
+                node.peers().timeout(),
+                None,
+            )
+            .await;
+        match proposed {
+            Ok(crate::meta::Applied::Decided(outcome)) => {
+                tracing::warn!(change = change_id, ?outcome, "the log decided the change");
+                // Applied here too once this node's log has it; a node the log no longer
+                // replicates to (removed meanwhile) applies the leader's answer itself.
+                let decided = |s: &crate::meta::MetaState| s.outcome(change_id) == outcome;
+                if !meta.wait_for(timeout / 4, decided).await && !*ended.borrow() {
+                    let node = node.clone();
+                    let view = migration.view().clone();
+                    let _ = tokio::task::spawn_blocking(move || match outcome {
+                        Outcome::Committed => {
+                            let _ = commit_now(&node, change_id);
+                            node.follow(view.epoch, view.members.clone());
+                        }
+                        _ => abort_now(&node, change_id),
+                    })
+                    .await;
+                }
             }
-            Resolution::Commit => commit(&node, None, migration.change_id()).await.map(|_| ()),
-            Resolution::Abort => abort(&node, None, migration.change_id()).await,
-        };
-        match outcome {
-            // A member that does not know the change yet may learn it (or come back):
-            // ask again after another quiet period rather than decide alone.
-            Err(error @ ChangeError::NotConfirmed(_)) => {
-                tracing::warn!(change = migration.change_id(), %error, "watchdog cannot commit yet; will ask again");
-                migration.touch();
+            other => {
+                tracing::warn!(change = change_id, ?other, "the log did not take the abort; will ask again");
             }
-            Err(error) => {
-                tracing::warn!(change = migration.change_id(), %error, "watchdog could not settle the change");
-                return;
-            }
-            Ok(()) => return,
         }
+        migration.touch();
     }
 }
 
-async fn resolve(node: &Arc<Node>, migration: &Migration) -> Resolution {
-    if migration.coordinator() == &**node.address() && node.coordinating().try_lock().is_err() {
-        return Resolution::Wait;
+/// Leaves the group this node belongs to, for a change (coordinated by `from`) that merges
+/// it into another: this node comes back as a new Raft node with an empty log, its keys and
+/// its view kept for the handover. Refused while a change is prepared here.
+pub(crate) async fn reset(node: &Arc<Node>, from: &str) -> Result<u64, ChangeError> {
+    let _serial = node.change_lock().lock().await;
+    if node.migration().is_some() {
+        return Err(ChangeError::InProgress);
     }
-    let view = node.view();
-    let ask = Request::Outcome {
-        change_id: migration.change_id(),
-    };
-    // The coordinator too, which takes no part when it is in neither view.
-    let asks = migration
-        .participants()
-        .iter()
-        .map(String::as_str)
-        .chain(
-            Some(migration.coordinator())
-                .filter(|c| !migration.participants().iter().any(|p| p == c)),
-        )
-        .filter(|peer| *peer != &**node.address())
-        .map(|peer| {
-            let (view, ask) = (view.clone(), &ask);
-            async move {
-                let answer = node
-                    .peers()
-                    .call(peer, ask, &view, node.peers().timeout())
-                    .await;
-                let outcome = match answer {
-                    Ok(Response::Outcome(outcome)) => outcome,
-                    _ => Outcome::Unknown,
-                };
-                (peer.to_string(), outcome)
-            }
-        });
-    let answers = futures_util::future::join_all(asks).await;
-    let coordinator_busy = answers
-        .iter()
-        .any(|(peer, outcome)| *peer == migration.coordinator() && *outcome == Outcome::Pending);
-    let anyone_committed = answers.iter().any(|(_, o)| *o == Outcome::Committed);
-    tracing::warn!(
-        change = migration.change_id(),
-        coordinator = %migration.coordinator(),
-        ?answers,
-        "coordinator silent past the phase timeout; asked peers"
-    );
-    if anyone_committed {
-        Resolution::Commit
-    } else if coordinator_busy {
-        Resolution::Wait
-    } else {
-        Resolution::Abort
-    }
+    let link = super::apply::Link::new(node);
+    node.start_log(link.clone(), link)
+        .await
+        .map_err(|_| ChangeError::OtherGroup(node.address().to_string()))?;
+    let id = node.meta().map_or(0, |m| m.id());
+    tracing::warn!(coordinator = from, raft_id = id, "left this node's group to join another");
+    Ok(id)
 }

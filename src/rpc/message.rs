@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::kv::{Invalid, KvOp, KvOutcome};
+use crate::meta::{Applied, LeadError, LeaderOp, RaftId};
 use crate::store::Entry;
 use crate::wire::{Committed, Misdirected, NodeState, Outcome, Prepare, Shipped};
 
@@ -41,17 +42,27 @@ pub enum Request {
     CatchUp {
         change_id: u64,
     },
-    /// Phase 4.
+    /// Phase 4: answered once the receiver applied the log's decision (its key count then).
     Commit {
-        change_id: u64,
-    },
-    Abort {
         change_id: u64,
     },
     /// What the receiver knows of a change (for a participant whose coordinator is silent).
     Outcome {
         change_id: u64,
     },
+    /// A message of the metadata log for the receiver's Raft node `target` (postcard bytes
+    /// of `consensus::network::RaftMessage`).
+    Raft {
+        target: RaftId,
+        message: Vec<u8>,
+    },
+    /// An operation for the leader of the metadata log.
+    Lead(LeaderOp),
+    /// A node that is not in the group and holds no key asks to leave the group it
+    /// formed on its own (its start view): it comes back as a new Raft node, ready to join.
+    Reset,
+    /// The sender restarted empty, as Raft node `raft_id`, under an address its group knows.
+    Restarted { raft_id: RaftId },
 }
 
 impl Request {
@@ -65,8 +76,11 @@ impl Request {
             Request::Stage { .. } => "stage",
             Request::CatchUp { .. } => "catch-up",
             Request::Commit { .. } => "commit",
-            Request::Abort { .. } => "abort",
             Request::Outcome { .. } => "outcome",
+            Request::Raft { .. } => "raft",
+            Request::Lead(_) => "lead",
+            Request::Reset => "reset",
+            Request::Restarted { .. } => "restarted",
         }
     }
 }
@@ -84,6 +98,11 @@ pub enum Response {
     Shipped(Shipped),
     Committed(Committed),
     Outcome(Outcome),
+    /// The answer to a Raft message (postcard bytes of `consensus::network::RaftAnswer`).
+    Raft(Vec<u8>),
+    Led(Result<Applied, LeadError>),
+    /// The receiver's new Raft id after a reset.
+    Reset(RaftId),
     Refused(Refusal),
 }
 
@@ -106,8 +125,8 @@ pub enum Refusal {
     NotShipped(u64),
     #[error("the sender does not hand over the range of key {0:?}")]
     NotIncoming(String),
-    #[error("{0} does not know this change; the receiver will not decide it alone")]
-    NotConfirmed(String),
+    #[error("the log aborted change {0}")]
+    Aborted(u64),
     #[error("the sender routes by another view at the same epoch")]
     ViewMismatch,
     #[error("the view in force is not known yet")]

@@ -1,0 +1,264 @@
+//! The consensus log of the cluster metadata (openraft): one Raft group per cluster, whose
+//! voters are the members of the view in force, each under the Raft id of its current
+//! incarnation. [`Metadata`] is a node's handle on it: its id, the state it has applied,
+//! proposals (sent to the leader wherever it is), and the answering side of the Raft
+//! messages peers send.
+//!
+//! openraft rather than raft-rs: it is async on tokio (our runtime), brings joint-consensus
+//! membership changes and learners, and asks only for a log store, a state machine and a
+//! network, which we already have the parts for (raft-rs would have us drive ticks, ready
+//! states and persistence by hand).
+
+mod log;
+mod machine;
+mod network;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{BasicNode, Raft, Snapshot};
+use tokio::sync::watch;
+
+pub use machine::{Effects, Published};
+pub use network::Transport;
+
+use crate::meta::{Applied, Command, LeadError, LeaderOp, MetaState, RaftId, TypeConfig};
+use crate::rpc::{Request, Response};
+use network::{RaftAnswer, RaftMessage};
+
+/// A node's handle on the metadata log.
+pub struct Metadata {
+    id: RaftId,
+    raft: Raft<TypeConfig>,
+    published: watch::Receiver<Arc<Published>>,
+    effected: watch::Receiver<u64>,
+    transport: Arc<dyn Transport>,
+}
+
+/// A fresh Raft id for a new incarnation.
+pub fn new_id() -> RaftId {
+    let mut bytes = [0u8; 8];
+    getrandom::fill(&mut bytes).expect("the OS gives random bytes");
+    u64::from_le_bytes(bytes).max(1)
+}
+
+fn raft_config() -> openraft::Config {
+    openraft::Config {
+        cluster_name: "ringkv".into(),
+        heartbeat_interval: 150,
+        election_timeout_min: 750,
+        election_timeout_max: 1500,
+        // The metadata log is a few entries per view change: never compacted.
+        snapshot_policy: openraft::SnapshotPolicy::Never,
+        ..Default::default()
+    }
+}
+
+impl Metadata {
+    /// Starts this node's Raft instance (a new incarnation, with an empty log).
+    pub async fn start(
+        effects: Arc<dyn Effects>,
+        transport: Arc<dyn Transport>,
+    ) -> Result<Metadata, String> {
+        let id = new_id();
+        let config = raft_config().validate().map_err(|e| e.to_string())?;
+        let (publish, published) = watch::channel(Arc::new(Published::default()));
+        let (effect, effected) = watch::channel(0);
+        let machine = machine::Machine::new(effects, publish, effect);
+        let network = network::Network {
+            transport: transport.clone(),
+        };
+        let raft = Raft::new(
+            id,
+            Arc::new(config),
+            network,
+            log::MemLog::default(),
+            machine,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        Ok(Metadata {
+            id,
+            raft,
+            published,
+            effected,
+            transport,
+        })
+    }
+
+    /// This incarnation's Raft id.
+    pub fn id(&self) -> RaftId {
+        self.id
+    }
+
+    /// The state this node has applied.
+    pub fn state(&self) -> MetaState {
+        self.published.borrow().state.clone()
+    }
+
+    /// A receiver of the applied state, for waiting on it.
+    pub fn watch(&self) -> watch::Receiver<Arc<Published>> {
+        self.published.clone()
+    }
+
+    /// Waits (up to `timeout`) until the applied state satisfies `f`.
+    pub async fn wait_for(&self, timeout: Duration, f: impl Fn(&MetaState) -> bool) -> bool {
+        let mut watch = self.published.clone();
+        tokio::time::timeout(timeout, watch.wait_for(|p| f(&p.state)))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// Waits (up to `timeout`) until the node has carried out every entry applied so far;
+    /// false if it has not.
+    pub async fn caught_up(&self, timeout: Duration) -> bool {
+        let applied = self.published.borrow().last_applied.map_or(0, |l| l.index);
+        let mut effected = self.effected.clone();
+        tokio::time::timeout(timeout, effected.wait_for(|done| *done >= applied))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// The leader's address as this node last heard it.
+    pub fn leader(&self) -> Option<String> {
+        let metrics = self.raft.metrics().borrow().clone();
+        let leader = metrics.current_leader?;
+        metrics
+            .membership_config
+            .membership()
+            .get_node(&leader)
+            .map(|n| n.addr.clone())
+    }
+
+    /// Forms a new group of these nodes (Raft id → address), this one among them; then
+    /// writes `genesis` as its first entry.
+    pub async fn bootstrap(
+        &self,
+        members: BTreeMap<RaftId, String>,
+        genesis: Command,
+        timeout: Duration,
+    ) -> Result<Applied, LeadError> {
+        let nodes: BTreeMap<RaftId, BasicNode> = members
+            .into_iter()
+            .map(|(id, addr)| (id, BasicNode { addr }))
+            .collect();
+        if let Err(error) = self.raft.initialize(nodes).await {
+            tracing::warn!(%error, "could not initialize the metadata group");
+        }
+        self.submit(LeaderOp::Write(genesis), timeout, None).await
+    }
+
+    /// Carries out `op` if this node leads; otherwise says who does.
+    pub async fn lead(&self, op: LeaderOp) -> Result<Applied, LeadError> {
+        let result = match op {
+            LeaderOp::Write(command) => {
+                return match self.raft.client_write(command).await {
+                    Ok(response) => Ok(response.data),
+                    Err(error) => Err(lead_error(error)),
+                };
+            }
+            LeaderOp::AddLearner { id, address } => {
+                self.raft
+                    .add_learner(id, BasicNode { addr: address }, true)
+                    .await
+            }
+            LeaderOp::Voters(voters) => {
+                let ids: BTreeSet<RaftId> = voters.keys().copied().collect();
+                self.raft.change_membership(ids, true).await
+            }
+            LeaderOp::RemoveLearners(ids) => {
+                let ids: BTreeSet<RaftId> = ids.into_iter().collect();
+                self.raft
+                    .change_membership(openraft::ChangeMembers::RemoveNodes(ids), true)
+                    .await
+            }
+        };
+        result.map(|_| Applied::Done).map_err(lead_error)
+    }
+
+    /// Carries out `op` on the leader, wherever it is, within `timeout`; `hint` is where
+    /// to look first when this node does not know (it is not in the group yet).
+    pub async fn submit(
+        &self,
+        op: LeaderOp,
+        timeout: Duration,
+        hint: Option<String>,
+    ) -> Result<Applied, LeadError> {
+        let deadline = Instant::now() + timeout;
+        let mut hint = hint;
+        loop {
+            // This node's Raft knows best who leads (it says so when it does not).
+            let mut answer = self.lead(op.clone()).await;
+            if let Err(LeadError::NotLeader(known)) = &answer {
+                if let Some(address) = known.clone().or(hint.take()) {
+                    // One hop, at most a second: a leader that stopped answering is replaced
+                    // by an election meanwhile.
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    let request = Request::Lead(op.clone());
+                    let hop = left.min(Duration::from_secs(1));
+                    answer = match self.transport.send(address, request, hop).await {
+                        Ok(Response::Led(answer)) => answer,
+                        Ok(_) => Err(LeadError::Failed("unexpected answer".into())),
+                        Err(_) => Err(LeadError::NotLeader(None)),
+                    };
+                    if let Err(LeadError::NotLeader(Some(next))) = &answer {
+                        hint = Some(next.clone());
+                    }
+                }
+            }
+            match answer {
+                Err(LeadError::NotLeader(_)) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(LeadError::NotLeader(_)) => return Err(LeadError::NoLeader),
+                other => return other,
+            }
+        }
+    }
+
+    /// Answers a Raft message a peer sent to Raft node `target`.
+    pub async fn handle(&self, target: RaftId, message: &[u8]) -> Vec<u8> {
+        let answer = if target != self.id {
+            RaftAnswer::NotHere(format!("this node is Raft node {}, not {target}", self.id))
+        } else {
+            match postcard::from_bytes::<RaftMessage>(message) {
+                Err(error) => RaftAnswer::NotHere(format!("undecodable raft message: {error}")),
+                Ok(RaftMessage::Append(request)) => match self.raft.append_entries(request).await {
+                    Ok(answer) => RaftAnswer::Append(answer),
+                    Err(error) => RaftAnswer::NotHere(error.to_string()),
+                },
+                Ok(RaftMessage::Vote(request)) => match self.raft.vote(request).await {
+                    Ok(answer) => RaftAnswer::Vote(answer),
+                    Err(error) => RaftAnswer::NotHere(error.to_string()),
+                },
+                Ok(RaftMessage::Snapshot { vote, meta, state }) => {
+                    let snapshot = Snapshot {
+                        meta,
+                        snapshot: Box::new(state),
+                    };
+                    match self.raft.install_full_snapshot(vote, snapshot).await {
+                        Ok(answer) => RaftAnswer::Snapshot(answer),
+                        Err(error) => RaftAnswer::NotHere(error.to_string()),
+                    }
+                }
+            }
+        };
+        postcard::to_allocvec(&answer).unwrap_or_default()
+    }
+
+    /// Stops the Raft instance (its tasks end).
+    pub async fn shutdown(&self) {
+        let _ = self.raft.shutdown().await;
+    }
+}
+
+fn lead_error(error: RaftError<RaftId, ClientWriteError<RaftId, BasicNode>>) -> LeadError {
+    match error {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(forward)) => {
+            LeadError::NotLeader(forward.leader_node.map(|n| n.addr))
+        }
+        other => LeadError::Failed(other.to_string()),
+    }
+}
