@@ -26,6 +26,7 @@ use crate::change::ChangeError;
 use crate::data::{self, NotServed};
 use crate::kv::{self, KvOp, KvOutcome};
 use crate::metrics::{self, RouteLabel};
+use crate::meta::{Command, LeaderOp};
 use crate::migrate;
 use crate::node::Node;
 use crate::peers::stamp_of;
@@ -48,6 +49,10 @@ impl Handler for Node {
         stamp: Stamp,
         request: Request,
     ) -> (Stamp, Response) {
+        if self.faults().isolated() {
+            // Cut off (a test's partition): as if the message never arrived.
+            std::future::pending::<()>().await;
+        }
         // A key routed by a newer view: catch up first (from the log, for a node that
         // applies one). Not for the log's own messages, which are how it catches up.
         if stamp.epoch > self.view().epoch && matches!(request, Request::Kv { .. }) {
@@ -82,6 +87,10 @@ impl Handler for Node {
                 Some(meta) => Response::Raft(meta.handle(target, &message).await),
                 None => Response::Refused(Refusal::Unsettled),
             },
+            // A change is begun only in the name of the node that asks.
+            Request::Lead(LeaderOp::Write(Command::Begin(change))) if change.coordinator != *from => {
+                Response::Refused(Refusal::NotMember(from.to_string()))
+            }
             Request::Lead(op) => match self.meta() {
                 Some(meta) => Response::Led(meta.lead(op).await),
                 None => Response::Refused(Refusal::Unsettled),

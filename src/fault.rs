@@ -30,6 +30,14 @@ mod hooks {
         /// Exit the process right after the first participant (other than this node) commits.
         #[serde(default)]
         pub exit_after_first_commit: bool,
+        /// Holds a coordinator after the catch-up (or a failed phase), before it proposes
+        /// its decision to the log.
+        #[serde(default)]
+        pub pause_decide: bool,
+        /// Cuts the node off from its peers: it answers no node-to-node message and sends
+        /// none (its HTTP API stays reachable, for the test).
+        #[serde(default)]
+        pub isolated: bool,
     }
 
     /// What a test reads back with `GET /internal/fault`.
@@ -40,6 +48,8 @@ mod hooks {
         pub waiting_in_transfer: bool,
         /// A commit is waiting at the pause point.
         pub waiting_in_commit: bool,
+        pub waiting_to_decide: bool,
+        pub isolated: bool,
     }
 
     /// A point where a phase waits while a test holds it.
@@ -82,6 +92,8 @@ mod hooks {
         enabled: bool,
         transfer: PausePoint,
         commit: PausePoint,
+        decide: PausePoint,
+        isolated: AtomicBool,
         exit_after_first_commit: AtomicBool,
         crashed: watch::Sender<bool>,
     }
@@ -92,6 +104,8 @@ mod hooks {
                 enabled,
                 transfer: PausePoint::new(),
                 commit: PausePoint::new(),
+                decide: PausePoint::new(),
+                isolated: AtomicBool::new(false),
                 exit_after_first_commit: AtomicBool::new(false),
                 crashed: watch::Sender::new(false),
             }
@@ -107,6 +121,8 @@ mod hooks {
             }
             self.transfer.paused.send_replace(settings.pause_transfer);
             self.commit.paused.send_replace(settings.pause_commit);
+            self.decide.paused.send_replace(settings.pause_decide);
+            self.isolated.store(settings.isolated, Ordering::SeqCst);
             self.exit_after_first_commit
                 .store(settings.exit_after_first_commit, Ordering::SeqCst);
         }
@@ -116,6 +132,8 @@ mod hooks {
                 enabled: self.enabled,
                 waiting_in_transfer: self.transfer.is_waiting(),
                 waiting_in_commit: self.commit.is_waiting(),
+                waiting_to_decide: self.decide.is_waiting(),
+                isolated: self.isolated(),
             }
         }
 
@@ -131,6 +149,18 @@ mod hooks {
             if self.enabled {
                 self.commit.pass().await;
             }
+        }
+
+        /// Holds a coordinator before it proposes its decision, while that pause is set.
+        pub async fn decide_pause_point(&self) {
+            if self.enabled {
+                self.decide.pass().await;
+            }
+        }
+
+        /// Whether the node is cut off from its peers.
+        pub fn isolated(&self) -> bool {
+            self.enabled && self.isolated.load(Ordering::SeqCst)
         }
 
         /// Whether the coordinator is to crash right after its first participant commits.
@@ -172,6 +202,14 @@ mod off {
 
         #[inline]
         pub async fn commit_pause_point(&self) {}
+
+        #[inline]
+        pub async fn decide_pause_point(&self) {}
+
+        #[inline]
+        pub fn isolated(&self) -> bool {
+            false
+        }
 
         #[inline]
         pub fn crash_after_first_commit(&self) -> bool {

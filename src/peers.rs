@@ -70,6 +70,8 @@ pub struct Peers {
     /// starting refuses connections for a moment).
     connect_window: Duration,
     forward_slots: Semaphore,
+    /// A test's partition (fault hooks): every call fails as unreachable.
+    cut_off: std::sync::atomic::AtomicBool,
 }
 
 /// The stamp of a message sent under `view`.
@@ -100,7 +102,18 @@ impl Peers {
             timeout,
             connect_window,
             forward_slots: Semaphore::new(max_forwards),
+            cut_off: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Cuts this node off from its peers, or reconnects it (the `isolated` fault hook).
+    pub fn set_cut_off(&self, cut_off: bool) {
+        self.cut_off
+            .store(cut_off, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn is_cut_off(&self) -> bool {
+        self.cut_off.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The forwarding timeout: how long a client request may wait on another node.
@@ -119,6 +132,9 @@ impl Peers {
     ) -> Result<ForwardReply, PeerError> {
         let deadline = Instant::now() + self.timeout;
         let unreachable = || PeerError::Unreachable(peer.to_string());
+        if self.is_cut_off() {
+            return Err(unreachable());
+        }
         let _slot = tokio::time::timeout_at(deadline, self.forward_slots.acquire())
             .await
             .map_err(|_| unreachable())?
@@ -203,6 +219,9 @@ impl Peers {
         timeout: Duration,
         window: Duration,
     ) -> Result<Response, PeerError> {
+        if self.is_cut_off() {
+            return Err(PeerError::Unreachable(peer.to_string()));
+        }
         let started = Instant::now();
         let mut pause = Duration::from_millis(20);
         let mut retried = false;

@@ -58,6 +58,7 @@ where
             match serde_json::from_slice::<FaultSettings>(&body) {
                 Ok(settings) => {
                     node.faults().set(settings);
+                    node.peers().set_cut_off(node.faults().isolated());
                     ok(node.faults())
                 }
                 Err(error) => failure(StatusCode::BAD_REQUEST, error),

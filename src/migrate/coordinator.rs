@@ -355,6 +355,7 @@ async fn coordinate(
         Ok::<_, Vec<PeerError>>((shipped, caught_up))
     };
     let phases = phases.await;
+    node.faults().decide_pause_point().await;
     // The commit point is the log's: the first of Commit and Abort in it decides.
     let proposal = match &phases {
         Ok(_) => Command::Commit { change_id },

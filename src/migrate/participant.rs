@@ -35,7 +35,8 @@ pub(crate) async fn prepare(
             c.change_id == request.change_id && c.epoch == request.epoch && c.view == request.view
         })
     };
-    let timeout = node.config().phase_timeout;
+    // The coordinator wrote it before asking: a log that lags gets there in moments.
+    let timeout = node.peers().timeout();
     // And until this node carried out every entry before it (a commit applied late).
     if !meta.wait_for(timeout, begun).await || !meta.caught_up(timeout).await {
         return Err(ChangeError::UnknownChange(request.change_id));
