@@ -64,6 +64,8 @@ pub struct Staged {
     /// Sent by a node of another group that this change merges in: applied only where
     /// this group has no such key (this group's copy, shipped or already here, wins).
     pub foreign: bool,
+    /// 0: the bulk transfer; 1: the catch-up, which a late transfer copy never replaces.
+    pub round: u8,
 }
 
 /// A change this node has prepared: the new view, what it hands over, what it receives.
@@ -190,6 +192,7 @@ impl Migration {
         &self,
         me: &str,
         from: &str,
+        round: u8,
         entries: Vec<Entry>,
     ) -> Result<(), ChangeError> {
         if !self.participants.iter().any(|p| p == from) {
@@ -215,12 +218,23 @@ impl Migration {
                 std::collections::hash_map::Entry::Occupied(mut held) => {
                     // This group's copy wins over a merged group's; a merged node's later
                     // copy (its catch-up) replaces only its own earlier one.
-                    if !foreign || held.get().foreign {
-                        held.insert(Staged { value, foreign });
+                    let (held_foreign, held_round) = (held.get().foreign, held.get().round);
+                    if (!foreign || held_foreign)
+                        && (held_foreign != foreign || round >= held_round)
+                    {
+                        held.insert(Staged {
+                            value,
+                            foreign,
+                            round,
+                        });
                     }
                 }
                 std::collections::hash_map::Entry::Vacant(slot) => {
-                    slot.insert(Staged { value, foreign });
+                    slot.insert(Staged {
+                        value,
+                        foreign,
+                        round,
+                    });
                 }
             }
         }

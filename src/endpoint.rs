@@ -25,8 +25,8 @@ use warp::http::{Method, StatusCode};
 use crate::change::ChangeError;
 use crate::data::{self, NotServed};
 use crate::kv::{self, KvOp, KvOutcome};
-use crate::metrics::{self, RouteLabel};
 use crate::meta::{Command, LeaderOp};
+use crate::metrics::{self, RouteLabel};
 use crate::migrate;
 use crate::node::Node;
 use crate::peers::stamp_of;
@@ -71,24 +71,30 @@ impl Handler for Node {
                 migrate::transfer(&self, &from, change_id).await,
                 Response::Shipped,
             ),
-            Request::Stage { change_id, entries } => {
-                reply(migrate::stage(&self, &from, change_id, entries), |()| {
-                    Response::Done
-                })
-            }
+            Request::Stage {
+                change_id,
+                round,
+                entries,
+            } => reply(
+                migrate::stage(&self, &from, change_id, round, entries),
+                |()| Response::Done,
+            ),
             Request::CatchUp { change_id } => reply(
                 migrate::catch_up(&self, &from, change_id).await,
                 Response::Shipped,
             ),
-            Request::Commit { change_id } => {
-                reply(migrate::committed(&self, change_id).await, Response::Committed)
-            }
+            Request::Commit { change_id } => reply(
+                migrate::committed(&self, change_id).await,
+                Response::Committed,
+            ),
             Request::Raft { target, message } => match self.meta() {
                 Some(meta) => Response::Raft(meta.handle(target, &message).await),
                 None => Response::Refused(Refusal::Unsettled),
             },
             // A change is begun only in the name of the node that asks.
-            Request::Lead(LeaderOp::Write(Command::Begin(change))) if change.coordinator != *from => {
+            Request::Lead(LeaderOp::Write(Command::Begin(change)))
+                if change.coordinator != *from =>
+            {
                 Response::Refused(Refusal::NotMember(from.to_string()))
             }
             Request::Lead(op) => match self.meta() {

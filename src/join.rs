@@ -131,7 +131,12 @@ async fn ask(node: &Node, peers: impl IntoIterator<Item = String>, answers: &mut
 async fn gather(node: &Node, start: &View) -> Answers {
     let me = node.address().as_ref();
     let mut answers = Answers::new();
-    let mut to_ask: Vec<String> = start.members.iter().filter(|m| **m != me).cloned().collect();
+    let mut to_ask: Vec<String> = start
+        .members
+        .iter()
+        .filter(|m| **m != me)
+        .cloned()
+        .collect();
     while !to_ask.is_empty() {
         ask(node, std::mem::take(&mut to_ask), &mut answers).await;
         for state in answers.values().flatten() {

@@ -197,7 +197,10 @@ impl Node {
             return;
         };
         if let Some(stale) = state.migration.take_if(|m| m.view().epoch <= epoch) {
-            tracing::warn!(change = stale.change_id(), "a newer view superseded the prepared change");
+            tracing::warn!(
+                change = stale.change_id(),
+                "a newer view superseded the prepared change"
+            );
             stale.end();
         }
         tracing::info!(
@@ -346,7 +349,9 @@ impl Node {
 
     /// Notes that `address` restarted empty as Raft node `raft_id` (it said so).
     pub(crate) fn note_restart(&self, address: &str, raft_id: u64) {
-        let known = self.meta().and_then(|m| m.state().ids.get(address).copied());
+        let known = self
+            .meta()
+            .and_then(|m| m.state().ids.get(address).copied());
         if known.is_some_and(|id| id != raft_id) {
             tracing::warn!(
                 node = address,

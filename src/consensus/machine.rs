@@ -100,9 +100,9 @@ impl Machine {
     }
 
     fn build(&self) -> Snapshot<TypeConfig> {
-        let id = self
-            .last_applied
-            .map_or("0-0".to_string(), |l| format!("{}-{}", l.leader_id, l.index));
+        let id = self.last_applied.map_or("0-0".to_string(), |l| {
+            format!("{}-{}", l.leader_id, l.index)
+        });
         Snapshot {
             meta: SnapshotMeta {
                 last_log_id: self.last_applied,
@@ -177,9 +177,7 @@ impl RaftStateMachine<TypeConfig> for Machine {
         Builder(self.build())
     }
 
-    async fn begin_receiving_snapshot(
-        &mut self,
-    ) -> Result<Box<MetaState>, StorageError<RaftId>> {
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<MetaState>, StorageError<RaftId>> {
         Ok(Box::default())
     }
 

@@ -86,9 +86,13 @@ enum Failed {
 }
 
 impl Connection {
-    async fn exchange(&self, message: RaftMessage, timeout: Duration) -> Result<RaftAnswer, Failed> {
-        let bytes = postcard::to_allocvec(&message)
-            .map_err(|e| Failed::Network(Failure(e.to_string())))?;
+    async fn exchange(
+        &self,
+        message: RaftMessage,
+        timeout: Duration,
+    ) -> Result<RaftAnswer, Failed> {
+        let bytes =
+            postcard::to_allocvec(&message).map_err(|e| Failed::Network(Failure(e.to_string())))?;
         let request = Request::Raft {
             target: self.target,
             message: bytes,
@@ -129,7 +133,10 @@ impl RaftNetwork<TypeConfig> for Connection {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<RaftId>, RPCError<RaftId, BasicNode, RaftError<RaftId>>> {
-        match self.exchange(RaftMessage::Append(rpc), option.hard_ttl()).await {
+        match self
+            .exchange(RaftMessage::Append(rpc), option.hard_ttl())
+            .await
+        {
             Ok(RaftAnswer::Append(answer)) => Ok(answer),
             Ok(_) => Err(unexpected()),
             Err(failed) => Err(rpc_error(failed)),
@@ -141,7 +148,10 @@ impl RaftNetwork<TypeConfig> for Connection {
         rpc: VoteRequest<RaftId>,
         option: RPCOption,
     ) -> Result<VoteResponse<RaftId>, RPCError<RaftId, BasicNode, RaftError<RaftId>>> {
-        match self.exchange(RaftMessage::Vote(rpc), option.hard_ttl()).await {
+        match self
+            .exchange(RaftMessage::Vote(rpc), option.hard_ttl())
+            .await
+        {
             Ok(RaftAnswer::Vote(answer)) => Ok(answer),
             Ok(_) => Err(unexpected()),
             Err(failed) => Err(rpc_error(failed)),

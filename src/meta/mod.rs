@@ -99,6 +99,8 @@ pub enum Refusal {
     InProgress,
     #[error("epoch {offered} is not newer than the epoch in force ({current})")]
     StaleEpoch { offered: u64, current: u64 },
+    #[error("epoch {offered} is too far ahead of the epoch in force ({current})")]
+    EpochTooFar { offered: u64, current: u64 },
     #[error("the log holds no change {0}")]
     UnknownChange(u64),
 }
@@ -150,7 +152,11 @@ impl MetaState {
 
     /// The decision the log holds for a change, if any.
     pub fn outcome(&self, change_id: u64) -> Outcome {
-        if self.change.as_ref().is_some_and(|c| c.change_id == change_id) {
+        if self
+            .change
+            .as_ref()
+            .is_some_and(|c| c.change_id == change_id)
+        {
             return Outcome::Pending;
         }
         self.decided
@@ -189,6 +195,12 @@ impl MetaState {
                 }
                 if change.epoch <= self.epoch {
                     return Applied::Refused(Refusal::StaleEpoch {
+                        offered: change.epoch,
+                        current: self.epoch,
+                    });
+                }
+                if !crate::view::epoch_within_reach(self.epoch, change.epoch) {
+                    return Applied::Refused(Refusal::EpochTooFar {
                         offered: change.epoch,
                         current: self.epoch,
                     });

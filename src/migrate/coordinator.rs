@@ -10,13 +10,13 @@ use futures_util::future::join_all;
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::change::ChangeError;
+use crate::consensus::Metadata;
+use crate::meta::{Applied, Change, Command, LeaderOp, Refusal as MetaRefusal};
 use crate::metrics::{self, ChangeOutcome};
 use crate::node::Node;
 use crate::peers::PeerError;
 use crate::rpc::{Refusal, Request, Response};
 use crate::view::{View, ViewError};
-use crate::consensus::Metadata;
-use crate::meta::{Applied, Change, Command, LeaderOp, Refusal as MetaRefusal};
 use crate::wire::{ChangeReport, Committed, GroupState, NodeState, Outcome, Prepare, Shipped};
 
 /// How long the transfer and catch-up phases may take on one node.
@@ -123,7 +123,6 @@ impl Run<'_> {
             _ => Err(PeerError::BadAnswer(peer.to_string())),
         }
     }
-
 }
 
 /// Carries out a view change to `members`; answers the new view's shards in view order.
@@ -225,9 +224,10 @@ async fn coordinate(
     // A no-op only when every node holds this view at one epoch as a member of one group
     // under its current incarnation (a node that restarted empty is taken back by a change).
     let one_group = group_of(&states).is_some_and(|g| {
-        states
-            .iter()
-            .all(|s| g.ids.get(&s.address) == Some(&s.raft_id) && s.group.as_ref().map(|h| h.group) == Some(g.group))
+        states.iter().all(|s| {
+            g.ids.get(&s.address) == Some(&s.raft_id)
+                && s.group.as_ref().map(|h| h.group) == Some(g.group)
+        })
     });
     let agreed = one_group
         && states
@@ -252,7 +252,6 @@ async fn coordinate(
     if group.change.is_some() {
         return Err(ChangeError::InProgress);
     }
-    let meta = node.meta().ok_or(ChangeError::Unreachable(Vec::new()))?;
     let timeout = node.config().phase_timeout;
     let leader = group.leader.clone();
     let mut joining = BTreeMap::new();
@@ -281,6 +280,8 @@ async fn coordinate(
             joining.insert(state.address.clone(), id);
         }
     }
+    // Taken after the resets: this node may have left its own group just now.
+    let meta = node.meta().ok_or(ChangeError::Unreachable(Vec::new()))?;
     for (address, id) in &joining {
         let op = LeaderOp::AddLearner {
             id: *id,
@@ -314,7 +315,14 @@ async fn coordinate(
         joining: joining.clone(),
         merging: merging.clone(),
     };
-    match submit(&meta, LeaderOp::Write(Command::Begin(begin)), timeout, &leader).await? {
+    match submit(
+        &meta,
+        LeaderOp::Write(Command::Begin(begin)),
+        timeout,
+        &leader,
+    )
+    .await?
+    {
         Applied::Done => {}
         Applied::Refused(MetaRefusal::InProgress) => return Err(ChangeError::InProgress),
         other => {
@@ -364,10 +372,13 @@ async fn coordinate(
     let log_started = Instant::now();
     let decided = submit(&meta, LeaderOp::Write(proposal), timeout, &leader).await;
     let log_millis = log_started.elapsed().as_secs_f64() * 1000.0;
-    node.decide(change_id, match &decided {
-        Ok(Applied::Decided(outcome)) => *outcome,
-        _ => Outcome::Pending,
-    });
+    node.decide(
+        change_id,
+        match &decided {
+            Ok(Applied::Decided(outcome)) => *outcome,
+            _ => Outcome::Pending,
+        },
+    );
     let (shipped, caught_up) = match (phases, decided) {
         (Ok(done), Ok(Applied::Decided(Outcome::Committed))) => done,
         (phases, decided) => {
@@ -392,10 +403,15 @@ async fn coordinate(
     // The new view's members become the log's voters (joint consensus); removed nodes stay
     // learners until they confirmed, so a late one still learns the decision.
     let state = meta.state();
-    let ids = if state.epoch >= epoch { state.ids } else { BTreeMap::new() };
+    let ids = if state.epoch >= epoch {
+        state.ids
+    } else {
+        BTreeMap::new()
+    };
     let voters: BTreeMap<u64, String> = ids.into_iter().map(|(a, id)| (id, a)).collect();
     if voters.len() == target.members.len() {
-        if let Err(error) = submit(&meta, LeaderOp::Voters(voters.clone()), timeout, &leader).await {
+        if let Err(error) = submit(&meta, LeaderOp::Voters(voters.clone()), timeout, &leader).await
+        {
             tracing::warn!(%error, "the log's voters are not the new view's members yet");
         }
         let gone: Vec<u64> = group
@@ -405,7 +421,9 @@ async fn coordinate(
             .map(|(_, id)| *id)
             .collect();
         if !gone.is_empty() {
-            if let Err(error) = submit(&meta, LeaderOp::RemoveLearners(gone), timeout, &leader).await {
+            if let Err(error) =
+                submit(&meta, LeaderOp::RemoveLearners(gone), timeout, &leader).await
+            {
                 tracing::warn!(%error, "removed nodes are still learners of the log");
             }
         }
@@ -439,8 +457,11 @@ fn group_of(states: &[NodeState]) -> Option<&GroupState> {
         .iter()
         .filter_map(|s| s.group.as_ref())
         .max_by(|a, b| {
-            (a.epoch, a.view.len(), std::cmp::Reverse(a.group))
-                .cmp(&(b.epoch, b.view.len(), std::cmp::Reverse(b.group)))
+            (a.epoch, a.view.len(), std::cmp::Reverse(a.group)).cmp(&(
+                b.epoch,
+                b.view.len(),
+                std::cmp::Reverse(b.group),
+            ))
         })
 }
 
@@ -456,15 +477,21 @@ async fn submit(
         LeaderOp::Voters(_) => "voters",
         LeaderOp::RemoveLearners(_) => "remove-learners",
     };
-    meta.submit(op, timeout, leader.clone()).await.map_err(|error| {
-        tracing::warn!(op = name, %error, "the metadata log did not take the operation");
-        ChangeError::Unreachable(leader.iter().cloned().collect())
-    })
+    meta.submit(op, timeout, leader.clone())
+        .await
+        .map_err(|error| {
+            tracing::warn!(op = name, %error, "the metadata log did not take the operation");
+            ChangeError::Unreachable(leader.iter().cloned().collect())
+        })
 }
 
 /// Asks `peer`, a node of another group, to leave it; its new Raft id.
 async fn reset(node: &Node, peer: &str, view: &View) -> Result<u64, ChangeError> {
-    match node.peers().call(peer, &Request::Reset, view, node.peers().timeout()).await {
+    match node
+        .peers()
+        .call(peer, &Request::Reset, view, node.peers().timeout())
+        .await
+    {
         Ok(Response::Reset(id)) => Ok(id),
         Ok(_) => Err(ChangeError::OtherGroup(peer.to_string())),
         Err(error) => Err(as_change_error(vec![error])),

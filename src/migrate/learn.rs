@@ -25,7 +25,10 @@ pub async fn learn(node: &Arc<Node>, epoch: u64, members: Option<Vec<String>>, s
     }
     // A node that applies a group's log learns newer views from the log, never from gossip:
     // it waits (bounded) for its log to get there.
-    if let Some(meta) = node.meta().filter(|m| m.state().formed() || node.migration().is_some()) {
+    if let Some(meta) = node
+        .meta()
+        .filter(|m| m.state().formed() || node.migration().is_some())
+    {
         let timeout = node.peers().timeout();
         if meta.wait_for(timeout, |s| s.epoch >= epoch).await {
             meta.caught_up(timeout).await;
@@ -34,7 +37,11 @@ pub async fn learn(node: &Arc<Node>, epoch: u64, members: Option<Vec<String>>, s
         // A removed node the log no longer replicates to: the outcome, as the log of a
         // node serving the new epoch has it.
         let Some(migration) = node.migration().filter(|m| m.view().epoch == epoch) else {
-            tracing::warn!(epoch, from = source, "a newer epoch this node's log does not have yet");
+            tracing::warn!(
+                epoch,
+                from = source,
+                "a newer epoch this node's log does not have yet"
+            );
             return;
         };
         let ask = Request::Outcome {
@@ -43,7 +50,11 @@ pub async fn learn(node: &Arc<Node>, epoch: u64, members: Option<Vec<String>>, s
         if let Ok(Response::Outcome(Outcome::Committed)) =
             node.peers().ask(source, &ask, &node.view()).await
         {
-            tracing::info!(epoch, from = source, "the log committed the prepared change; applying it");
+            tracing::info!(
+                epoch,
+                from = source,
+                "the log committed the prepared change; applying it"
+            );
             let node = node.clone();
             let _ = tokio::task::spawn_blocking(move || {
                 let _ = super::participant::commit_now(&node, migration.change_id());

@@ -29,7 +29,9 @@ pub(crate) async fn prepare(
         return Err(ChangeError::NotCoordinator(from.to_string()));
     }
     // Only a change the log has begun: wait (bounded) for this node's log to apply it.
-    let meta = node.meta().ok_or(ChangeError::UnknownChange(request.change_id))?;
+    let meta = node
+        .meta()
+        .ok_or(ChangeError::UnknownChange(request.change_id))?;
     let begun = |s: &crate::meta::MetaState| {
         s.change.as_ref().is_some_and(|c| {
             c.change_id == request.change_id && c.epoch == request.epoch && c.view == request.view
@@ -121,11 +123,12 @@ pub(crate) fn stage(
     node: &Node,
     from: &str,
     change_id: u64,
+    round: u8,
     entries: Vec<Entry>,
 ) -> Result<(), ChangeError> {
     let migration = prepared(node, change_id)?;
     let (keys, bytes) = (entries.len(), entries.iter().map(Entry::size).sum());
-    migration.stage(node.address(), from, entries)?;
+    migration.stage(node.address(), from, round, entries)?;
     // Only a batch that was taken counts as progress (a refused one must not keep a dead
     // change alive past its watchdog).
     migration.touch();
@@ -172,7 +175,9 @@ pub(crate) async fn catch_up(
 pub(crate) async fn committed(node: &Arc<Node>, change_id: u64) -> Result<Committed, ChangeError> {
     let meta = node.meta().ok_or(ChangeError::UnknownChange(change_id))?;
     let decided = |s: &crate::meta::MetaState| s.outcome(change_id) != Outcome::Pending;
-    let timeout = node.config().phase_timeout;
+    // Asked once the log decided: a lagging log gets there in moments (the coordinator asks
+    // again until its phase timeout).
+    let timeout = node.peers().timeout();
     if meta.wait_for(timeout, decided).await {
         meta.caught_up(timeout).await;
     }
@@ -314,7 +319,11 @@ async fn watchdog(node: Arc<Node>, migration: Arc<Migration>) {
                 }
             }
             other => {
-                tracing::warn!(change = change_id, ?other, "the log did not take the abort; will ask again");
+                tracing::warn!(
+                    change = change_id,
+                    ?other,
+                    "the log did not take the abort; will ask again"
+                );
             }
         }
         migration.touch();
@@ -334,6 +343,10 @@ pub(crate) async fn reset(node: &Arc<Node>, from: &str) -> Result<u64, ChangeErr
         .await
         .map_err(|_| ChangeError::OtherGroup(node.address().to_string()))?;
     let id = node.meta().map_or(0, |m| m.id());
-    tracing::warn!(coordinator = from, raft_id = id, "left this node's group to join another");
+    tracing::warn!(
+        coordinator = from,
+        raft_id = id,
+        "left this node's group to join another"
+    );
     Ok(id)
 }

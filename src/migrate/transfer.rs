@@ -114,7 +114,17 @@ async fn stage(
     entries: Vec<Entry>,
     view: &crate::view::View,
 ) -> Result<(), PeerError> {
-    let request = Request::Stage { change_id, entries };
+    // The bulk transfer is round 0, the catch-up round 1: a late copy of a transfer batch
+    // never undoes what the catch-up sent (found by the model check, model/).
+    let round = node
+        .migration()
+        .filter(|m| m.change_id() == change_id)
+        .map_or(0, |m| u8::from(m.transferred()));
+    let request = Request::Stage {
+        change_id,
+        round,
+        entries,
+    };
     match node
         .peers()
         .call(destination, &request, view, BATCH_TIMEOUT)

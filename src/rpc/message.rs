@@ -21,41 +21,29 @@ pub struct Stamp {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Request {
     /// A client's key request, forwarded to the key's owner.
-    Kv {
-        key: String,
-        op: KvOp,
-    },
+    Kv { key: String, op: KvOp },
     /// The receiver's view and change state.
     State,
     /// Phase 1 of a view change.
     Prepare(Prepare),
     /// Phase 2: ship the outgoing ranges.
-    Transfer {
-        change_id: u64,
-    },
+    Transfer { change_id: u64 },
     /// Keys for ranges the receiver takes over (a `None` value is a deletion).
     Stage {
         change_id: u64,
+        /// 0 for the bulk transfer, 1 for the catch-up.
+        round: u8,
         entries: Vec<Entry>,
     },
     /// Phase 3: freeze the outgoing ranges and re-send what was written meanwhile.
-    CatchUp {
-        change_id: u64,
-    },
+    CatchUp { change_id: u64 },
     /// Phase 4: answered once the receiver applied the log's decision (its key count then).
-    Commit {
-        change_id: u64,
-    },
+    Commit { change_id: u64 },
     /// What the receiver knows of a change (for a participant whose coordinator is silent).
-    Outcome {
-        change_id: u64,
-    },
+    Outcome { change_id: u64 },
     /// A message of the metadata log for the receiver's Raft node `target` (postcard bytes
     /// of `consensus::network::RaftMessage`).
-    Raft {
-        target: RaftId,
-        message: Vec<u8>,
-    },
+    Raft { target: RaftId, message: Vec<u8> },
     /// An operation for the leader of the metadata log.
     Lead(LeaderOp),
     /// A node that is not in the group and holds no key asks to leave the group it
