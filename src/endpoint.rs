@@ -101,6 +101,11 @@ impl Handler for Node {
                 Some(meta) => Response::Led(meta.lead(op).await),
                 None => Response::Refused(Refusal::Unsettled),
             },
+            Request::Driving { change_id } => Response::Outcome(if self.drives(change_id) {
+                crate::wire::Outcome::Pending
+            } else {
+                crate::wire::Outcome::Unknown
+            }),
             Request::Restarted { raft_id } => {
                 self.note_restart(&from, raft_id);
                 Response::Done

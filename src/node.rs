@@ -6,7 +6,9 @@
 //! Lock order: `change_lock` (async, serialises prepare/commit/abort) before `state`
 //! (the view and change slot, a short-held RwLock); `learning` (async) is taken before
 //! `change_lock` when a catch-up commits; `coordinating` is only ever tried; `undecided` and
-//! `outcomes` are leaf locks taken alone.
+//! `outcomes` are leaf locks taken alone. `meta` (the log handle) is taken after `state`
+//! (a view switch asks whether this node is a member) and never holds another lock;
+//! `restarts` is a leaf.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -486,6 +488,11 @@ impl Node {
     /// Notes that this node coordinates `change_id`, pending until [`Node::decide`].
     pub(crate) fn coordinate(&self, change_id: u64) {
         *self.undecided.lock() = Some(change_id);
+    }
+
+    /// Whether this node coordinates `change_id` and has not decided it yet.
+    pub(crate) fn drives(&self, change_id: u64) -> bool {
+        *self.undecided.lock() == Some(change_id)
     }
 
     /// Records the coordinator's decision on the change it coordinates.

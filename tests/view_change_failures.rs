@@ -258,12 +258,11 @@ fn a_joining_node_that_learns_an_older_view_mid_change_keeps_its_prepared_change
     let late = cluster.add_node(&old, HOOKS);
     let data = sample_data("late", 200);
     load(&client, &old, &data);
-    // The late node hears nothing of the first change: it stays at epoch 0.
+    // The late node is not in the group: it follows the group's view as a non-member.
     let first = strings(&[&old[0], &old[1], &third]);
     let answer = client.view_change(&old[0], &first.join(","));
     assert_view_change_ok(&client, &answer, &first);
     let owners = assert_contents(&client, &first, &first, &data);
-    assert_eq!(common::epoch_of(&client, &late), 0);
 
     let senders = [&old[0], &old[1], &third];
     hold_transfers(&client, senders, true);
@@ -343,7 +342,8 @@ fn participants_wait_for_a_busy_coordinator_outside_both_views() {
     let data = sample_data("outsider", 200);
     load(&client, &old, &data);
 
-    // The transfer outlasts the phase timeout: the participants' watchdogs ask around.
+    // The transfer outlasts the phase timeout: the participants' watchdogs ask the
+    // coordinator, which is still at work, so nobody proposes an abort.
     hold_transfers(&client, &old, true);
     let view = strings(&[&old[0], &old[1], &joining]);
     let change = view_change_in_background(&outsider, &view);
@@ -353,7 +353,7 @@ fn participants_wait_for_a_busy_coordinator_outside_both_views() {
         "the joining node's watchdog to ask about the change",
         || {
             cluster.nodes[2]
-                .log_contains("coordinator silent past the phase timeout")
+                .log_contains("the coordinator is still at work")
                 .then_some(())
         },
     );

@@ -192,7 +192,7 @@ impl Metadata {
             // This node's Raft knows best who leads (it says so when it does not).
             let mut answer = self.lead(op.clone()).await;
             if let Err(LeadError::NotLeader(known)) = &answer {
-                if let Some(address) = known.clone().or(hint.take()) {
+                if let Some(address) = known.clone().or(hint.clone()) {
                     // One hop, at most a second: a leader that stopped answering is replaced
                     // by an election meanwhile.
                     let left = deadline.saturating_duration_since(Instant::now());
@@ -209,7 +209,8 @@ impl Metadata {
                 }
             }
             match answer {
-                Err(LeadError::NotLeader(_)) if Instant::now() < deadline => {
+                // No leader known yet, or another membership change still committing.
+                Err(LeadError::NotLeader(_) | LeadError::Busy) if Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
                 Err(LeadError::NotLeader(_)) => return Err(LeadError::NoLeader),
@@ -259,6 +260,9 @@ fn lead_error(error: RaftError<RaftId, ClientWriteError<RaftId, BasicNode>>) -> 
         RaftError::APIError(ClientWriteError::ForwardToLeader(forward)) => {
             LeadError::NotLeader(forward.leader_node.map(|n| n.addr))
         }
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(
+            openraft::error::ChangeMembershipError::InProgress(_),
+        )) => LeadError::Busy,
         other => LeadError::Failed(other.to_string()),
     }
 }

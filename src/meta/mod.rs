@@ -125,6 +125,8 @@ pub enum LeadError {
     NotLeader(Option<String>),
     #[error("no leader answered within the timeout")]
     NoLeader,
+    #[error("another membership change is being committed")]
+    Busy,
     #[error("{0}")]
     Failed(String),
 }

@@ -62,10 +62,15 @@ impl Effects for Link {
     }
 }
 
-/// Whether this node is a member of the view `state` holds, under its current Raft id.
+/// Whether this node routes by the view `state` holds: as a member under its current Raft
+/// id, or as a learner holding no key (one that was added to a change that did not go
+/// through follows the group's view). A learner with keys of its own (a node of another
+/// group being merged) keeps its view until the change that adds it commits.
 fn member_in(node: &Node, state: &MetaState) -> bool {
-    node.meta()
-        .is_some_and(|m| state.is_member(node.address(), m.id()))
+    let member = node
+        .meta()
+        .is_some_and(|m| state.is_member(node.address(), m.id()));
+    member || (node.migration().is_none() && node.store().len() == 0)
 }
 
 /// Carries out on this node what the log decided for `change_id`.

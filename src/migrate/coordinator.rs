@@ -177,6 +177,7 @@ async fn coordinate(
         participants,
     };
     let started = Instant::now();
+    let forming_deadline = started + node.config().connect_window.max(Duration::from_secs(2));
 
     // This node may be behind (a removed node hears of no later change): whoever serves
     // the newest epoch knows its members, who hold the data and must take part too.
@@ -212,6 +213,11 @@ async fn coordinate(
                     .collect()
             })
             .unwrap_or_default();
+        // Nodes that have just started may not have formed their group yet.
+        if group_of(&states).is_none() && Instant::now() < forming_deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        }
         if missing.is_empty() {
             break states;
         }
@@ -324,7 +330,10 @@ async fn coordinate(
     .await?
     {
         Applied::Done => {}
-        Applied::Refused(MetaRefusal::InProgress) => return Err(ChangeError::InProgress),
+        // Another change is under way, or went through since the probe.
+        Applied::Refused(MetaRefusal::InProgress | MetaRefusal::StaleEpoch { .. }) => {
+            return Err(ChangeError::InProgress)
+        }
         other => {
             tracing::warn!(?other, "the log refused the change");
             return Err(ChangeError::Unreachable(Vec::new()));

@@ -7,6 +7,7 @@ use super::transfer::{ship_entries, ship_ranges};
 use crate::change::{ChangeError, Migration};
 use crate::node::Node;
 use crate::ring::{key_hash, HashRing, MovedRange};
+use crate::rpc::{Request, Response};
 use crate::store::Entry;
 use crate::view::{View, ViewError};
 use crate::wire::{Committed, Outcome, Prepare, Shipped};
@@ -287,6 +288,23 @@ async fn watchdog(node: Arc<Node>, migration: Arc<Migration>) {
         }
         let Some(meta) = node.meta() else { return };
         let change_id = migration.change_id();
+        let driving = node
+            .peers()
+            .ask(
+                migration.coordinator(),
+                &Request::Driving { change_id },
+                &node.view(),
+            )
+            .await;
+        if let Ok(Response::Outcome(Outcome::Pending)) = driving {
+            tracing::info!(
+                change = change_id,
+                coordinator = %migration.coordinator(),
+                "no progress past the phase timeout, but the coordinator is still at work; waiting"
+            );
+            migration.touch();
+            continue;
+        }
         tracing::warn!(
             change = change_id,
             coordinator = %migration.coordinator(),

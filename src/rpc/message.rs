@@ -49,6 +49,10 @@ pub enum Request {
     /// A node that is not in the group and holds no key asks to leave the group it
     /// formed on its own (its start view): it comes back as a new Raft node, ready to join.
     Reset,
+    /// Whether the receiver is still driving a change it coordinates (`Outcome(Pending)`)
+    /// or not (`Outcome(Unknown)`): a watchdog does not abort a change whose coordinator
+    /// is at work.
+    Driving { change_id: u64 },
     /// The sender restarted empty, as Raft node `raft_id`, under an address its group knows.
     Restarted { raft_id: RaftId },
 }
@@ -69,6 +73,7 @@ impl Request {
             Request::Lead(_) => "lead",
             Request::Reset => "reset",
             Request::Restarted { .. } => "restarted",
+            Request::Driving { .. } => "driving",
         }
     }
 }
