@@ -147,11 +147,26 @@ impl Metadata {
         if let Err(error) = self.raft.initialize(nodes).await {
             tracing::warn!(%error, "could not initialize the metadata group");
         }
-        self.submit(LeaderOp::Write(genesis), timeout, None).await
+        self.submit(LeaderOp::Write(genesis), timeout, Vec::new())
+            .await
     }
 
     /// Carries out `op` if this node leads; otherwise says who does.
     pub async fn lead(&self, op: LeaderOp) -> Result<Applied, LeadError> {
+        // A leader the last membership change removed still leads until that change is
+        // committed, and must not start another (openraft asserts it): it is not the leader.
+        let metrics = self.raft.metrics().borrow().clone();
+        let voter = metrics
+            .membership_config
+            .membership()
+            .voter_ids()
+            .any(|id| id == self.id);
+        if !voter {
+            let leader = self
+                .leader()
+                .filter(|_| metrics.current_leader != Some(self.id));
+            return Err(LeadError::NotLeader(leader));
+        }
         let result = match op {
             LeaderOp::Write(command) => {
                 return match self.raft.client_write(command).await {
@@ -166,33 +181,35 @@ impl Metadata {
             }
             LeaderOp::Voters(voters) => {
                 let ids: BTreeSet<RaftId> = voters.keys().copied().collect();
-                self.raft.change_membership(ids, true).await
-            }
-            LeaderOp::RemoveLearners(ids) => {
-                let ids: BTreeSet<RaftId> = ids.into_iter().collect();
-                self.raft
-                    .change_membership(openraft::ChangeMembers::RemoveNodes(ids), true)
-                    .await
+                self.raft.change_membership(ids, false).await
             }
         };
         result.map(|_| Applied::Done).map_err(lead_error)
     }
 
-    /// Carries out `op` on the leader, wherever it is, within `timeout`; `hint` is where
-    /// to look first when this node does not know (it is not in the group yet).
+    /// Carries out `op` on the leader, wherever it is, within `timeout`. `hints` are where
+    /// to look when this node does not know (it is not in the group yet, or the leader it
+    /// knew stepped down): the leader a peer reported first, then the group's members, each
+    /// asked in turn until one leads or names who does.
     pub async fn submit(
         &self,
         op: LeaderOp,
         timeout: Duration,
-        hint: Option<String>,
+        hints: Vec<String>,
     ) -> Result<Applied, LeadError> {
         let deadline = Instant::now() + timeout;
-        let mut hint = hint;
+        let mut next_hint = 0;
+        let mut named: Option<String> = None;
         loop {
             // This node's Raft knows best who leads (it says so when it does not).
             let mut answer = self.lead(op.clone()).await;
             if let Err(LeadError::NotLeader(known)) = &answer {
-                if let Some(address) = known.clone().or(hint.clone()) {
+                let candidate = known.clone().or(named.take()).or_else(|| {
+                    let hint = hints.get(next_hint % hints.len().max(1)).cloned();
+                    next_hint += 1;
+                    hint
+                });
+                if let Some(address) = candidate {
                     // One hop, at most a second: a leader that stopped answering is replaced
                     // by an election meanwhile.
                     let left = deadline.saturating_duration_since(Instant::now());
@@ -204,7 +221,7 @@ impl Metadata {
                         Err(_) => Err(LeadError::NotLeader(None)),
                     };
                     if let Err(LeadError::NotLeader(Some(next))) = &answer {
-                        hint = Some(next.clone());
+                        named = Some(next.clone());
                     }
                 }
             }

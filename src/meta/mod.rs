@@ -112,10 +112,8 @@ pub enum LeaderOp {
     Write(Command),
     /// Make a node a learner (it receives the log, it does not vote).
     AddLearner { id: RaftId, address: String },
-    /// Make exactly these nodes the voters (joint consensus); the others stay learners.
+    /// Make exactly these nodes the voters (joint consensus); removed voters leave the log.
     Voters(BTreeMap<RaftId, String>),
-    /// Forget these learners.
-    RemoveLearners(Vec<RaftId>),
 }
 
 /// Why a leader operation was not carried out.

@@ -259,7 +259,8 @@ async fn coordinate(
         return Err(ChangeError::InProgress);
     }
     let timeout = node.config().phase_timeout;
-    let leader = group.leader.clone();
+    // Where to send the log's operations: the leader the group reported, then its members.
+    let leader: Vec<String> = group.leader.iter().chain(&group.view).cloned().collect();
     let mut joining = BTreeMap::new();
     let mut merging = Vec::new();
     for state in &states {
@@ -379,7 +380,20 @@ async fn coordinate(
         Err(_) => Command::Abort { change_id },
     };
     let log_started = Instant::now();
-    let decided = submit(&meta, LeaderOp::Write(proposal), timeout, &leader).await;
+    // Until the log holds a decision: a leader that is being replaced (an election after
+    // the last change's voters took over) costs a retry, never a guess.
+    let mut decided = submit(&meta, LeaderOp::Write(proposal.clone()), timeout, &leader).await;
+    while decided.is_err() && log_started.elapsed() < timeout * 2 {
+        match meta.state().outcome(change_id) {
+            outcome @ (Outcome::Committed | Outcome::Aborted) => {
+                decided = Ok(Applied::Decided(outcome));
+            }
+            _ => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                decided = submit(&meta, LeaderOp::Write(proposal.clone()), timeout, &leader).await;
+            }
+        }
+    }
     let log_millis = log_started.elapsed().as_secs_f64() * 1000.0;
     node.decide(
         change_id,
@@ -409,32 +423,14 @@ async fn coordinate(
         log_commit_ms = log_millis,
         "phase commit done"
     );
-    // The new view's members become the log's voters (joint consensus); removed nodes stay
-    // learners until they confirmed, so a late one still learns the decision.
+    // The new view's members become the log's voters (joint consensus); removed nodes
+    // leave the log (one that was paused through the commit learns the outcome from a
+    // member when it asks: see the watchdog and `learn`).
     let state = meta.state();
-    let ids = if state.epoch >= epoch {
-        state.ids
-    } else {
-        BTreeMap::new()
-    };
-    let voters: BTreeMap<u64, String> = ids.into_iter().map(|(a, id)| (id, a)).collect();
-    if voters.len() == target.members.len() {
-        if let Err(error) = submit(&meta, LeaderOp::Voters(voters.clone()), timeout, &leader).await
-        {
+    if state.epoch >= epoch && state.ids.len() == target.members.len() {
+        let voters: BTreeMap<u64, String> = state.ids.into_iter().map(|(a, id)| (id, a)).collect();
+        if let Err(error) = submit(&meta, LeaderOp::Voters(voters), timeout, &leader).await {
             tracing::warn!(%error, "the log's voters are not the new view's members yet");
-        }
-        let gone: Vec<u64> = group
-            .ids
-            .iter()
-            .filter(|(a, id)| !voters.contains_key(id) && !unconfirmed.contains(a))
-            .map(|(_, id)| *id)
-            .collect();
-        if !gone.is_empty() {
-            if let Err(error) =
-                submit(&meta, LeaderOp::RemoveLearners(gone), timeout, &leader).await
-            {
-                tracing::warn!(%error, "removed nodes are still learners of the log");
-            }
         }
     }
     let report = ChangeReport {
@@ -478,19 +474,18 @@ async fn submit(
     meta: &Metadata,
     op: LeaderOp,
     timeout: Duration,
-    leader: &Option<String>,
+    leader: &[String],
 ) -> Result<Applied, ChangeError> {
     let name = match &op {
         LeaderOp::Write(command) => command.name(),
         LeaderOp::AddLearner { .. } => "add-learner",
         LeaderOp::Voters(_) => "voters",
-        LeaderOp::RemoveLearners(_) => "remove-learners",
     };
-    meta.submit(op, timeout, leader.clone())
+    meta.submit(op, timeout, leader.to_vec())
         .await
         .map_err(|error| {
             tracing::warn!(op = name, %error, "the metadata log did not take the operation");
-            ChangeError::Unreachable(leader.iter().cloned().collect())
+            ChangeError::Unreachable(leader.iter().take(1).cloned().collect())
         })
 }
 

@@ -23,11 +23,13 @@ pub async fn learn(node: &Arc<Node>, epoch: u64, members: Option<Vec<String>>, s
         );
         return;
     }
-    // A node that applies a group's log learns newer views from the log, never from gossip:
-    // it waits (bounded) for its log to get there.
+    // A member of a group learns newer views from its log, never from gossip: it waits
+    // (bounded) for its log to get there.
+    // (A node the log no longer counts as a member, one a change removed, follows views
+    // like any non-member: from the sender, below.)
     if let Some(meta) = node
         .meta()
-        .filter(|m| m.state().formed() || node.migration().is_some())
+        .filter(|_| node.is_log_member() || node.migration().is_some())
     {
         let timeout = node.peers().timeout();
         if meta.wait_for(timeout, |s| s.epoch >= epoch).await {

@@ -314,7 +314,7 @@ async fn watchdog(node: Arc<Node>, migration: Arc<Migration>) {
             .submit(
                 crate::meta::LeaderOp::Write(crate::meta::Command::Abort { change_id }),
                 node.peers().timeout(),
-                None,
+                migration.participants().to_vec(),
             )
             .await;
         match proposed {
