@@ -265,6 +265,7 @@ mod tests {
             key_count: 0,
             pending: None,
             raft_id,
+            in_log: false,
             restarted: false,
             group,
         }

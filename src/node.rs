@@ -397,6 +397,7 @@ impl Node {
             key_count: self.store.len(),
             pending: state.migration.as_ref().map(|m| m.change_id()),
             raft_id: self.meta().map_or(0, |m| m.id()),
+            in_log: self.meta().is_some_and(|m| m.in_log()),
             restarted: self.restarted(),
             group: self.meta().and_then(|m| {
                 let meta = m.state();

@@ -17,6 +17,9 @@ pub struct NodeState {
     pub pending: Option<u64>,
     /// The Raft id of this incarnation.
     pub raft_id: u64,
+    /// Whether its log holds anything (a group formed or joined, maybe not applied yet).
+    #[serde(default)]
+    pub in_log: bool,
     /// This node restarted empty under an address its group knows (its keys are gone).
     pub restarted: bool,
     /// The metadata group this node applies the log of, if it belongs to one.

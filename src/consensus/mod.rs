@@ -121,6 +121,12 @@ impl Metadata {
             .is_ok_and(|r| r.is_ok())
     }
 
+    /// Whether this node's log holds anything (it formed or joined a group, even if it has
+    /// not applied the group's first entry yet).
+    pub fn in_log(&self) -> bool {
+        self.raft.metrics().borrow().last_log_index.is_some()
+    }
+
     /// The leader's address as this node last heard it.
     pub fn leader(&self) -> Option<String> {
         let metrics = self.raft.metrics().borrow().clone();

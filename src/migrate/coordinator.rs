@@ -268,8 +268,13 @@ async fn coordinate(
             continue;
         }
         let mut id = state.raft_id;
+        let other_log = match &state.group {
+            Some(other) => other.group != group.group,
+            // A log with entries but no group applied yet: it is forming one of its own.
+            None => state.in_log,
+        };
         match &state.group {
-            Some(other) if other.group != group.group => {
+            _ if other_log => {
                 // Leaves its own group for this one, keeping its keys for the handover.
                 id = reset(node, &state.address, &run.view).await?;
                 merging.push(state.address.clone());
