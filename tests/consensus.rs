@@ -16,8 +16,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{
-    assert_absent, assert_contents, assert_states, assert_view_change_ok, fresh_address,
-    fresh_addresses, load, poll_until, sample_data, Answer, Client, Cluster, TestNode,
+    assert_absent, assert_contents, assert_states, assert_view_change_ok, fresh_addresses, load,
+    poll_until, sample_data, Answer, Client, Cluster, TestNode,
 };
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -475,6 +475,57 @@ fn assert_model(
     assert!(problems.is_empty(), "{summary:?}: {shown:#?}");
 }
 
+/// One line per state: what the settle checks look at.
+fn summary(states: &[Value]) -> String {
+    states
+        .iter()
+        .map(|s| {
+            format!(
+                "\n  {} epoch {} view {:?} pending {} restarted {} | log: epoch {} view {:?} change {} leader {}",
+                s["address"].as_str().unwrap_or("?"),
+                s["epoch"],
+                sorted(&s["view"]),
+                s["pending"],
+                s["restarted"],
+                s["group"]["epoch"],
+                sorted(&s["group"]["view"]),
+                s["group"]["change"],
+                s["group"]["leader"],
+            )
+        })
+        .collect()
+}
+
+/// Copies the logs of the nodes at `addresses` (restarts' older logs too) into
+/// `target/tmp/<test>-<pid>/` when dropped: the next run that reuses an address overwrites
+/// `node-<addr>.log`.
+struct KeepLogs {
+    test: &'static str,
+    addresses: Vec<String>,
+}
+
+impl Drop for KeepLogs {
+    fn drop(&mut self) {
+        let tmp = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
+        let dir = tmp.join(format!("{}-{}", self.test, std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let Ok(entries) = std::fs::read_dir(tmp) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().to_string();
+            let ours = self
+                .addresses
+                .iter()
+                .any(|a| name.starts_with(&format!("node-{}.log", a.replace([':', '.'], "_"))));
+            if ours {
+                let _ = std::fs::copy(entry.path(), dir.join(&name));
+            }
+        }
+        eprintln!("node logs kept in {}", dir.display());
+    }
+}
+
 fn sorted(view: &Value) -> Vec<String> {
     let mut members: Vec<String> = view
         .as_array()
@@ -515,7 +566,8 @@ fn wait_for_view(client: &Client, nodes: &[String], epoch: u64, view: &[String])
         }
         assert!(
             Instant::now() < deadline,
-            "the nodes did not all come to {view:?} at epoch {epoch}: {states:#?}"
+            "the nodes did not all come to {view:?} at epoch {epoch}: {}",
+            summary(&states)
         );
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -539,7 +591,8 @@ fn wait_for_agreement(client: &Client, nodes: &[String], limit: Duration) -> (u6
         }
         assert!(
             Instant::now() < deadline,
-            "the nodes did not agree on a view within {limit:?}: {states:#?}"
+            "the nodes did not agree on a view within {limit:?}: {}",
+            summary(&states)
         );
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -610,6 +663,10 @@ fn coordinator_paused_before_its_decision_loses_nothing() {
     let old = cluster.addresses();
     let joining = cluster.add_node(&old, FLAGS);
     let all = cluster.addresses();
+    let _logs = KeepLogs {
+        test: "paused",
+        addresses: all.clone(),
+    };
     let view = all.clone();
     let data = sample_data("paused", 300);
     load(&client, &old, &data);
@@ -700,6 +757,10 @@ fn receiver_cut_off_during_commit_applies_the_commit_when_it_returns() {
     cluster.add_node(&old, FLAGS);
     let cut = cluster.add_node(&old, FLAGS);
     let all = cluster.addresses();
+    let _logs = KeepLogs {
+        test: "cut",
+        addresses: all.clone(),
+    };
     let view = all.clone();
     let data = sample_data("cut", 300);
     load(&client, &old, &data);
@@ -806,7 +867,13 @@ fn receiver_cut_off_during_commit_applies_the_commit_when_it_returns() {
 
 #[test]
 fn a_node_started_with_the_future_view_never_acknowledges_a_write_that_is_lost() {
-    let addresses = fresh_addresses(3);
+    let addresses = fresh_addresses(4);
+    let _logs = KeepLogs {
+        test: "future",
+        addresses: addresses.clone(),
+    };
+    let lone = addresses[3].clone();
+    let addresses = addresses[..3].to_vec();
     let pair = addresses[..2].to_vec();
     let all = addresses.clone();
     let mut nodes = vec![
@@ -875,7 +942,6 @@ fn a_node_started_with_the_future_view_never_acknowledges_a_write_that_is_lost()
     assert_model(&client, &all, &all, &model.keys);
 
     // A node started alone forms a group of itself and takes writes at once.
-    let lone = fresh_address();
     nodes.push(TestNode::start(&lone, std::slice::from_ref(&lone), FLAGS));
     let mut lone_model = Model::default();
     let shared: Vec<String> = (0..40).map(|i| format!("shared{i}")).collect();
@@ -970,6 +1036,10 @@ fn a_restarted_node_answers_503_for_its_keys_until_a_view_change_takes_it_back()
     let mut cluster = Cluster::start(3, FLAGS);
     let client = Client::with_timeout(Duration::from_secs(20));
     let all = cluster.addresses();
+    let mut keep = KeepLogs {
+        test: "restart",
+        addresses: all.clone(),
+    };
     let data = sample_data("restart", 200);
     load(&client, &all, &data);
     let owners = assert_contents(&client, &all, &all, &data);
@@ -1054,6 +1124,7 @@ fn a_restarted_node_answers_503_for_its_keys_until_a_view_change_takes_it_back()
     // A node restarted with a stale view (the view before a change) routes by the group's
     // view in force.
     let fourth = cluster.add_node(&all, FLAGS);
+    keep.addresses.push(fourth.clone());
     let grown: Vec<String> = all.iter().chain([&fourth]).cloned().collect();
     let answer = client.view_change(&all[1], &grown.join(","));
     assert_view_change_ok(&client, &answer, &grown);
@@ -1145,6 +1216,10 @@ fn a_nemesis_pausing_or_killing_nodes_during_view_changes_loses_nothing() {
     let started = Instant::now();
 
     let pool = fresh_addresses(5);
+    let _logs = KeepLogs {
+        test: "nemesis",
+        addresses: pool.clone(),
+    };
     let mut current: Vec<String> = pool[..3].to_vec();
     let mut nodes: Vec<TestNode> = pool
         .iter()
@@ -1291,6 +1366,7 @@ fn a_nemesis_pausing_or_killing_nodes_during_view_changes_loses_nothing() {
             release(&held);
         }
         let answer = change.join().unwrap();
+        eprintln!("round {round}: answered {} {}", answer.status, answer.body);
 
         // Either the new view everywhere, or the old one.
         let (agreed_epoch, agreed_view) =
@@ -1361,13 +1437,131 @@ fn a_nemesis_pausing_or_killing_nodes_during_view_changes_loses_nothing() {
         set_live(&victim, true);
         writers.wait_for_ops(60, Duration::from_secs(60), "traffic after a change");
     }
-    let model = writers.stop();
+    // After the nemesis, a change with no fault goes through: the group still has a leader
+    // and every node can take part (a round may abort; the cluster must not stay stuck).
+    let healed: Vec<String> = if current.len() == pool.len() {
+        pool[1..].to_vec()
+    } else {
+        pool.clone()
+    };
+    // (A change right after one that removed the log's leader waits for an election,
+    // ~2.5 s, longer than these nodes' 2 s phase timeout: it may fail and leave the old
+    // view; a few attempts, each checked.)
+    let mut answer = client.view_change(&pool[0], &healed.join(","));
+    for attempt in 1..=3 {
+        eprintln!(
+            "healing change to {healed:?} (attempt {attempt}): {} {}",
+            answer.status, answer.body
+        );
+        outcomes.push(format!("heal: {}", answer.status));
+        if answer.status == 200 {
+            break;
+        }
+        let agreed = wait_for_agreement(&client, &pool, Duration::from_secs(20));
+        assert_eq!(
+            agreed,
+            (epoch, sorted_view(&current)),
+            "the failed healing change left another view: {answer:?}"
+        );
+        if attempt < 3 {
+            answer = client.view_change(&pool[0], &healed.join(","));
+        }
+    }
     eprintln!("outcomes: {outcomes:#?}");
+    if answer.status == 200 {
+        epoch += 1;
+        current = healed;
+        writers.wait_for_ops(
+            60,
+            Duration::from_secs(60),
+            "traffic after the healing change",
+        );
+    }
+    let model = writers.stop();
     model.assert_clean("writers");
     let mut everything = Model::with_data(&data);
     everything.merge(model);
 
-    wait_for_view(&client, &pool, epoch, &current);
+    // Nothing lost, first; then one view everywhere; then that the cluster still changes.
     assert_model(&client, &pool, &current, &everything.keys);
+    wait_for_view(&client, &pool, epoch, &current);
+    assert_eq!(
+        answer.status, 200,
+        "after the nemesis, a change with no fault fails: {answer:?}"
+    );
     eprintln!("nemesis done in {:?}", started.elapsed());
+}
+
+// ---------------------------------------------------------------------------------------
+// Found by the nemesis: the change after one that removed the log's leader.
+
+#[test]
+fn a_change_right_after_one_that_removed_the_leader_goes_through() {
+    let mut cluster = Cluster::start(3, &["--fault-hooks"]);
+    let client = Client::with_timeout(Duration::from_secs(20));
+    let old = cluster.addresses();
+    let joining = cluster.add_node(&old, &["--fault-hooks"]);
+    let all = cluster.addresses();
+    let _logs = KeepLogs {
+        test: "leader-removed",
+        addresses: all.clone(),
+    };
+    let data = sample_data("unled", 200);
+    load(&client, &old, &data);
+    let leader = wait_for_leader(&client, &old);
+    let without: Vec<String> = all.iter().filter(|a| **a != leader).cloned().collect();
+    eprintln!("removing the leader {leader}");
+    let answer = client.view_change(&without[0], &without.join(","));
+    assert_view_change_ok(&client, &answer, &without);
+    wait_for_view(&client, &without, 1, &without);
+    // At once: the next change (taking the old leader back) must find a leader of the log.
+    let started = Instant::now();
+    let answer = client.view_change(&without[1], &all.join(","));
+    eprintln!(
+        "the next change answered {} in {:?}: {}",
+        answer.status,
+        started.elapsed(),
+        answer.body
+    );
+    assert_view_change_ok(&client, &answer, &all);
+    wait_for_view(&client, &all, 2, &all);
+    assert!(client.key_count(&joining) > 0);
+    assert_model(&client, &all, &all, &Model::with_data(&data).keys);
+}
+
+// Found by the nemesis: a coordinator paused after the commit point.
+
+#[test]
+fn a_coordinator_paused_after_the_commit_point_answers_200_when_it_resumes() {
+    let mut cluster = Cluster::start(3, FLAGS);
+    let client = Client::with_timeout(Duration::from_secs(20));
+    let old = cluster.addresses();
+    cluster.add_node(&old, FLAGS);
+    let all = cluster.addresses();
+    let _logs = KeepLogs {
+        test: "paused-after-commit",
+        addresses: all.clone(),
+    };
+    let data = sample_data("late", 200);
+    load(&client, &old, &data);
+    let (coordinator, held) = (old[0].clone(), old[1].clone());
+    // One participant holds applying the commit: the log has committed the change, and the
+    // coordinator is waiting for that participant's confirmation.
+    client.set_fault(&held, &json!({"pause_commit": true}));
+    let change = view_change_in_background(&coordinator, &all);
+    wait_for_fault(&client, &held, "waiting_in_commit");
+    cluster.nodes[0].signal("STOP");
+    client.set_fault(&held, &json!({}));
+    // Every participant applies the commit meanwhile.
+    let others: Vec<String> = all.iter().filter(|a| **a != coordinator).cloned().collect();
+    wait_for_view(&client, &others, 1, &all);
+    // Paused past its phase timeout, the coordinator resumes: every participant serves the
+    // new view, and confirms it when asked.
+    std::thread::sleep(Duration::from_secs(3));
+    cluster.nodes[0].signal("CONT");
+    let answer = change.join().unwrap();
+    eprintln!("answer {} {}", answer.status, answer.body);
+    assert_view_change_ok(&client, &answer, &all);
+    wait_for_view(&client, &all, 1, &all);
+    assert_model(&client, &all, &all, &Model::with_data(&data).keys);
 }

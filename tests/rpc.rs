@@ -615,8 +615,15 @@ fn a_fake_coordinator_cannot_commit_or_steer_a_change() {
     let intruder = common::fresh_address();
     let change_id = 0x5eed_0001;
     let participants = vec![a.clone(), ghost.clone(), fake.clone()];
-    let change =
-        |coordinator: &str| fake_change(change_id, 1, &[ghost.clone()], coordinator, &participants);
+    let change = |coordinator: &str| {
+        fake_change(
+            change_id,
+            1,
+            std::slice::from_ref(&ghost),
+            coordinator,
+            &participants,
+        )
+    };
 
     // A Prepare the log has not begun: refused, whoever it names.
     let mut coordinator = Peer::handshake(&a, &fake, None);
@@ -1210,7 +1217,7 @@ fn a_fake_coordinator_cannot_drop_keys_by_skipping_the_transfer() {
     let change = fake_change(
         change_id,
         1,
-        &[ghost.clone()],
+        std::slice::from_ref(&ghost),
         &fake,
         &[a.clone(), ghost.clone(), fake.clone()],
     );

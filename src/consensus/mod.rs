@@ -259,8 +259,8 @@ impl Metadata {
                 },
                 Ok(RaftMessage::Snapshot { vote, meta, state }) => {
                     let snapshot = Snapshot {
-                        meta,
-                        snapshot: Box::new(state),
+                        meta: *meta,
+                        snapshot: state,
                     };
                     match self.raft.install_full_snapshot(vote, snapshot).await {
                         Ok(answer) => RaftAnswer::Snapshot(answer),

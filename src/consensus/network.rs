@@ -39,8 +39,8 @@ pub enum RaftMessage {
     Vote(VoteRequest<RaftId>),
     Snapshot {
         vote: Vote<RaftId>,
-        meta: SnapshotMeta<RaftId, BasicNode>,
-        state: MetaState,
+        meta: Box<SnapshotMeta<RaftId, BasicNode>>,
+        state: Box<MetaState>,
     },
 }
 
@@ -167,8 +167,8 @@ impl RaftNetwork<TypeConfig> for Connection {
     ) -> Result<SnapshotResponse<RaftId>, StreamingError<TypeConfig, Fatal<RaftId>>> {
         let message = RaftMessage::Snapshot {
             vote,
-            meta: snapshot.meta,
-            state: *snapshot.snapshot,
+            meta: Box::new(snapshot.meta),
+            state: snapshot.snapshot,
         };
         match self.exchange(message, option.hard_ttl()).await {
             Ok(RaftAnswer::Snapshot(answer)) => Ok(answer),

@@ -70,7 +70,7 @@ fn member_in(node: &Node, state: &MetaState) -> bool {
     let member = node
         .meta()
         .is_some_and(|m| state.is_member(node.address(), m.id()));
-    member || (node.migration().is_none() && node.store().len() == 0)
+    member || (node.migration().is_none() && node.store().is_empty())
 }
 
 /// Carries out on this node what the log decided for `change_id`.
