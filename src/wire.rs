@@ -80,6 +80,12 @@ pub struct ChangeReport {
     /// Keys re-sent by the catch-up (written during the transfer).
     pub keys_caught_up: usize,
     pub millis: u64,
+    /// Operations on the metadata log (learners added, begin, decision, voters) and the time
+    /// they took, within `millis`: the consensus overhead.
+    #[serde(default)]
+    pub log_ops: usize,
+    #[serde(default)]
+    pub log_millis: f64,
 }
 
 /// What a committed node holds afterwards.

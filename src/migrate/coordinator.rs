@@ -292,6 +292,7 @@ async fn coordinate(
             joining.insert(state.address.clone(), id);
         }
     }
+    let used = LogUse::default();
     // Taken after the resets: this node may have left its own group just now.
     let meta = node.meta().ok_or(ChangeError::Unreachable(Vec::new()))?;
     for (address, id) in &joining {
@@ -299,7 +300,7 @@ async fn coordinate(
             id: *id,
             address: address.clone(),
         };
-        submit(&meta, op, timeout, &leader).await?;
+        submit(&meta, op, timeout, &leader, &used).await?;
     }
 
     let newest = states
@@ -332,6 +333,7 @@ async fn coordinate(
         LeaderOp::Write(Command::Begin(begin)),
         timeout,
         &leader,
+        &used,
     )
     .await?
     {
@@ -387,7 +389,14 @@ async fn coordinate(
     let log_started = Instant::now();
     // Until the log holds a decision: a leader that is being replaced (an election after
     // the last change's voters took over) costs a retry, never a guess.
-    let mut decided = submit(&meta, LeaderOp::Write(proposal.clone()), timeout, &leader).await;
+    let mut decided = submit(
+        &meta,
+        LeaderOp::Write(proposal.clone()),
+        timeout,
+        &leader,
+        &used,
+    )
+    .await;
     while decided.is_err() && log_started.elapsed() < timeout * 2 {
         match meta.state().outcome(change_id) {
             outcome @ (Outcome::Committed | Outcome::Aborted) => {
@@ -395,7 +404,14 @@ async fn coordinate(
             }
             _ => {
                 tokio::time::sleep(Duration::from_millis(200)).await;
-                decided = submit(&meta, LeaderOp::Write(proposal.clone()), timeout, &leader).await;
+                decided = submit(
+                    &meta,
+                    LeaderOp::Write(proposal.clone()),
+                    timeout,
+                    &leader,
+                    &used,
+                )
+                .await;
             }
         }
     }
@@ -434,7 +450,7 @@ async fn coordinate(
     let state = meta.state();
     if state.epoch >= epoch && state.ids.len() == target.members.len() {
         let voters: BTreeMap<u64, String> = state.ids.into_iter().map(|(a, id)| (id, a)).collect();
-        if let Err(error) = submit(&meta, LeaderOp::Voters(voters), timeout, &leader).await {
+        if let Err(error) = submit(&meta, LeaderOp::Voters(voters), timeout, &leader, &used).await {
             tracing::warn!(%error, "the log's voters are not the new view's members yet");
         }
     }
@@ -446,6 +462,8 @@ async fn coordinate(
         bytes_shipped: shipped.iter().map(|s| s.bytes).sum(),
         keys_caught_up: caught_up.iter().map(|s| s.keys).sum(),
         millis: started.elapsed().as_millis() as u64,
+        log_ops: used.ops.load(std::sync::atomic::Ordering::Relaxed),
+        log_millis: used.micros.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1000.0,
     };
     tracing::info!(change = change_id, ?report, "view change committed");
     node.set_last_change(report);
@@ -475,7 +493,30 @@ fn group_of(states: &[NodeState]) -> Option<&GroupState> {
         })
 }
 
+/// Time spent in, and number of, the metadata log's operations of one change.
+#[derive(Default)]
+struct LogUse {
+    micros: std::sync::atomic::AtomicU64,
+    ops: std::sync::atomic::AtomicUsize,
+}
+
 async fn submit(
+    meta: &Metadata,
+    op: LeaderOp,
+    timeout: Duration,
+    leader: &[String],
+    used: &LogUse,
+) -> Result<Applied, ChangeError> {
+    let started = Instant::now();
+    let done = submit_op(meta, op, timeout, leader).await;
+    let ordering = std::sync::atomic::Ordering::Relaxed;
+    used.micros
+        .fetch_add(started.elapsed().as_micros() as u64, ordering);
+    used.ops.fetch_add(1, ordering);
+    done
+}
+
+async fn submit_op(
     meta: &Metadata,
     op: LeaderOp,
     timeout: Duration,
