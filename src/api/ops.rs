@@ -32,6 +32,14 @@ pub struct NodeStatus {
     /// Why it is not reachable.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// It restarted empty under an address the group knows: the keys it held are gone
+    /// (503 for them) until a view change takes it back or drops it.
+    #[serde(default)]
+    pub restarted: bool,
+    /// For a restarted node: how many keys the cluster expected it to hold (its ring share
+    /// of the keys the other nodes hold, scaled).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expected_keys: Option<usize>,
 }
 
 /// The view change prepared on the answering node, while it runs.
@@ -126,6 +134,8 @@ pub async fn cluster_status(node: &Arc<Node>) -> ClusterStatus {
                     epoch: Some(state.epoch),
                     pending: state.pending.is_some(),
                     error: None,
+                    restarted: state.restarted,
+                    expected_keys: None,
                 },
                 Err(error) => NodeStatus {
                     address: address.clone(),
@@ -135,10 +145,25 @@ pub async fn cluster_status(node: &Arc<Node>) -> ClusterStatus {
                     epoch: None,
                     pending: false,
                     error: Some(error),
+                    restarted: false,
+                    expected_keys: None,
                 },
             }
         })
         .collect();
+    let mut nodes: Vec<NodeStatus> = nodes;
+    let (held, share) = nodes
+        .iter()
+        .filter(|n| !n.restarted && n.key_count.is_some())
+        .fold((0usize, 0f64), |(k, o), n| {
+            (k + n.key_count.unwrap_or(0), o + n.ownership)
+        });
+    for restarted in nodes.iter_mut().filter(|n| n.restarted) {
+        if share > 0.0 {
+            restarted.expected_keys =
+                Some((held as f64 * restarted.ownership / share).round() as usize);
+        }
+    }
     let change = node.migration().map(|m| PendingChange {
         change_id: m.change_id(),
         epoch: m.view().epoch,
