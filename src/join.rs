@@ -195,6 +195,10 @@ pub async fn settle(node: Arc<Node>) {
                     announce_restart(&node, &group).await;
                     restarted_announced = true;
                 }
+                // Not once this node's own log has a group (a change took it back).
+                if meta.state().formed() {
+                    return;
+                }
                 node.set_restarted(restarted);
                 node.follow(group.epoch, group.view);
             }

@@ -89,6 +89,13 @@ fn decided(node: &Arc<Node>, change_id: u64, outcome: Outcome, state: &MetaState
             if member_in(node, state) {
                 node.follow(state.epoch, state.view.clone());
             }
+            // Taken back by this change (a node that had restarted empty is a member again).
+            if node
+                .meta()
+                .is_some_and(|m| state.is_member(node.address(), m.id()))
+            {
+                node.set_restarted(false);
+            }
         }
         Outcome::Aborted => participant::abort_now(node, change_id),
         Outcome::Pending | Outcome::Unknown => {}
