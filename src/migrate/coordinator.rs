@@ -567,10 +567,13 @@ async fn commit_everywhere(run: &Run<'_>, change_id: u64) -> (HashMap<String, us
     let calls = run.participants.iter().map(|peer| async move {
         let mut pause = Duration::from_millis(50);
         loop {
+            let asked = Instant::now();
             let answer = run.commit_on(peer, change_id).await;
             match answer {
                 Ok(done) => return Ok((peer.clone(), done.key_count)),
-                Err(error) if Instant::now() + pause < deadline => {
+                // A call that began before the deadline and failed after it (this node was
+                // paused meanwhile) is tried once more.
+                Err(error) if Instant::now() + pause < deadline || asked < deadline => {
                     tracing::warn!(%peer, %error, "commit not confirmed; retrying");
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_secs(1));
