@@ -89,7 +89,7 @@ pub struct Node {
     /// `standing == InForce`, read on every key request without touching the watch.
     in_force: AtomicBool,
     /// The metadata log, once started ([`Node::start_log`]); replaced when the node leaves
-    /// a group it formed alone to join another ([`Node::restart_log`]).
+    /// its group to join another (`migrate::reset`).
     meta: RwLock<Option<Arc<Metadata>>>,
     /// Set when this node finds the group holding its address under another Raft id: it
     /// restarted empty, and the keys it held are gone.
@@ -168,8 +168,7 @@ impl Node {
 
     /// Whether this node is a member of the view in force as the log it applies says.
     pub fn is_log_member(&self) -> bool {
-        self.meta()
-            .is_some_and(|m| m.state().is_member(&self.address, m.id()))
+        self.meta().is_some_and(|m| m.is_member(&self.address))
     }
 
     /// Marks this node as one that restarted empty under an address the group knows.
@@ -186,24 +185,24 @@ impl Node {
     /// Routes by exactly this view from now on (the log, or the group this node follows,
     /// holds it): at least as new as the current one, and in force.
     pub(crate) fn follow(&self, epoch: u64, members: Vec<String>) {
-        let mut state = self.state.write();
-        if state.view.epoch > epoch
-            || (state.view.epoch == epoch
-                && state.view.id == crate::view::view_id(&members)
-                && self.in_force.load(Ordering::Acquire))
-        {
+        let id = crate::view::view_id(&members);
+        let current = |state: &State| {
+            state.view.epoch > epoch
+                || (state.view.epoch == epoch
+                    && state.view.id == id
+                    && self.in_force.load(Ordering::Acquire))
+        };
+        if current(&self.state.read()) {
             return;
         }
+        // The ring is built before the write lock: requests keep routing meanwhile.
         let Ok(view) = View::new(epoch, members, self.config.vnodes) else {
             tracing::warn!(epoch, "refusing an invalid view");
             return;
         };
-        if let Some(stale) = state.migration.take_if(|m| m.view().epoch <= epoch) {
-            tracing::warn!(
-                change = stale.change_id(),
-                "a newer view superseded the prepared change"
-            );
-            stale.end();
+        let mut state = self.state.write();
+        if current(&state) {
+            return;
         }
         tracing::info!(
             epoch,
@@ -211,8 +210,18 @@ impl Node {
             member = view.members.iter().any(|m| *m == *self.address),
             "routing by the group's view"
         );
-        if view.members.iter().any(|m| *m == *self.address) && self.is_log_member() {
-            self.set_restarted(false);
+        self.take_view(&mut state, view);
+    }
+
+    /// Routes by `view` from now on, in force; a prepared change it supersedes ends. The
+    /// caller holds the state write lock.
+    fn take_view(&self, state: &mut State, view: Arc<View>) {
+        if let Some(stale) = state.migration.take_if(|m| m.view().epoch <= view.epoch) {
+            tracing::warn!(
+                change = stale.change_id(),
+                "a newer view superseded the prepared change"
+            );
+            stale.end();
         }
         state.view = view;
         self.set_standing(Standing::InForce);
@@ -436,16 +445,8 @@ impl Node {
             tracing::warn!(epoch, view = %view.members_text(), "refusing a newer view that shares no member with ours");
             return;
         }
-        if let Some(stale) = state.migration.take_if(|m| m.view().epoch <= epoch) {
-            tracing::warn!(
-                change = stale.change_id(),
-                "a newer view superseded the prepared change"
-            );
-            stale.end();
-        }
         tracing::info!(epoch, view = %view.members_text(), "adopted a newer view");
-        state.view = view;
-        self.set_standing(Standing::InForce);
+        self.take_view(&mut state, view);
     }
 
     /// Installs a prepared change.

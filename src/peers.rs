@@ -194,8 +194,7 @@ impl Peers {
         request: &Request,
         view: &View,
     ) -> Result<Response, PeerError> {
-        self.call_within(peer, request, view, self.timeout, Duration::ZERO)
-            .await
+        self.send_once(peer, request, view, self.timeout).await
     }
 
     /// One attempt, no connect window, answered within `timeout` (the metadata log's

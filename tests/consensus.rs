@@ -1129,19 +1129,7 @@ fn a_restarted_node_answers_503_for_its_keys_until_a_view_change_takes_it_back()
     assert!(!lost.is_empty() && !kept.is_empty());
     // Its keys are unavailable through every node (not absent: it cannot know they are);
     // the others' keys are served.
-    for key in lost.keys() {
-        for node in &all {
-            let (status, body, _) = read(&client, node, key).unwrap();
-            assert_eq!(
-                (status, &body),
-                (
-                    503,
-                    &json!({"error": UNAVAILABLE, "message": "Error in GET"})
-                ),
-                "GET {key} (the restarted node's) via {node}"
-            );
-        }
-    }
+    assert_lost(&client, &all, lost.keys());
     assert_contents(&client, &all, &all, &kept);
     // A write to one of its keys is refused as well (and does not land: see below).
     let probe = lost.keys().next().unwrap();
@@ -1208,19 +1196,7 @@ fn a_restarted_node_answers_503_for_its_keys_until_a_view_change_takes_it_back()
     // Keys elsewhere: the right value through every node, the restarted one too (never a
     // 404 from a ring of the stale view).
     assert_contents(&client, &grown, &grown, &kept);
-    for key in lost.keys() {
-        for node in &grown {
-            let (status, body, _) = read(&client, node, key).unwrap();
-            assert_eq!(
-                (status, &body),
-                (
-                    503,
-                    &json!({"error": UNAVAILABLE, "message": "Error in GET"})
-                ),
-                "GET {key} (the restarted node's) via {node}"
-            );
-        }
-    }
+    assert_lost(&client, &grown, lost.keys());
 
     // Taken back once more: one view at one epoch, its keys gone, the others all there.
     let answer = client.view_change(&fourth, &grown.join(","));
@@ -1634,4 +1610,22 @@ fn a_coordinator_paused_after_the_commit_point_answers_200_when_it_resumes() {
     assert_view_change_ok(&client, &answer, &all);
     wait_for_view(&client, &all, 1, &all);
     assert_model(&client, &all, &all, &Model::with_data(&data).keys);
+}
+
+/// Asserts that each key of a node that restarted empty answers 503 (its data is gone, not
+/// absent) through every one of `nodes`.
+fn assert_lost<'a>(client: &Client, nodes: &[String], keys: impl IntoIterator<Item = &'a String>) {
+    for key in keys {
+        for node in nodes {
+            let (status, body, _) = read(client, node, key).unwrap();
+            assert_eq!(
+                (status, &body),
+                (
+                    503,
+                    &json!({"error": UNAVAILABLE, "message": "Error in GET"})
+                ),
+                "GET {key} (the restarted node's) via {node}"
+            );
+        }
+    }
 }

@@ -566,6 +566,13 @@ fn assert_untouched(client: &Client, nodes: &[String], view: &[String]) {
     common::assert_states(client, nodes, 0, view);
 }
 
+/// Waits until `node` has applied the decision of the change it had prepared.
+fn wait_until_settled(client: &Client, node: &str) {
+    common::poll_until(Duration::from_secs(5), "the abort applied", || {
+        client.state(node)["pending"].is_null().then_some(())
+    });
+}
+
 /// A change the fake peer at `coordinator` writes to the log of the node it talks to.
 fn fake_change(
     change_id: u64,
@@ -692,9 +699,7 @@ fn a_fake_coordinator_cannot_commit_or_steer_a_change() {
         Response::Outcome(Outcome::Aborted)
     );
 
-    common::poll_until(Duration::from_secs(5), "the abort applied", || {
-        client.state(&a)["pending"].is_null().then_some(())
-    });
+    wait_until_settled(&client, &a);
     assert_untouched(&client, &view, &view);
     assert_eq!(client.key_count(&a), data.len() as u64);
     common::assert_contents(&client, &view, &view, &data);
@@ -969,9 +974,7 @@ fn staged_keys_outside_the_incoming_ranges_are_refused() {
         peer.call(stamp, &write(Command::Abort { change_id })),
         Response::Led(Ok(Applied::Decided(Outcome::Aborted)))
     );
-    common::poll_until(Duration::from_secs(5), "the abort applied", || {
-        client.state(&a)["pending"].is_null().then_some(())
-    });
+    wait_until_settled(&client, &a);
     assert_untouched(&client, &view, &view);
     assert_eq!(client.key_count(&a), data.len() as u64);
     common::assert_absent(&client, &view, mine.iter().chain(&strays));
@@ -1283,9 +1286,7 @@ fn a_fake_change_that_moves_nothing_stores_nothing_invalid() {
         );
     }
     let _ = peer.call(stamp, &write(Command::Abort { change_id }));
-    common::poll_until(Duration::from_secs(5), "the abort applied", || {
-        client.state(&a)["pending"].is_null().then_some(())
-    });
+    wait_until_settled(&client, &a);
     assert_eq!(client.key_count(&a), data.len() as u64);
     common::assert_contents(&client, &view, &view, &data);
 }

@@ -98,6 +98,11 @@ impl Metadata {
         self.published.borrow().state.clone()
     }
 
+    /// Whether `address` is a member of the applied view as this incarnation.
+    pub fn is_member(&self, address: &str) -> bool {
+        self.published.borrow().state.is_member(address, self.id)
+    }
+
     /// A receiver of the applied state, for waiting on it.
     pub fn watch(&self) -> watch::Receiver<Arc<Published>> {
         self.published.clone()

@@ -1,19 +1,23 @@
-//! What a node does when its metadata log decides something ([`Effects`]), and how the log's
-//! messages leave the node ([`Transport`]): the glue between [`crate::consensus`] and the
-//! node, so the consensus module knows nothing of nodes.
+//! What a node does when its metadata log decides something ([`Effects`]: a commit applies
+//! the staged keys, switches view and drops what was handed over; an abort discards the
+//! staged keys and releases the freeze), how the log's messages leave the node
+//! ([`Transport`]), and how a node leaves a group's log to join another ([`reset`]): the glue
+//! between [`crate::consensus`] and the node, so the consensus module knows nothing of
+//! nodes.
 
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 
-use super::participant;
+use crate::change::{ChangeError, Migration};
 use crate::consensus::{Effects, Transport};
 use crate::meta::{Applied, Command, MetaState};
 use crate::node::Node;
 use crate::peers::PeerError;
+use crate::ring::key_hash;
 use crate::rpc::{Request, Response};
-use crate::wire::Outcome;
+use crate::wire::{Committed, Outcome};
 
 /// The node as the log sees it (weak: the node owns its log).
 pub struct Link(pub Weak<Node>);
@@ -34,11 +38,7 @@ impl Effects for Link {
                     view = ?state.view,
                     "the metadata group is formed"
                 );
-                // A learner (a node joining, maybe with another group's keys) keeps routing
-                // by its view until the change that adds it commits.
-                if member_in(&node, state) {
-                    node.follow(state.epoch, state.view.clone());
-                }
+                follow_if_member(&node, state);
             }
             (Command::Commit { change_id }, Applied::Decided(outcome))
             | (Command::Abort { change_id }, Applied::Decided(outcome)) => {
@@ -56,21 +56,25 @@ impl Effects for Link {
                 decided(&node, migration.change_id(), outcome, state);
             }
         }
-        if member_in(&node, state) {
-            node.follow(state.epoch, state.view.clone());
-        }
+        follow_if_member(&node, state);
     }
 }
 
-/// Whether this node routes by the view `state` holds: as a member under its current Raft
-/// id, or as a learner holding no key (one that was added to a change that did not go
-/// through follows the group's view). A learner with keys of its own (a node of another
-/// group being merged) keeps its view until the change that adds it commits.
-fn member_in(node: &Node, state: &MetaState) -> bool {
+/// Routes by the view `state` holds if this node is a member of it under its current Raft
+/// id (then it is no longer one that restarted empty), or a learner holding no key (one
+/// added to a change that did not go through follows the group's view). A learner with
+/// keys of its own (a node of another group being merged) keeps its view until the change
+/// that adds it commits.
+fn follow_if_member(node: &Node, state: &MetaState) {
     let member = node
         .meta()
         .is_some_and(|m| state.is_member(node.address(), m.id()));
-    member || (node.migration().is_none() && node.store().is_empty())
+    if member {
+        node.set_restarted(false);
+    }
+    if member || (node.migration().is_none() && node.store().is_empty()) {
+        node.follow(state.epoch, state.view.clone());
+    }
 }
 
 /// Carries out on this node what the log decided for `change_id`.
@@ -80,24 +84,15 @@ fn decided(node: &Arc<Node>, change_id: u64, outcome: Outcome, state: &MetaState
         Outcome::Committed => {
             // A test may hold this node's commit here (fault hooks).
             tokio::runtime::Handle::current().block_on(node.faults().commit_pause_point());
-            if let Err(error) = participant::commit_now(node, change_id) {
+            if let Err(error) = commit_now(node, change_id) {
                 tracing::error!(change = change_id, %error, "applying a committed change failed");
             }
             // A member that had not prepared the change (or had already applied it) takes
             // the view the log holds. A learner replaying the log keeps its own view until
             // the change that adds it (it may hold another group's keys to hand over).
-            if member_in(node, state) {
-                node.follow(state.epoch, state.view.clone());
-            }
-            // Taken back by this change (a node that had restarted empty is a member again).
-            if node
-                .meta()
-                .is_some_and(|m| state.is_member(node.address(), m.id()))
-            {
-                node.set_restarted(false);
-            }
+            follow_if_member(node, state);
         }
-        Outcome::Aborted => participant::abort_now(node, change_id),
+        Outcome::Aborted => abort_now(node, change_id),
         Outcome::Pending | Outcome::Unknown => {}
     }
 }
@@ -119,4 +114,125 @@ impl Transport for Link {
                 .await
         })
     }
+}
+
+/// The change `change_id`, if this node has it prepared.
+pub(crate) fn prepared(node: &Node, change_id: u64) -> Result<Arc<Migration>, ChangeError> {
+    node.migration()
+        .filter(|m| m.change_id() == change_id)
+        .ok_or(ChangeError::UnknownChange(change_id))
+}
+
+/// Applies a committed change here: received keys go live, the view switches, what was
+/// handed over is dropped. Called in log order (from the log's effects) on a blocking
+/// thread. A node that has not shipped what it hands over (it cannot happen when the log
+/// commits only after every catch-up, but a bug must not lose keys) keeps those ranges.
+pub(crate) fn commit_now(node: &Node, change_id: u64) -> Result<Committed, ChangeError> {
+    let _serial = node.change_lock().blocking_lock();
+    let migration = match prepared(node, change_id) {
+        Ok(migration) => migration,
+        Err(error) => {
+            return if node.outcome(change_id) == Outcome::Committed {
+                Ok(Committed {
+                    key_count: node.store().len(),
+                })
+            } else {
+                Err(error)
+            };
+        }
+    };
+    let may_drop = migration.may_drop();
+    if !may_drop {
+        tracing::error!(
+            change = change_id,
+            "the log committed a change before this node shipped its ranges; keeping them"
+        );
+    }
+    let staged = migration.take_staged();
+    let received = staged.len();
+    for (key, staged) in staged {
+        let hash = key_hash(key.as_bytes());
+        if staged.foreign && (staged.value.is_none() || node.store().get(hash, &key)?.is_some()) {
+            // A merged group's key never overwrites (or deletes) one this group holds.
+            continue;
+        }
+        node.store().apply(hash, &key, staged.value)?;
+    }
+    // The outcome first: a peer asking about the change between the switch and the record
+    // would hear "unknown" and refuse to commit.
+    node.record_outcome(change_id, Outcome::Committed);
+    node.switch_to(&migration);
+    let frozen = migration.end_freeze();
+    migration.end();
+    let mut dropped = 0;
+    let handed_over = migration.outgoing().iter().filter(|_| may_drop);
+    for (start, end) in handed_over.flat_map(|r| r.range.segments()) {
+        dropped += node.store().remove_segment(start, end)?;
+    }
+    tracing::info!(
+        change = change_id,
+        epoch = migration.view().epoch,
+        view = %migration.view().members_text(),
+        received,
+        dropped,
+        freeze_ms = frozen.map(|f| f.as_secs_f64() * 1000.0),
+        keys = node.store().len(),
+        "committed view change"
+    );
+    Ok(Committed {
+        key_count: node.store().len(),
+    })
+}
+
+/// Abandons a prepared change as the log decided: received keys are discarded, the old
+/// view stays, the frozen ranges are released. Called in log order, on a blocking thread.
+pub(crate) fn abort_now(node: &Node, change_id: u64) {
+    let _serial = node.change_lock().blocking_lock();
+    let Ok(migration) = prepared(node, change_id) else {
+        return;
+    };
+    node.record_outcome(change_id, Outcome::Aborted);
+    node.drop_migration(&migration);
+    migration.end_freeze();
+    migration.end();
+    tracing::warn!(
+        change = change_id,
+        "aborted view change; the old view stays"
+    );
+}
+
+/// Carries out here a decision this node learned from a peer's log, not its own (a node
+/// the log no longer replicates to: one a change removed while it was paused).
+pub(crate) async fn apply_learned(node: &Arc<Node>, migration: &Arc<Migration>, outcome: Outcome) {
+    let (node, migration) = (node.clone(), migration.clone());
+    let _ = tokio::task::spawn_blocking(move || match outcome {
+        Outcome::Committed => {
+            let _ = commit_now(&node, migration.change_id());
+            node.follow(migration.view().epoch, migration.view().members.clone());
+        }
+        Outcome::Aborted => abort_now(&node, migration.change_id()),
+        Outcome::Pending | Outcome::Unknown => {}
+    })
+    .await;
+}
+
+/// Leaves the group this node belongs to, for a change (coordinated by `from`) that merges
+/// it into another: this node comes back as a new Raft node with an empty log, its keys and
+/// its view kept for the handover. Refused while a change is prepared here.
+pub(crate) async fn reset(node: &Arc<Node>, from: &str) -> Result<u64, ChangeError> {
+    let _serial = node.change_lock().lock().await;
+    if node.migration().is_some() {
+        return Err(ChangeError::InProgress);
+    }
+    let link = Link::new(node);
+    node.start_log(link.clone(), link)
+        .await
+        .map_err(|_| ChangeError::OtherGroup(node.address().to_string()))?;
+    let id = node.meta().map_or(0, |m| m.id());
+    tracing::warn!(
+        coordinator = from,
+        raft_id = id,
+        "left this node's group to join another"
+    );
+    Ok(id)
 }

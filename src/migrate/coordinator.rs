@@ -1,6 +1,7 @@
 //! The view-change coordinator: whichever node receives `PUT /kvs/view-change` probes every
-//! node of the old and new view, then drives prepare → transfer → catch-up → commit, and
-//! aborts everywhere if any step fails before the commit point.
+//! node of the old and new view, begins the change in the metadata log, drives prepare →
+//! transfer → catch-up, then proposes the decision to the log (commit, or abort if a step
+//! failed) and waits for every node to confirm it applied it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -273,20 +274,16 @@ async fn coordinate(
             // A log with entries but no group applied yet: it is forming one of its own.
             None => state.in_log,
         };
-        match &state.group {
-            _ if other_log => {
-                // Leaves its own group for this one, keeping its keys for the handover.
-                id = reset(node, &state.address, &run.view).await?;
-                merging.push(state.address.clone());
-            }
-            _ if group.ids.contains_key(&state.address) => {
-                tracing::warn!(
-                    node = %state.address,
-                    "this node restarted empty; the change takes it back as a new incarnation, \
-                     the keys it held are lost"
-                );
-            }
-            _ => {}
+        if other_log {
+            // Leaves its own group for this one, keeping its keys for the handover.
+            id = reset(node, &state.address, &run.view).await?;
+            merging.push(state.address.clone());
+        } else if group.ids.contains_key(&state.address) {
+            tracing::warn!(
+                node = %state.address,
+                "this node restarted empty; the change takes it back as a new incarnation, \
+                 the keys it held are lost"
+            );
         }
         if target.members.contains(&state.address) {
             joining.insert(state.address.clone(), id);
@@ -389,32 +386,17 @@ async fn coordinate(
     let log_started = Instant::now();
     // Until the log holds a decision: a leader that is being replaced (an election after
     // the last change's voters took over) costs a retry, never a guess.
-    let mut decided = submit(
-        &meta,
-        LeaderOp::Write(proposal.clone()),
-        timeout,
-        &leader,
-        &used,
-    )
-    .await;
-    while decided.is_err() && log_started.elapsed() < timeout * 2 {
-        match meta.state().outcome(change_id) {
-            outcome @ (Outcome::Committed | Outcome::Aborted) => {
-                decided = Ok(Applied::Decided(outcome));
-            }
-            _ => {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                decided = submit(
-                    &meta,
-                    LeaderOp::Write(proposal.clone()),
-                    timeout,
-                    &leader,
-                    &used,
-                )
-                .await;
-            }
+    let decided = loop {
+        let op = LeaderOp::Write(proposal.clone());
+        let decided = submit(&meta, op, timeout, &leader, &used).await;
+        if decided.is_ok() || log_started.elapsed() >= timeout * 2 {
+            break decided;
         }
-    }
+        if let outcome @ (Outcome::Committed | Outcome::Aborted) = meta.state().outcome(change_id) {
+            break Ok(Applied::Decided(outcome));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     let log_millis = log_started.elapsed().as_secs_f64() * 1000.0;
     node.decide(
         change_id,
@@ -548,8 +530,8 @@ async fn reset(node: &Node, peer: &str, view: &View) -> Result<u64, ChangeError>
     }
 }
 
-/// The commit point: once the first participant switches, the change is decided. Every
-/// participant is told; one that misses it learns from its peers (see the watchdog).
+/// Asks every participant to confirm it applied the commit the log holds (and its key
+/// count); one that does not confirm in time applies it when its log has it.
 async fn commit_everywhere(run: &Run<'_>, change_id: u64) -> (HashMap<String, usize>, Vec<String>) {
     let node = run.node;
     if node.faults().crash_after_first_commit() {

@@ -57,12 +57,7 @@ pub async fn learn(node: &Arc<Node>, epoch: u64, members: Option<Vec<String>>, s
                 from = source,
                 "the log committed the prepared change; applying it"
             );
-            let node = node.clone();
-            let _ = tokio::task::spawn_blocking(move || {
-                let _ = super::participant::commit_now(&node, migration.change_id());
-                node.follow(migration.view().epoch, migration.view().members.clone());
-            })
-            .await;
+            super::apply::apply_learned(node, &migration, Outcome::Committed).await;
         }
         return;
     }

@@ -11,4 +11,5 @@ mod transfer;
 pub use learn::learn;
 pub mod apply;
 
-pub(crate) use participant::{catch_up, committed, prepare, reset, stage, transfer};
+pub(crate) use apply::reset;
+pub(crate) use participant::{catch_up, committed, prepare, stage, transfer};

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use super::apply::prepared;
 use super::transfer::{ship_entries, ship_ranges};
 use crate::change::{ChangeError, Migration};
 use crate::node::Node;
@@ -11,12 +12,6 @@ use crate::rpc::{Request, Response};
 use crate::store::Entry;
 use crate::view::{View, ViewError};
 use crate::wire::{Committed, Outcome, Prepare, Shipped};
-
-fn prepared(node: &Node, change_id: u64) -> Result<Arc<Migration>, ChangeError> {
-    node.migration()
-        .filter(|m| m.change_id() == change_id)
-        .ok_or(ChangeError::UnknownChange(change_id))
-}
 
 /// Phase 1: remember the new view and start recording writes to the ranges that will move.
 /// Taken only from the coordinator the message names, at an epoch newer than this node's
@@ -193,84 +188,6 @@ pub(crate) async fn committed(node: &Arc<Node>, change_id: u64) -> Result<Commit
     }
 }
 
-/// Applies a committed change here: received keys go live, the view switches, what was
-/// handed over is dropped. Called in log order (from the log's effects) on a blocking
-/// thread. A node that has not shipped what it hands over (it cannot happen when the log
-/// commits only after every catch-up, but a bug must not lose keys) keeps those ranges.
-pub(crate) fn commit_now(node: &Node, change_id: u64) -> Result<Committed, ChangeError> {
-    let _serial = node.change_lock().blocking_lock();
-    let migration = match prepared(node, change_id) {
-        Ok(migration) => migration,
-        Err(error) => {
-            return if node.outcome(change_id) == Outcome::Committed {
-                Ok(Committed {
-                    key_count: node.store().len(),
-                })
-            } else {
-                Err(error)
-            };
-        }
-    };
-    let may_drop = migration.may_drop();
-    if !may_drop {
-        tracing::error!(
-            change = change_id,
-            "the log committed a change before this node shipped its ranges; keeping them"
-        );
-    }
-    let staged = migration.take_staged();
-    let received = staged.len();
-    for (key, staged) in staged {
-        let hash = key_hash(key.as_bytes());
-        if staged.foreign && (staged.value.is_none() || node.store().get(hash, &key)?.is_some()) {
-            // A merged group's key never overwrites (or deletes) one this group holds.
-            continue;
-        }
-        node.store().apply(hash, &key, staged.value)?;
-    }
-    // The outcome first: a peer asking about the change between the switch and the record
-    // would hear "unknown" and refuse to commit.
-    node.record_outcome(change_id, Outcome::Committed);
-    node.switch_to(&migration);
-    let frozen = migration.end_freeze();
-    migration.end();
-    let mut dropped = 0;
-    let handed_over = migration.outgoing().iter().filter(|_| may_drop);
-    for (start, end) in handed_over.flat_map(|r| r.range.segments()) {
-        dropped += node.store().remove_segment(start, end)?;
-    }
-    tracing::info!(
-        change = change_id,
-        epoch = migration.view().epoch,
-        view = %migration.view().members_text(),
-        received,
-        dropped,
-        freeze_ms = frozen.map(|f| f.as_secs_f64() * 1000.0),
-        keys = node.store().len(),
-        "committed view change"
-    );
-    Ok(Committed {
-        key_count: node.store().len(),
-    })
-}
-
-/// Abandons a prepared change as the log decided: received keys are discarded, the old
-/// view stays, the frozen ranges are released. Called in log order, on a blocking thread.
-pub(crate) fn abort_now(node: &Node, change_id: u64) {
-    let _serial = node.change_lock().blocking_lock();
-    let Ok(migration) = prepared(node, change_id) else {
-        return;
-    };
-    node.record_outcome(change_id, Outcome::Aborted);
-    node.drop_migration(&migration);
-    migration.end_freeze();
-    migration.end();
-    tracing::warn!(
-        change = change_id,
-        "aborted view change; the old view stays"
-    );
-}
-
 /// Watches a prepared change: when nothing has been heard of it for the phase timeout, it
 /// proposes to the log that the change be aborted. The log decides: if the coordinator's
 /// commit is in it first, the change commits, here too. A node never decides alone: with
@@ -324,16 +241,7 @@ async fn watchdog(node: Arc<Node>, migration: Arc<Migration>) {
                 // replicates to (removed meanwhile) applies the leader's answer itself.
                 let decided = |s: &crate::meta::MetaState| s.outcome(change_id) == outcome;
                 if !meta.wait_for(timeout / 4, decided).await && !*ended.borrow() {
-                    let node = node.clone();
-                    let view = migration.view().clone();
-                    let _ = tokio::task::spawn_blocking(move || match outcome {
-                        Outcome::Committed => {
-                            let _ = commit_now(&node, change_id);
-                            node.follow(view.epoch, view.members.clone());
-                        }
-                        _ => abort_now(&node, change_id),
-                    })
-                    .await;
+                    super::apply::apply_learned(&node, &migration, outcome).await;
                 }
             }
             other => {
@@ -346,25 +254,4 @@ async fn watchdog(node: Arc<Node>, migration: Arc<Migration>) {
         }
         migration.touch();
     }
-}
-
-/// Leaves the group this node belongs to, for a change (coordinated by `from`) that merges
-/// it into another: this node comes back as a new Raft node with an empty log, its keys and
-/// its view kept for the handover. Refused while a change is prepared here.
-pub(crate) async fn reset(node: &Arc<Node>, from: &str) -> Result<u64, ChangeError> {
-    let _serial = node.change_lock().lock().await;
-    if node.migration().is_some() {
-        return Err(ChangeError::InProgress);
-    }
-    let link = super::apply::Link::new(node);
-    node.start_log(link.clone(), link)
-        .await
-        .map_err(|_| ChangeError::OtherGroup(node.address().to_string()))?;
-    let id = node.meta().map_or(0, |m| m.id());
-    tracing::warn!(
-        coordinator = from,
-        raft_id = id,
-        "left this node's group to join another"
-    );
-    Ok(id)
 }
