@@ -3,7 +3,7 @@
 //! or forms one with the other nodes of its start view. The rule, also in docs/DESIGN.md
 //! "Start-up: bootstrap and join":
 //!
-//! 1. A node alone in its view forms a group of itself at once.
+//! 1. A node alone in its view forms a group of itself before it serves ([`form_alone`]).
 //! 2. Otherwise it asks every other node of its start view for its state (and the nodes of
 //!    every view those answers name). If some of them belong to a group, the group with the
 //!    newest epoch is the one in force (two different groups at that epoch: disputed, key
@@ -110,6 +110,36 @@ pub fn judge(start: &View, me: &str, id: RaftId, answers: &Answers) -> Verdict {
     Verdict::Bootstrap(ids)
 }
 
+/// Forms the group of a node alone in its start view: done before the node accepts a
+/// connection (tens of milliseconds), so nothing it is sent meets a log that is not there
+/// yet. False if the node is not alone, or the group could not be formed.
+pub async fn form_alone(node: &Node) -> bool {
+    let me = node.address().to_string();
+    let start = node.view();
+    let Some(meta) = node.meta() else {
+        return false;
+    };
+    if !start.members.iter().all(|m| *m == me) || meta.state().formed() {
+        return false;
+    }
+    let genesis = Command::Genesis {
+        group: new_id(),
+        view: start.members.clone(),
+        ids: BTreeMap::from([(me.clone(), meta.id())]),
+    };
+    let members = BTreeMap::from([(meta.id(), me)]);
+    match meta
+        .bootstrap(members, genesis, node.config().phase_timeout)
+        .await
+    {
+        Ok(_) => true,
+        Err(error) => {
+            tracing::error!(%error, "could not form a group of this node alone");
+            false
+        }
+    }
+}
+
 /// Asks each of `peers` for its state, all at once.
 async fn ask(node: &Node, peers: impl IntoIterator<Item = String>, answers: &mut Answers) {
     let view = node.view();
@@ -160,18 +190,7 @@ pub async fn settle(node: Arc<Node>) {
     let started = Instant::now();
     let timeout = node.config().phase_timeout;
     if start.members.iter().all(|m| *m == me) {
-        let Some(meta) = node.meta() else { return };
-        let genesis = Command::Genesis {
-            group: new_id(),
-            view: start.members.clone(),
-            ids: BTreeMap::from([(me.clone(), meta.id())]),
-        };
-        if let Err(error) = meta
-            .bootstrap(BTreeMap::from([(meta.id(), me)]), genesis, timeout)
-            .await
-        {
-            tracing::error!(%error, "could not form a group of this node alone");
-        }
+        // Formed before the node served (see `form_alone`).
         return;
     }
     let mut restarted_announced = false;

@@ -40,6 +40,7 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener, shutdown: impl Future
         }
     }
     if node.config().forwarding_address.is_none() {
+        crate::join::form_alone(&node).await;
         tokio::spawn(crate::join::settle(node.clone()));
     }
     let service = warp::service(api::routes(node.clone()));
