@@ -12,7 +12,7 @@ use crate::migrate;
 use crate::node::{Node, Placement, Standing};
 use crate::peers::{ForwardReply, PeerError};
 use crate::ring::key_hash;
-use crate::rpc::Stamp;
+use crate::rpc::{GiveUp, Stamp};
 use crate::store::StoreError;
 use crate::view::View;
 use crate::wire::Misdirected;
@@ -55,6 +55,8 @@ pub enum NotServed {
     Unsettled,
     /// The sender routes by another view at the same epoch.
     ViewMismatch,
+    /// The sender had given up on it (its answer would come too late to count).
+    GaveUp,
     /// Its store failed.
     Failed(StoreError),
 }
@@ -182,6 +184,7 @@ pub async fn serve_forwarded(
     node: &Arc<Node>,
     key: &str,
     op: KvOp,
+    give_up: GiveUp,
     stamp: Stamp,
     sender: &str,
 ) -> Result<KvOutcome, NotServed> {
@@ -206,6 +209,10 @@ pub async fn serve_forwarded(
         })
     };
     loop {
+        // Checked just before each attempt: nothing awaits between it and the write.
+        if give_up.passed() {
+            return Err(NotServed::GaveUp);
+        }
         match try_local(node, key, hash, &op) {
             Local::Done(outcome) => return Ok(outcome),
             Local::Wait(ended) => {

@@ -32,7 +32,7 @@ use crate::node::Node;
 use crate::peers::stamp_of;
 use crate::rpc::client::Identity;
 use crate::rpc::server::Handler;
-use crate::rpc::{Refusal, Request, Response, Stamp};
+use crate::rpc::{GiveUp, Refusal, Request, Response, Stamp};
 
 impl Handler for Node {
     fn identity(&self) -> &Identity {
@@ -59,7 +59,9 @@ impl Handler for Node {
             migrate::learn(&self, stamp.epoch, None, &from).await;
         }
         let response = match request {
-            Request::Kv { key, op } => serve_kv(&self, &key, op, stamp, &from).await,
+            Request::Kv { key, op, give_up } => {
+                serve_kv(&self, &key, op, give_up, stamp, &from).await
+            }
             Request::State => Response::State(self.node_state()),
             Request::Outcome { change_id } => Response::Outcome(self.log_outcome(change_id)),
             Request::Prepare(prepare) => {
@@ -155,7 +157,14 @@ fn method_of(op: &KvOp) -> Method {
 
 /// A forwarded key request: checked as the public API checks it, then served by this
 /// node as the key's owner.
-async fn serve_kv(node: &Arc<Node>, key: &str, op: KvOp, stamp: Stamp, from: &str) -> Response {
+async fn serve_kv(
+    node: &Arc<Node>,
+    key: &str,
+    op: KvOp,
+    give_up: GiveUp,
+    stamp: Stamp,
+    from: &str,
+) -> Response {
     let started = Instant::now();
     let method = method_of(&op);
     let response = match kv::check(key, &op) {
@@ -163,11 +172,15 @@ async fn serve_kv(node: &Arc<Node>, key: &str, op: KvOp, stamp: Stamp, from: &st
             tracing::warn!(from, key, %invalid, "refusing a forwarded request");
             Response::Refused(Refusal::Invalid(invalid))
         }
-        Ok(()) => match data::serve_forwarded(node, key, op, stamp, from).await {
+        Ok(()) => match data::serve_forwarded(node, key, op, give_up, stamp, from).await {
             Ok(outcome) => Response::Kv(outcome),
             Err(NotServed::Misdirected(newer)) => Response::Misdirected(newer),
             Err(NotServed::Unsettled) => Response::Refused(Refusal::Unsettled),
             Err(NotServed::ViewMismatch) => Response::Refused(Refusal::ViewMismatch),
+            Err(NotServed::GaveUp) => {
+                tracing::warn!(from, key, "dropping a forward its sender has given up on");
+                Response::Refused(Refusal::GaveUp)
+            }
             Err(NotServed::Failed(error)) => Response::Refused(Refusal::Storage(error.to_string())),
         },
     };

@@ -15,7 +15,7 @@ use tokio::time::Instant;
 
 use crate::kv::{KvOp, KvOutcome};
 use crate::rpc::client::{CallError, Identity, RpcClient};
-use crate::rpc::{Refusal, Request, Response, Stamp};
+use crate::rpc::{GiveUp, Refusal, Request, Response, Stamp};
 use crate::view::View;
 use crate::wire::Misdirected;
 
@@ -142,6 +142,7 @@ impl Peers {
         let request = Request::Kv {
             key: key.to_string(),
             op: op.clone(),
+            give_up: GiveUp::after(deadline.saturating_duration_since(Instant::now())),
         };
         let (_, response) = self
             .rpc

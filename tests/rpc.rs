@@ -22,7 +22,7 @@ use ringkv::meta::{Applied, Change, Command, LeadError, LeaderOp, Refusal as Met
 use ringkv::ring::DEFAULT_VNODES;
 use ringkv::rpc::{
     decode_answer, encode_answer, encode_cancel, encode_json, encode_request, next_frame,
-    next_frame_within, Hello, HelloAnswer, Proof, Refusal, Request, Response, Stamp, MAGIC,
+    next_frame_within, GiveUp, Hello, HelloAnswer, Proof, Refusal, Request, Response, Stamp, MAGIC,
     MAX_HELLO,
 };
 use ringkv::store::Entry;
@@ -63,6 +63,7 @@ fn put(key: &str, value: &'static str) -> Request {
     Request::Kv {
         key: key.to_string(),
         op: KvOp::Put(Bytes::from_static(value.as_bytes())),
+        give_up: GiveUp::after(Duration::from_secs(30)),
     }
 }
 
@@ -70,6 +71,7 @@ fn get(key: &str) -> Request {
     Request::Kv {
         key: key.to_string(),
         op: KvOp::Get,
+        give_up: GiveUp::after(Duration::from_secs(30)),
     }
 }
 
@@ -254,6 +256,7 @@ fn requests_in_one_write_are_answered_by_id() {
         let request = Request::Kv {
             key: key.to_string(),
             op: op.clone(),
+            give_up: GiveUp::after(Duration::from_secs(30)),
         };
         encode_request(&mut batch, *id, stamp, &request);
     }
@@ -875,6 +878,39 @@ fn forwarded_writes_are_validated_as_the_api_validates_them() {
         (200, &json!({"ok": [1, "<html>"]}))
     );
     assert_eq!(client.key_count(&a), data.len() as u64 + 1);
+}
+
+#[test]
+fn a_forward_read_after_its_sender_gave_up_is_not_executed() {
+    let node = TestNode::start(&common::fresh_address(), &[], &[]);
+    let a = node.address.clone();
+    let client = Client::new();
+    let stamp = stamp_of(&client, &a);
+    let mut peer = Peer::handshake(&a, &common::fresh_address(), None);
+    let late = |op: KvOp| Request::Kv {
+        key: "late".into(),
+        op,
+        give_up: GiveUp(1),
+    };
+    for op in [KvOp::Put(Bytes::from_static(b"1")), KvOp::Delete, KvOp::Get] {
+        assert_eq!(
+            peer.call(stamp, &late(op.clone())),
+            Response::Refused(Refusal::GaveUp),
+            "{op:?}"
+        );
+    }
+    common::assert_absent(&client, std::slice::from_ref(&a), &["late".to_string()]);
+    assert_eq!(client.key_count(&a), 0);
+    // The same request in time is served.
+    assert_eq!(
+        peer.call(stamp, &put("late", "2")),
+        Response::Kv(KvOutcome::Added)
+    );
+    assert_eq!(
+        peer.call(stamp, &late(KvOp::Delete)),
+        Response::Refused(Refusal::GaveUp)
+    );
+    assert_eq!(client.get_key(&a, "late").body["value"], json!(2));
 }
 
 #[test]

@@ -1,6 +1,8 @@
 //! Every message nodes exchange: one [`Request`] variant per call, one [`Response`] variant
 //! per kind of answer, and [`Refusal`], the one list of reasons a node refuses a call.
 
+use std::time::Duration;
+
 use serde::{Deserialize, Serialize};
 
 use crate::kv::{Invalid, KvOp, KvOutcome};
@@ -17,11 +19,45 @@ pub struct Stamp {
     pub view_id: u64,
 }
 
+/// How much earlier than its own timeout a forward's sender asks the owner to give up:
+/// the clocks of a cluster's nodes are assumed to agree within this.
+pub const CLOCK_MARGIN: Duration = Duration::from_millis(50);
+
+/// The moment (milliseconds since the Unix epoch, by the sender's clock) after which the
+/// sender of a forward no longer waits for its answer. The owner does not execute a
+/// forward it reads later: a node paused with the message in its socket buffer would
+/// otherwise write after the client was told 503, and after writes the client made since.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GiveUp(pub u64);
+
+impl GiveUp {
+    /// `wait` from now, less [`CLOCK_MARGIN`].
+    pub fn after(wait: Duration) -> GiveUp {
+        GiveUp(unix_millis().saturating_add(wait.saturating_sub(CLOCK_MARGIN).as_millis() as u64))
+    }
+
+    /// Whether the moment has come.
+    pub fn passed(self) -> bool {
+        unix_millis() >= self.0
+    }
+}
+
+fn unix_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_millis() as u64)
+}
+
 /// A call from one node to another.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Request {
-    /// A client's key request, forwarded to the key's owner.
-    Kv { key: String, op: KvOp },
+    /// A client's key request, forwarded to the key's owner, who executes it only before
+    /// `give_up` (the sender answers the client 503 then).
+    Kv {
+        key: String,
+        op: KvOp,
+        give_up: GiveUp,
+    },
     /// The receiver's view and change state.
     State,
     /// Phase 1 of a view change.
@@ -132,4 +168,6 @@ pub enum Refusal {
     Storage(String),
     #[error("too many requests waiting on this connection")]
     Busy,
+    #[error("the sender had given up on this request before it could be served")]
+    GaveUp,
 }

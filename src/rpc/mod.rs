@@ -41,7 +41,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpStream;
 
-pub use message::{Refusal, Request, Response, Stamp};
+pub use message::{GiveUp, Refusal, Request, Response, Stamp};
 
 /// The first bytes of an RPC connection; no HTTP request starts with them.
 pub const MAGIC: &[u8; 8] = b"RKVRPC2\n";
@@ -337,6 +337,7 @@ mod tests {
             &Request::Kv {
                 key: "kéy".into(),
                 op: KvOp::Put(Bytes::from_static(b"{\"a\":1}")),
+                give_up: GiveUp(1_700_000_000_000),
             },
         );
         encode_cancel(&mut all, 8);
@@ -366,7 +367,8 @@ mod tests {
                     request,
                     Request::Kv {
                         key: "kéy".into(),
-                        op: KvOp::Put(Bytes::from_static(b"{\"a\":1}"))
+                        op: KvOp::Put(Bytes::from_static(b"{\"a\":1}")),
+                        give_up: GiveUp(1_700_000_000_000),
                     }
                 );
             }

@@ -162,6 +162,18 @@ impl TestNode {
 impl Drop for TestNode {
     fn drop(&mut self) {
         self.kill();
+        if std::thread::panicking() {
+            // The test failed: its output (shown by the test runner) ends with what each of
+            // its nodes logged last, so a failure on a CI machine can be read afterwards.
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().filter(|l| !l.contains("openraft")).collect();
+            let tail = &lines[lines.len().saturating_sub(40)..];
+            eprintln!(
+                "--- last lines of node {} ---\n{}",
+                self.address,
+                tail.join("\n")
+            );
+        }
     }
 }
 
@@ -215,13 +227,21 @@ impl Default for Client {
     }
 }
 
+/// A connection pool that never reuses a connection idle for a second or more: a node
+/// closes idle connections after its header timeout, and one resumed from SIGSTOP does so
+/// at once, while the test already sends its next request on them.
+fn http_client(timeout: Duration) -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder()
+        .timeout(timeout)
+        .pool_idle_timeout(Duration::from_secs(1))
+        .build()
+        .unwrap()
+}
+
 impl Client {
     pub fn new() -> Client {
         Client {
-            http: reqwest::blocking::Client::builder()
-                .timeout(Duration::from_secs(30))
-                .build()
-                .unwrap(),
+            http: http_client(Duration::from_secs(30)),
         }
     }
 
@@ -335,10 +355,7 @@ impl Client {
     /// A client whose requests give up after `timeout`.
     pub fn with_timeout(timeout: Duration) -> Client {
         Client {
-            http: reqwest::blocking::Client::builder()
-                .timeout(timeout)
-                .build()
-                .unwrap(),
+            http: http_client(timeout),
         }
     }
 
