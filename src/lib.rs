@@ -7,6 +7,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod causal;
 pub mod change;
 pub mod config;
 pub mod consensus;
@@ -24,7 +25,9 @@ pub mod peers;
 pub mod ring;
 pub mod rpc;
 pub mod server;
+pub mod shard;
 pub mod store;
+pub mod version;
 pub mod view;
 pub mod viz;
 pub mod wire;

@@ -171,14 +171,28 @@ impl HashRing {
         I: IntoIterator<Item = S>,
         S: AsRef<str>,
     {
-        if vnodes == 0 {
-            return Err(RingError::ZeroVnodes);
-        }
         let mut nodes: Vec<Arc<str>> = Vec::new();
         for member in members {
             let member = member.as_ref();
             validate_address(member)?;
             nodes.push(Arc::from(member));
+        }
+        HashRing::build(nodes, vnodes)
+    }
+
+    /// Builds the ring whose members are names, not addresses: the shards of a replicated
+    /// cluster ([`crate::shard`]), each placed by the tokens of its id.
+    pub fn of_names<I, S>(names: I, vnodes: u32) -> Result<Self, RingError>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        HashRing::build(names.into_iter().map(|n| Arc::from(n.as_ref())).collect(), vnodes)
+    }
+
+    fn build(mut nodes: Vec<Arc<str>>, vnodes: u32) -> Result<Self, RingError> {
+        if vnodes == 0 {
+            return Err(RingError::ZeroVnodes);
         }
         nodes.sort();
         nodes.dedup();

@@ -1,0 +1,310 @@
+//! Shards of a replicated cluster (the course's assignment 4): the view's nodes grouped
+//! into replica sets of exactly `repl-factor` nodes, ids `"1"`, `"2"`, .... The ring's
+//! members are the shard ids ([`HashRing::of_names`]), so keys are placed on shards, and a
+//! change of the shard count moves only the ranges whose shard changes.
+//!
+//! Two rules, both computed by every node on its own:
+//! - [`Layout::initial`]: the start view cut into consecutive groups in view order
+//!   (`VIEW=a,b,c,d` with 2 replicas: shard 1 is a and b, shard 2 is c and d);
+//! - [`Layout::regroup`]: a view change keeps every shard id it can (the ids whose shards
+//!   keep the most nodes), keeps a node that stays in its shard while the shard has room,
+//!   and fills the places left with the nodes that joined or whose shard was dropped, in
+//!   view order. A node moves only when its shard is dropped or shrinks.
+
+use std::collections::BTreeSet;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ring::{HashRing, RingError};
+
+/// Why a view and a replication factor make no layout; the message is a 400's `error`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LayoutError {
+    #[error("repl-factor must be a positive integer")]
+    BadFactor,
+    #[error("the view's {nodes} nodes do not split into shards of {factor}")]
+    NotAMultiple { nodes: usize, factor: usize },
+}
+
+/// One replica set.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Shard {
+    pub id: String,
+    /// Its nodes, in the order they were placed.
+    pub replicas: Vec<String>,
+}
+
+/// Every shard of a view, in id order (`"1"` < `"2"` < `"10"`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Layout {
+    factor: usize,
+    shards: Vec<Shard>,
+}
+
+fn check(members: &[String], factor: usize) -> Result<(), LayoutError> {
+    if factor == 0 {
+        return Err(LayoutError::BadFactor);
+    }
+    if members.is_empty() || members.len() % factor != 0 {
+        return Err(LayoutError::NotAMultiple {
+            nodes: members.len(),
+            factor,
+        });
+    }
+    Ok(())
+}
+
+fn numeric(id: &str) -> u64 {
+    id.parse().unwrap_or(u64::MAX)
+}
+
+impl Layout {
+    /// The layout of a start view: consecutive groups of `factor` in view order.
+    pub fn initial(members: &[String], factor: usize) -> Result<Layout, LayoutError> {
+        check(members, factor)?;
+        let shards = members
+            .chunks(factor)
+            .enumerate()
+            .map(|(i, replicas)| Shard {
+                id: (i + 1).to_string(),
+                replicas: replicas.to_vec(),
+            })
+            .collect();
+        Ok(Layout { factor, shards })
+    }
+
+    /// The layout after a view change to `members` with `factor` replicas per shard (see
+    /// the module docs).
+    pub fn regroup(&self, members: &[String], factor: usize) -> Result<Layout, LayoutError> {
+        check(members, factor)?;
+        let count = members.len() / factor;
+        let staying: BTreeSet<&str> = members.iter().map(String::as_str).collect();
+        // Shard ids kept: those keeping the most nodes, lower ids first on a tie.
+        let mut ranked: Vec<(usize, &Shard)> = self
+            .shards
+            .iter()
+            .map(|s| {
+                let kept = s.replicas.iter().filter(|r| staying.contains(r.as_str()));
+                (kept.count(), s)
+            })
+            .collect();
+        ranked.sort_by_key(|(kept, s)| (std::cmp::Reverse(*kept), numeric(&s.id)));
+        let mut shards: Vec<Shard> = ranked
+            .iter()
+            .take(count)
+            .map(|(_, s)| Shard {
+                id: s.id.clone(),
+                replicas: s
+                    .replicas
+                    .iter()
+                    .filter(|r| staying.contains(r.as_str()))
+                    .take(factor)
+                    .cloned()
+                    .collect(),
+            })
+            .collect();
+        shards.sort_by_key(|s| numeric(&s.id));
+        let placed: BTreeSet<String> = shards.iter().flat_map(|s| s.replicas.clone()).collect();
+        let mut free = members.iter().filter(|m| !placed.contains(*m));
+        for shard in &mut shards {
+            while shard.replicas.len() < factor {
+                shard
+                    .replicas
+                    .push(free.next().expect("sizes add up").clone());
+            }
+        }
+        let mut next_id = self.shards.iter().map(|s| numeric(&s.id)).max().unwrap_or(0);
+        while shards.len() < count {
+            next_id += 1;
+            shards.push(Shard {
+                id: next_id.to_string(),
+                replicas: free.by_ref().take(factor).cloned().collect(),
+            });
+        }
+        Ok(Layout { factor, shards })
+    }
+
+    pub fn factor(&self) -> usize {
+        self.factor
+    }
+
+    pub fn shards(&self) -> &[Shard] {
+        &self.shards
+    }
+
+    pub fn shard(&self, id: &str) -> Option<&Shard> {
+        self.shards.iter().find(|s| s.id == id)
+    }
+
+    /// The shard `node` is a replica of.
+    pub fn shard_of(&self, node: &str) -> Option<&Shard> {
+        self.shards
+            .iter()
+            .find(|s| s.replicas.iter().any(|r| r == node))
+    }
+
+    /// The ring over the shard ids.
+    pub fn ring(&self, vnodes: u32) -> Result<HashRing, RingError> {
+        HashRing::of_names(self.shards.iter().map(|s| &s.id), vnodes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ring::key_hash;
+    use proptest::prelude::*;
+
+    fn nodes(range: std::ops::Range<u32>) -> Vec<String> {
+        range.map(|i| format!("10.0.0.{i}:13800")).collect()
+    }
+
+    fn ids(layout: &Layout) -> Vec<&str> {
+        layout.shards().iter().map(|s| s.id.as_str()).collect()
+    }
+
+    #[test]
+    fn the_start_view_is_cut_in_view_order() {
+        let view = nodes(1..7);
+        let layout = Layout::initial(&view, 2).unwrap();
+        assert_eq!(ids(&layout), ["1", "2", "3"]);
+        assert_eq!(layout.shard("2").unwrap().replicas, view[2..4]);
+        assert_eq!(layout.shard_of(&view[5]).unwrap().id, "3");
+        assert_eq!(layout.shard("4"), None);
+        assert_eq!(
+            Layout::initial(&view, 4),
+            Err(LayoutError::NotAMultiple {
+                nodes: 6,
+                factor: 4
+            })
+        );
+        assert_eq!(Layout::initial(&view, 0), Err(LayoutError::BadFactor));
+        assert!(Layout::initial(&[], 1).is_err());
+    }
+
+    #[test]
+    fn growing_keeps_every_shard_and_adds_new_ids() {
+        let old = Layout::initial(&nodes(1..5), 2).unwrap();
+        let new = old.regroup(&nodes(1..7), 2).unwrap();
+        assert_eq!(ids(&new), ["1", "2", "3"]);
+        assert_eq!(new.shard("1"), old.shard("1"));
+        assert_eq!(new.shard("2"), old.shard("2"));
+        assert_eq!(new.shard("3").unwrap().replicas, nodes(5..7));
+    }
+
+    #[test]
+    fn a_removed_node_is_replaced_in_its_shard_and_the_others_stay() {
+        let old = Layout::initial(&nodes(1..7), 2).unwrap();
+        // 10.0.0.3 (shard 2) leaves, 10.0.0.9 joins.
+        let mut view = nodes(1..7);
+        view.retain(|n| n != "10.0.0.3:13800");
+        view.push("10.0.0.9:13800".into());
+        let new = old.regroup(&view, 2).unwrap();
+        assert_eq!(new.shard("1"), old.shard("1"));
+        assert_eq!(new.shard("3"), old.shard("3"));
+        assert_eq!(
+            new.shard("2").unwrap().replicas,
+            ["10.0.0.4:13800", "10.0.0.9:13800"]
+        );
+    }
+
+    #[test]
+    fn shrinking_drops_the_emptiest_shard_and_its_nodes_fill_the_others() {
+        let old = Layout::initial(&nodes(1..7), 2).unwrap();
+        // Shard 1 loses both nodes, shard 2 one: 4 nodes, 2 shards.
+        let view = nodes(4..7);
+        let view = [view, vec!["10.0.0.9:13800".into()]].concat();
+        let new = old.regroup(&view, 2).unwrap();
+        assert_eq!(ids(&new), ["2", "3"]);
+        assert_eq!(new.shard("3"), old.shard("3"));
+        assert_eq!(
+            new.shard("2").unwrap().replicas,
+            ["10.0.0.4:13800", "10.0.0.9:13800"]
+        );
+    }
+
+    #[test]
+    fn a_new_factor_regroups_and_keeps_ids() {
+        let old = Layout::initial(&nodes(1..7), 2).unwrap();
+        let new = old.regroup(&nodes(1..7), 3).unwrap();
+        assert_eq!(ids(&new), ["1", "2"]);
+        assert_eq!(
+            new.shard("1").unwrap().replicas,
+            ["10.0.0.1:13800", "10.0.0.2:13800", "10.0.0.5:13800"]
+        );
+        assert_eq!(
+            new.shard("2").unwrap().replicas,
+            ["10.0.0.3:13800", "10.0.0.4:13800", "10.0.0.6:13800"]
+        );
+    }
+
+    #[test]
+    fn growing_two_shards_to_three_moves_about_a_third_of_the_keys() {
+        let old = Layout::initial(&nodes(1..5), 2).unwrap();
+        let new = old.regroup(&nodes(1..7), 2).unwrap();
+        let (before, after) = (old.ring(1024).unwrap(), new.ring(1024).unwrap());
+        let keys = 30_000;
+        let moved = (0..keys)
+            .map(|i| key_hash(format!("key{i}").as_bytes()))
+            .filter(|h| before.owner_of_hash(*h) != after.owner_of_hash(*h))
+            .count();
+        let share = moved as f64 / keys as f64;
+        assert!((0.28..0.39).contains(&share), "{share}");
+        // And every moved key moved to the new shard: nothing reshuffled between old ones.
+        let to_new = (0..keys)
+            .map(|i| key_hash(format!("key{i}").as_bytes()))
+            .filter(|h| before.owner_of_hash(*h) != after.owner_of_hash(*h))
+            .all(|h| &**after.owner_of_hash(h) == "3");
+        assert!(to_new);
+    }
+
+    fn valid(layout: &Layout, members: &[String], factor: usize) -> Result<(), TestCaseError> {
+        let placed: Vec<&String> = layout.shards().iter().flat_map(|s| &s.replicas).collect();
+        prop_assert_eq!(placed.len(), members.len());
+        let unique: BTreeSet<&String> = placed.iter().copied().collect();
+        prop_assert_eq!(unique, members.iter().collect::<BTreeSet<_>>());
+        prop_assert!(layout.shards().iter().all(|s| s.replicas.len() == factor));
+        let ids: BTreeSet<&str> = layout.shards().iter().map(|s| s.id.as_str()).collect();
+        prop_assert_eq!(ids.len(), layout.shards().len());
+        Ok(())
+    }
+
+    proptest! {
+        #[test]
+        fn regrouping_places_every_node_once_and_moves_only_what_it_must(
+            old_nodes in 1usize..5,
+            new_nodes in 1usize..5,
+            old_factor in 1usize..4,
+            new_factor in 1usize..4,
+            kept in proptest::collection::vec(any::<bool>(), 16),
+        ) {
+            let old_view = nodes(0..(old_nodes * old_factor) as u32);
+            let old = Layout::initial(&old_view, old_factor).unwrap();
+            // Some old nodes stay, new ones fill up to the new size.
+            let mut view: Vec<String> = old_view
+                .iter()
+                .zip(kept.iter().cycle())
+                .filter(|(_, k)| **k)
+                .map(|(n, _)| n.clone())
+                .take(new_nodes * new_factor)
+                .collect();
+            let mut fresh = (100u32..).map(|i| format!("10.0.1.{i}:13800"));
+            while view.len() < new_nodes * new_factor {
+                view.push(fresh.next().unwrap());
+            }
+            let new = old.regroup(&view, new_factor).unwrap();
+            valid(&new, &view, new_factor)?;
+            prop_assert_eq!(&new.regroup(&view, new_factor).unwrap(), &new, "a no-op stays");
+            if new_factor == old_factor {
+                // A node that stays keeps its shard whenever that shard id survives.
+                for shard in old.shards() {
+                    if let Some(now) = new.shard(&shard.id) {
+                        for r in shard.replicas.iter().filter(|r| view.contains(r)) {
+                            prop_assert_eq!(new.shard_of(r).map(|s| &s.id), Some(&now.id));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
