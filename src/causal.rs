@@ -25,7 +25,7 @@ pub const MAX_REPLICAS: usize = crate::ring::MAX_NODES;
 pub struct InvalidContext;
 
 /// Per replica (by address), how many of its writes have been seen.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VersionVector(BTreeMap<String, u64>);
 
 impl VersionVector {
@@ -69,7 +69,7 @@ impl VersionVector {
 }
 
 /// What a client has seen, per shard, as of one epoch.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Context {
     epoch: u64,
     shards: BTreeMap<String, VersionVector>,
@@ -148,8 +148,10 @@ impl Context {
             .shards
             .iter()
             .map(|(shard, seen)| {
-                let vector: Map<String, Value> =
-                    seen.iter().map(|(r, c)| (r.to_string(), c.into())).collect();
+                let vector: Map<String, Value> = seen
+                    .iter()
+                    .map(|(r, c)| (r.to_string(), c.into()))
+                    .collect();
                 (shard.clone(), Value::Object(vector))
             })
             .collect();

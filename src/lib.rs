@@ -22,6 +22,7 @@ pub mod migrate;
 pub mod node;
 pub mod parse_errors;
 pub mod peers;
+pub mod replica;
 pub mod ring;
 pub mod rpc;
 pub mod server;

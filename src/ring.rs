@@ -187,7 +187,10 @@ impl HashRing {
         I: IntoIterator<Item = S>,
         S: AsRef<str>,
     {
-        HashRing::build(names.into_iter().map(|n| Arc::from(n.as_ref())).collect(), vnodes)
+        HashRing::build(
+            names.into_iter().map(|n| Arc::from(n.as_ref())).collect(),
+            vnodes,
+        )
     }
 
     fn build(mut nodes: Vec<Arc<str>>, vnodes: u32) -> Result<Self, RingError> {

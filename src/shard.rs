@@ -45,7 +45,7 @@ fn check(members: &[String], factor: usize) -> Result<(), LayoutError> {
     if factor == 0 {
         return Err(LayoutError::BadFactor);
     }
-    if members.is_empty() || members.len() % factor != 0 {
+    if members.is_empty() || !members.len().is_multiple_of(factor) {
         return Err(LayoutError::NotAMultiple {
             nodes: members.len(),
             factor,
@@ -113,7 +113,12 @@ impl Layout {
                     .push(free.next().expect("sizes add up").clone());
             }
         }
-        let mut next_id = self.shards.iter().map(|s| numeric(&s.id)).max().unwrap_or(0);
+        let mut next_id = self
+            .shards
+            .iter()
+            .map(|s| numeric(&s.id))
+            .max()
+            .unwrap_or(0);
         while shards.len() < count {
             next_id += 1;
             shards.push(Shard {

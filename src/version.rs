@@ -13,7 +13,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use bytes::{BufMut, Bytes, BytesMut};
 
 /// The version of one write.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub struct Version {
     /// Hybrid logical time: milliseconds since the Unix epoch << 16 | a logical counter.
     pub time: u64,
@@ -63,7 +65,7 @@ impl Clock {
 
 /// What a replicated store keeps for a key: the version of its last write and the value,
 /// or `None` for a deletion (a tombstone).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Record {
     pub version: Version,
     pub value: Option<Bytes>,
@@ -134,12 +136,24 @@ mod tests {
             origin: 42,
             counter: 3,
         };
-        for value in [Some(Bytes::from_static(b"{\"a\":1}")), Some(Bytes::new()), None] {
+        for value in [
+            Some(Bytes::from_static(b"{\"a\":1}")),
+            Some(Bytes::new()),
+            None,
+        ] {
             let record = Record { version, value };
             assert_eq!(Record::decode(&record.encode()), Ok(record));
         }
-        assert_eq!(Record::decode(&Bytes::from_static(b"\x01abc")), Err(BadRecord));
-        let mut bad = Record { version, value: None }.encode().to_vec();
+        assert_eq!(
+            Record::decode(&Bytes::from_static(b"\x01abc")),
+            Err(BadRecord)
+        );
+        let mut bad = Record {
+            version,
+            value: None,
+        }
+        .encode()
+        .to_vec();
         bad[0] = 9;
         assert_eq!(Record::decode(&Bytes::from(bad)), Err(BadRecord));
     }
@@ -158,6 +172,9 @@ mod tests {
         assert!(new.wins_over(Some(&old)) && !old.wins_over(Some(&new)));
         assert!(tie.wins_over(Some(&new)) && !new.wins_over(Some(&tie)));
         assert!(old.wins_over(None));
-        assert!(!old.wins_over(Some(&old)), "the same write twice changes nothing");
+        assert!(
+            !old.wins_over(Some(&old)),
+            "the same write twice changes nothing"
+        );
     }
 }

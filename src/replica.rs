@@ -1,0 +1,422 @@
+//! One replica of a shard (assignment 4): serves key operations under a causal context,
+//! numbers the writes it accepts, takes in the writes of the shard's other replicas in
+//! each replica's order, and hands a peer the writes it lacks. Replicas that exchanged
+//! every write hold the same value for every key, whatever order the exchanges came in:
+//! of two writes to a key, the greater [`Version`] wins everywhere, deletions included
+//! (they are tombstones until every replica has them, see [`Replica::forget`]).
+//!
+//! What a replica has applied is a [`VersionVector`]: per replica, how many of its writes
+//! (always a prefix, since writes are taken in in order). A request whose context has
+//! seen more of this shard than that is refused with [`ReplicaError::Behind`], naming what
+//! to pull first. Every write carries the context its client had (its dependencies, on
+//! any shard); a replica's replies carry the union of those it applied, so a client that
+//! read a write is held to everything that write depended on.
+//!
+//! Lock order: the replica's state, then the store's own locks (the store is written only
+//! with the state held, so a write and the vector that counts it change together).
+
+use std::collections::BTreeMap;
+
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+
+use crate::causal::{Context, VersionVector};
+use crate::kv::{KvOp, KvOutcome};
+use crate::store::{Store, StoreError};
+use crate::version::{BadRecord, Clock, Record, Version};
+
+/// One write as replicas exchange it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Write {
+    /// The replica that accepted it, and its number there (1, 2, ...).
+    pub origin: String,
+    pub counter: u64,
+    pub hash: u64,
+    pub key: String,
+    pub record: Record,
+    /// What the writing client had seen.
+    pub deps: Context,
+}
+
+/// Why a replica did not serve a request.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicaError {
+    /// The request's context has seen writes this replica has not applied: per replica,
+    /// how many of its writes this one has (pull the rest from a peer).
+    #[error("this replica lacks writes the request's context has seen")]
+    Behind(Vec<(String, u64)>),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Record(#[from] BadRecord),
+}
+
+#[derive(Debug, Default)]
+struct State {
+    applied: VersionVector,
+    /// The writes some replica may still lack, per origin, by number.
+    log: BTreeMap<String, BTreeMap<u64, Write>>,
+    /// The union of the dependencies of every write applied.
+    deps: Context,
+    /// Keys holding a value (not a tombstone).
+    live: usize,
+}
+
+/// A replica of shard `shard` at address `me`, keeping its records in `store`.
+pub struct Replica {
+    me: String,
+    origin: u64,
+    shard: String,
+    store: Store,
+    clock: Clock,
+    state: Mutex<State>,
+}
+
+impl Replica {
+    pub fn new(me: &str, shard: &str, store: Store) -> Replica {
+        Replica {
+            me: me.to_string(),
+            origin: xxhash_rust::xxh3::xxh3_64(me.as_bytes()),
+            shard: shard.to_string(),
+            store,
+            clock: Clock::default(),
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    pub fn shard(&self) -> &str {
+        &self.shard
+    }
+
+    /// What this replica has applied, per replica.
+    pub fn applied(&self) -> VersionVector {
+        self.state.lock().applied.clone()
+    }
+
+    /// Keys holding a value.
+    pub fn live_keys(&self) -> usize {
+        self.state.lock().live
+    }
+
+    fn read(&self, hash: u64, key: &str) -> Result<Option<Record>, ReplicaError> {
+        match self.store.get(hash, key)? {
+            Some(bytes) => Ok(Some(Record::decode(&bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Serves `op` on `key` for a client that has seen `seen`; the outcome and the context
+    /// of the reply.
+    pub fn serve(
+        &self,
+        hash: u64,
+        key: &str,
+        op: &KvOp,
+        seen: &Context,
+    ) -> Result<(KvOutcome, Context), ReplicaError> {
+        let mut state = self.state.lock();
+        let needed = seen.shard(&self.shard);
+        if !state.applied.covers(&needed) {
+            return Err(ReplicaError::Behind(state.applied.missing(&needed)));
+        }
+        let value = self.read(hash, key)?.and_then(|r| r.value);
+        let outcome = match (op, value) {
+            (KvOp::Get, Some(value)) => KvOutcome::Found(value),
+            (KvOp::Get | KvOp::Delete, None) => KvOutcome::Absent,
+            (KvOp::Put(new), old) => {
+                self.write(&mut state, hash, key, Some(new.clone()), seen)?;
+                if old.is_some() {
+                    KvOutcome::Replaced
+                } else {
+                    KvOutcome::Added
+                }
+            }
+            (KvOp::Delete, Some(_)) => {
+                self.write(&mut state, hash, key, None, seen)?;
+                KvOutcome::Deleted
+            }
+        };
+        let mut reply = seen.clone();
+        reply.merge(&state.deps);
+        reply.merge_shard(&self.shard, &state.applied);
+        Ok((outcome, reply))
+    }
+
+    fn write(
+        &self,
+        state: &mut State,
+        hash: u64,
+        key: &str,
+        value: Option<bytes::Bytes>,
+        seen: &Context,
+    ) -> Result<(), ReplicaError> {
+        let counter = state.applied.get(&self.me) + 1;
+        let write = Write {
+            origin: self.me.clone(),
+            counter,
+            hash,
+            key: key.to_string(),
+            record: Record {
+                version: Version {
+                    time: self.clock.tick(),
+                    origin: self.origin,
+                    counter,
+                },
+                value,
+            },
+            deps: seen.clone(),
+        };
+        self.take(state, write)
+    }
+
+    /// Applies `write` (the next of its origin) and logs it.
+    fn take(&self, state: &mut State, write: Write) -> Result<(), ReplicaError> {
+        let current = self.read(write.hash, &write.key)?;
+        if write.record.wins_over(current.as_ref()) {
+            let was_live = current.is_some_and(|r| r.value.is_some());
+            self.store
+                .put(write.hash, &write.key, write.record.encode())?;
+            match (was_live, write.record.value.is_some()) {
+                (false, true) => state.live += 1,
+                (true, false) => state.live -= 1,
+                _ => {}
+            }
+        }
+        state.applied.observe(&write.origin, write.counter);
+        state.deps.merge(&write.deps);
+        state
+            .log
+            .entry(write.origin.clone())
+            .or_default()
+            .insert(write.counter, write);
+        Ok(())
+    }
+
+    /// Takes in writes from a peer: each one that is the next of its origin is applied;
+    /// those already applied are skipped, and one after a gap waits for a later exchange.
+    /// Returns how many were applied.
+    pub fn receive(&self, writes: Vec<Write>) -> Result<usize, ReplicaError> {
+        let mut state = self.state.lock();
+        let mut applied = 0;
+        for write in writes {
+            if write.counter != state.applied.get(&write.origin) + 1 {
+                continue;
+            }
+            self.clock.observe(write.record.version.time);
+            self.take(&mut state, write)?;
+            applied += 1;
+        }
+        Ok(applied)
+    }
+
+    /// Up to `max` of the logged writes a replica that has applied `have` lacks, each
+    /// origin's in order.
+    pub fn since(&self, have: &VersionVector, max: usize) -> Vec<Write> {
+        let state = self.state.lock();
+        let mut out = Vec::new();
+        for (origin, writes) in &state.log {
+            let from = have.get(origin) + 1;
+            for write in writes.range(from..).map(|(_, w)| w) {
+                if out.len() == max {
+                    return out;
+                }
+                out.push(write.clone());
+            }
+        }
+        out
+    }
+
+    /// Forgets the writes every replica has applied (`everyone`: the pointwise minimum of
+    /// the replicas' vectors): they leave the log, and a key whose record is such a
+    /// deletion leaves the store. Returns how many tombstones were dropped.
+    pub fn forget(&self, everyone: &VersionVector) -> Result<usize, ReplicaError> {
+        let mut state = self.state.lock();
+        let mut dropped = 0;
+        for (origin, writes) in state.log.iter_mut() {
+            let upto = everyone.get(origin);
+            let kept = writes.split_off(&(upto + 1));
+            let done = std::mem::replace(writes, kept);
+            for write in done.into_values().filter(|w| w.record.value.is_none()) {
+                let current = self.read(write.hash, &write.key)?;
+                if current.is_some_and(|r| r.version == write.record.version) {
+                    self.store.delete(write.hash, &write.key)?;
+                    dropped += 1;
+                }
+            }
+        }
+        state.log.retain(|_, writes| !writes.is_empty());
+        Ok(dropped)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ring::key_hash;
+    use bytes::Bytes;
+    use proptest::prelude::*;
+
+    const NAMES: [&str; 3] = ["10.0.0.1:1", "10.0.0.2:1", "10.0.0.3:1"];
+
+    fn replicas() -> Vec<Replica> {
+        NAMES
+            .iter()
+            .map(|n| Replica::new(n, "1", crate::store::memory()))
+            .collect()
+    }
+
+    fn run(r: &Replica, key: &str, op: KvOp, seen: &Context) -> (KvOutcome, Context) {
+        r.serve(key_hash(key.as_bytes()), key, &op, seen).unwrap()
+    }
+
+    fn put(value: &str) -> KvOp {
+        KvOp::Put(Bytes::from(value.to_string()))
+    }
+
+    /// `to` takes in everything `from` has that it lacks.
+    fn sync(from: &Replica, to: &Replica) {
+        to.receive(from.since(&to.applied(), usize::MAX)).unwrap();
+    }
+
+    #[test]
+    fn operations_answer_as_the_course_says_and_number_their_writes() {
+        let r = &replicas()[0];
+        let none = Context::at(0);
+        let (outcome, seen) = run(r, "k", KvOp::Get, &none);
+        assert_eq!(outcome, KvOutcome::Absent);
+        assert_eq!(run(r, "k", KvOp::Delete, &seen).0, KvOutcome::Absent);
+        assert_eq!(
+            r.applied().get(NAMES[0]),
+            0,
+            "deleting nothing writes nothing"
+        );
+        let (outcome, seen) = run(r, "k", put("1"), &seen);
+        assert_eq!(outcome, KvOutcome::Added);
+        assert_eq!(seen.shard("1").get(NAMES[0]), 1);
+        assert_eq!(run(r, "k", put("2"), &seen).0, KvOutcome::Replaced);
+        assert_eq!(
+            run(r, "k", KvOp::Get, &seen).0,
+            KvOutcome::Found(Bytes::from("2"))
+        );
+        assert_eq!(r.live_keys(), 1);
+        assert_eq!(run(r, "k", KvOp::Delete, &seen).0, KvOutcome::Deleted);
+        assert_eq!(run(r, "k", KvOp::Get, &seen).0, KvOutcome::Absent);
+        assert_eq!((r.live_keys(), r.applied().get(NAMES[0])), (0, 3));
+    }
+
+    #[test]
+    fn a_replica_behind_the_context_refuses_until_it_pulled() {
+        let all = replicas();
+        let (_, seen) = run(&all[0], "k", put("1"), &Context::at(0));
+        match all[1].serve(key_hash(b"k"), "k", &KvOp::Get, &seen) {
+            Err(ReplicaError::Behind(missing)) => {
+                assert_eq!(missing, vec![(NAMES[0].to_string(), 0)])
+            }
+            other => panic!("{other:?}"),
+        }
+        sync(&all[0], &all[1]);
+        assert_eq!(
+            run(&all[1], "k", KvOp::Get, &seen).0,
+            KvOutcome::Found(Bytes::from("1"))
+        );
+    }
+
+    #[test]
+    fn a_reader_inherits_what_the_write_it_read_depended_on() {
+        let all = replicas();
+        // A client saw shard 2 at some version, then wrote k on shard 1.
+        let mut seen = Context::at(0);
+        let mut other = VersionVector::default();
+        other.observe("10.0.9.9:1", 4);
+        seen.merge_shard("2", &other);
+        run(&all[0], "k", put("1"), &seen);
+        sync(&all[0], &all[1]);
+        // Another client reads k at another replica: held to shard 2's version too.
+        let (_, reply) = run(&all[1], "k", KvOp::Get, &Context::at(0));
+        assert_eq!(reply.shard("2").get("10.0.9.9:1"), 4);
+    }
+
+    #[test]
+    fn a_deleted_key_never_comes_back_from_an_older_write() {
+        let all = replicas();
+        let none = Context::at(0);
+        run(&all[1], "k", put("old"), &none);
+        sync(&all[1], &all[0]);
+        assert_eq!(run(&all[0], "k", KvOp::Delete, &none).0, KvOutcome::Deleted);
+        // Replica 2 gets the delete first, then the older put from replica 1.
+        sync(&all[0], &all[2]);
+        sync(&all[1], &all[2]);
+        for r in &all {
+            sync(&all[0], r);
+            assert_eq!(run(r, "k", KvOp::Get, &none).0, KvOutcome::Absent);
+        }
+        // Once everyone has the delete, the tombstone goes and the key stays absent.
+        let everyone = all[0].applied();
+        for r in &all {
+            assert_eq!(r.forget(&everyone).unwrap(), 1);
+            assert_eq!(run(r, "k", KvOp::Get, &none).0, KvOutcome::Absent);
+            assert!(r.since(&VersionVector::default(), usize::MAX).is_empty());
+        }
+    }
+
+    #[derive(Debug, Clone)]
+    enum Step {
+        Op { at: usize, key: u8, op: u8 },
+        Sync { from: usize, to: usize },
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            (0..3usize, 0..4u8, 0..3u8).prop_map(|(at, key, op)| Step::Op { at, key, op }),
+            (0..3usize, 0..3usize).prop_map(|(from, to)| Step::Sync { from, to }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn replicas_that_exchanged_everything_agree(steps in proptest::collection::vec(step(), 1..60)) {
+            let all = replicas();
+            let mut contexts = vec![Context::at(0); 3];
+            for (n, step) in steps.into_iter().enumerate() {
+                match step {
+                    Step::Op { at, key, op } => {
+                        let key = format!("k{key}");
+                        let op = match op {
+                            0 => put(&n.to_string()),
+                            1 => KvOp::Delete,
+                            _ => KvOp::Get,
+                        };
+                        // Each replica's own client: it never gets ahead of its replica.
+                        let (_, reply) = run(&all[at], &key, op, &contexts[at]);
+                        contexts[at] = reply;
+                    }
+                    Step::Sync { from, to } if from != to => sync(&all[from], &all[to]),
+                    Step::Sync { .. } => {}
+                }
+            }
+            for _ in 0..2 {
+                for from in 0..3 {
+                    for to in 0..3 {
+                        if from != to {
+                            sync(&all[from], &all[to]);
+                        }
+                    }
+                }
+            }
+            let none = Context::at(0);
+            for key in (0..4).map(|k| format!("k{k}")) {
+                let answers: Vec<KvOutcome> =
+                    all.iter().map(|r| run(r, &key, KvOp::Get, &none).0).collect();
+                prop_assert!(answers.windows(2).all(|w| w[0] == w[1]), "{key}: {answers:?}");
+            }
+            prop_assert!(all.windows(2).all(|w| w[0].applied() == w[1].applied()));
+            prop_assert!(all.windows(2).all(|w| w[0].live_keys() == w[1].live_keys()));
+            // Every context a client got is now covered everywhere.
+            for r in &all {
+                for c in &contexts {
+                    prop_assert!(r.applied().covers(&c.shard("1")));
+                }
+            }
+        }
+    }
+}
