@@ -14,6 +14,7 @@ pub mod consensus;
 pub mod data;
 pub mod endpoint;
 pub mod fault;
+pub mod gossip;
 pub mod join;
 pub mod kv;
 pub mod meta;
