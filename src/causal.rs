@@ -47,6 +47,19 @@ impl VersionVector {
         }
     }
 
+    /// The pointwise minimum: what both have seen.
+    pub fn meet(&self, other: &VersionVector) -> VersionVector {
+        VersionVector(
+            self.0
+                .iter()
+                .filter_map(|(r, c)| {
+                    let both = (*c).min(other.get(r));
+                    (both > 0).then(|| (r.clone(), both))
+                })
+                .collect(),
+        )
+    }
+
     /// Whether this vector has seen everything `other` has.
     pub fn covers(&self, other: &VersionVector) -> bool {
         other.0.iter().all(|(r, c)| self.get(r) >= *c)
@@ -186,6 +199,8 @@ mod tests {
         assert!(a.covers(&b) && a.covers(&VersionVector::default()));
         a.observe(A, 2);
         assert_eq!(a.get(A), 3, "observing less never goes back");
+        assert_eq!(a.meet(&b), vector(&[(B, 4)]));
+        assert_eq!(a.meet(&VersionVector::default()), VersionVector::default());
     }
 
     #[test]

@@ -178,7 +178,13 @@ async fn serve_kv(
             Err(NotServed::Unsettled) => Response::Refused(Refusal::Unsettled),
             Err(NotServed::ViewMismatch) => Response::Refused(Refusal::ViewMismatch),
             Err(NotServed::GaveUp) => {
-                tracing::warn!(from, key, "dropping a forward its sender has given up on");
+                tracing::warn!(
+                    from,
+                    key,
+                    "dropping a forward its sender has given up on (if every forward from \
+                     it is dropped, the two nodes' clocks disagree by about the forwarding \
+                     timeout)"
+                );
                 Response::Refused(Refusal::GaveUp)
             }
             Err(NotServed::Failed(error)) => Response::Refused(Refusal::Storage(error.to_string())),

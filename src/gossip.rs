@@ -17,14 +17,24 @@ pub const PULL_MAX: usize = 4096;
 
 /// How a replica reaches its peers.
 pub trait Exchange {
-    /// The writes `peer` has logged that a replica which applied `have` lacks (at most
-    /// `max`); `None` when the peer did not answer.
+    /// What `peer` has for a replica which applied `have` (at most `max` writes).
     fn pull(
         &self,
         peer: &str,
         have: &VersionVector,
         max: usize,
-    ) -> impl std::future::Future<Output = Option<Vec<Write>>> + Send;
+    ) -> impl std::future::Future<Output = Pulled> + Send;
+}
+
+/// A peer's answer to a pull.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Pulled {
+    /// The writes it logged that the puller lacks.
+    Writes(Vec<Write>),
+    /// Some of them have left its log: the puller needs a refill.
+    Refill,
+    /// No answer.
+    Silent,
 }
 
 /// What one round did.
@@ -34,6 +44,8 @@ pub struct Round {
     pub applied: usize,
     /// Peers that did not answer.
     pub silent: usize,
+    /// Peers whose log no longer holds what this replica lacks.
+    pub refill: usize,
 }
 
 /// Pulls from each of `peers` until it has nothing more to give (or stops answering).
@@ -45,9 +57,16 @@ pub async fn round<E: Exchange>(
     let mut done = Round::default();
     for peer in peers {
         loop {
-            let Some(writes) = exchange.pull(peer, &replica.applied(), PULL_MAX).await else {
-                done.silent += 1;
-                break;
+            let writes = match exchange.pull(peer, &replica.applied(), PULL_MAX).await {
+                Pulled::Writes(writes) => writes,
+                Pulled::Refill => {
+                    done.refill += 1;
+                    break;
+                }
+                Pulled::Silent => {
+                    done.silent += 1;
+                    break;
+                }
             };
             let full = writes.len() == PULL_MAX;
             let applied = replica.receive(writes)?;
@@ -86,6 +105,7 @@ pub async fn catch_up<E: Exchange>(
         }
         if !replica.applied().covers(needed) {
             // Nobody had it yet: ask again shortly, within the wait.
+            let remaining = deadline.saturating_duration_since(Instant::now());
             tokio::time::sleep(Duration::from_millis(20).min(remaining)).await;
         }
     }
@@ -110,12 +130,15 @@ mod tests {
     }
 
     impl Exchange for Local {
-        async fn pull(&self, peer: &str, have: &VersionVector, max: usize) -> Option<Vec<Write>> {
+        async fn pull(&self, peer: &str, have: &VersionVector, max: usize) -> Pulled {
             let pair = (self.me.clone(), peer.to_string());
             if self.cut.lock().contains(&pair) {
-                return None;
+                return Pulled::Silent;
             }
-            Some(self.replicas[peer].since(have, max))
+            match self.replicas[peer].since(have, max) {
+                Some(writes) => Pulled::Writes(writes),
+                None => Pulled::Refill,
+            }
         }
     }
 
@@ -182,7 +205,8 @@ mod tests {
             done,
             Round {
                 applied: PULL_MAX + 11,
-                silent: 0
+                silent: 0,
+                refill: 0
             }
         );
         assert_eq!(me.live_keys(), PULL_MAX + 11);
@@ -221,12 +245,51 @@ mod tests {
             done,
             Round {
                 applied: 1,
-                silent: 1
+                silent: 1,
+                refill: 0
             }
         );
         assert_eq!(
             get(&replicas[&names[2]], "k"),
             KvOutcome::Found(Bytes::from("from-1"))
+        );
+        // Healed: 1's next write comes to 3 straight from 1.
+        write(&replicas[&names[0]], "k", "again");
+        let healed = exchange_for(&names[2], &replicas, &[]);
+        let done = round(&replicas[&names[2]], &names[..1], &healed)
+            .await
+            .unwrap();
+        assert_eq!(done.applied, 1);
+        assert_eq!(
+            get(&replicas[&names[2]], "k"),
+            KvOutcome::Found(Bytes::from("again"))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_replica_that_lacks_forgotten_writes_is_told_to_refill() {
+        let (names, replicas) = cluster(3);
+        write(&replicas[&names[0]], "k", "1");
+        let (a, b) = (&replicas[&names[0]], &replicas[&names[1]]);
+        round(b, &names[..1], &exchange_for(&names[1], &replicas, &[]))
+            .await
+            .unwrap();
+        // a and b forget what both have; the third replica, new, has nothing.
+        a.forget(&[b.applied()]).unwrap();
+        let done = round(
+            &replicas[&names[2]],
+            &names[..1],
+            &exchange_for(&names[2], &replicas, &[]),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            done,
+            Round {
+                applied: 0,
+                silent: 0,
+                refill: 1
+            }
         );
     }
 

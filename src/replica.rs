@@ -60,6 +60,12 @@ struct State {
     deps: Context,
     /// Keys holding a value (not a tombstone).
     live: usize,
+    /// Per origin, the last write forgotten from the log: a peer that lacks one of those
+    /// cannot be brought up to date from the log (it needs a refill).
+    trimmed: VersionVector,
+    /// Deletions forgotten from the log whose tombstones are still stored, until every
+    /// replica holds exactly the same writes.
+    graves: Vec<(u64, String, Version)>,
 }
 
 /// A replica of shard `shard` at address `me`, keeping its records in `store`.
@@ -210,41 +216,63 @@ impl Replica {
     }
 
     /// Up to `max` of the logged writes a replica that has applied `have` lacks, each
-    /// origin's in order.
-    pub fn since(&self, have: &VersionVector, max: usize) -> Vec<Write> {
+    /// origin's in order; `None` when some of them have left the log (the peer needs a
+    /// refill, not a pull).
+    pub fn since(&self, have: &VersionVector, max: usize) -> Option<Vec<Write>> {
         let state = self.state.lock();
+        if !have.covers(&state.trimmed) {
+            return None;
+        }
         let mut out = Vec::new();
         for (origin, writes) in &state.log {
-            let from = have.get(origin) + 1;
+            let from = have.get(origin).saturating_add(1);
             for write in writes.range(from..).map(|(_, w)| w) {
                 if out.len() == max {
-                    return out;
+                    return Some(out);
                 }
                 out.push(write.clone());
             }
         }
-        out
+        Some(out)
     }
 
-    /// Forgets the writes every replica has applied (`everyone`: the pointwise minimum of
-    /// the replicas' vectors): they leave the log, and a key whose record is such a
-    /// deletion leaves the store. Returns how many tombstones were dropped.
-    pub fn forget(&self, everyone: &VersionVector) -> Result<usize, ReplicaError> {
+    /// Forgets what every replica has: `others` are the applied vectors of every other
+    /// replica of the shard. Writes all of them (and this one) applied leave the log. A
+    /// deletion's tombstone leaves the store only once every replica holds exactly the same
+    /// writes: until then a replica may hold an older write to that key that another lacks,
+    /// which the tombstone must still beat when it arrives. Returns how many tombstones
+    /// were dropped.
+    pub fn forget(&self, others: &[VersionVector]) -> Result<usize, ReplicaError> {
         let mut state = self.state.lock();
-        let mut dropped = 0;
+        let state = &mut *state;
+        let everyone = others
+            .iter()
+            .fold(state.applied.clone(), |all, v| all.meet(v));
         for (origin, writes) in state.log.iter_mut() {
             let upto = everyone.get(origin);
-            let kept = writes.split_off(&(upto + 1));
+            let kept = writes.split_off(&upto.saturating_add(1));
             let done = std::mem::replace(writes, kept);
-            for write in done.into_values().filter(|w| w.record.value.is_none()) {
-                let current = self.read(write.hash, &write.key)?;
-                if current.is_some_and(|r| r.version == write.record.version) {
-                    self.store.delete(write.hash, &write.key)?;
-                    dropped += 1;
-                }
+            if let Some(last) = done.keys().next_back() {
+                state.trimmed.observe(origin, *last);
             }
+            state.graves.extend(
+                done.into_values()
+                    .filter(|w| w.record.value.is_none())
+                    .map(|w| (w.hash, w.key, w.record.version)),
+            );
         }
         state.log.retain(|_, writes| !writes.is_empty());
+        if !others.iter().all(|v| *v == state.applied) {
+            return Ok(0);
+        }
+        let mut dropped = 0;
+        for (hash, key, version) in std::mem::take(&mut state.graves) {
+            let current = self.read(hash, &key)?;
+            if current.is_some_and(|r| r.version == version) {
+                self.store.delete(hash, &key)?;
+                dropped += 1;
+            }
+        }
         Ok(dropped)
     }
 }
@@ -275,7 +303,8 @@ mod tests {
 
     /// `to` takes in everything `from` has that it lacks.
     fn sync(from: &Replica, to: &Replica) {
-        to.receive(from.since(&to.applied(), usize::MAX)).unwrap();
+        to.receive(from.since(&to.applied(), usize::MAX).unwrap())
+            .unwrap();
     }
 
     #[test]
@@ -351,11 +380,51 @@ mod tests {
             assert_eq!(run(r, "k", KvOp::Get, &none).0, KvOutcome::Absent);
         }
         // Once everyone has the delete, the tombstone goes and the key stays absent.
-        let everyone = all[0].applied();
-        for r in &all {
-            assert_eq!(r.forget(&everyone).unwrap(), 1);
+        let vectors: Vec<VersionVector> = all.iter().map(Replica::applied).collect();
+        for (i, r) in all.iter().enumerate() {
+            let others: Vec<VersionVector> = vectors
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .map(|(_, v)| v.clone())
+                .collect();
+            assert_eq!(r.forget(&others).unwrap(), 1);
             assert_eq!(run(r, "k", KvOp::Get, &none).0, KvOutcome::Absent);
-            assert!(r.since(&VersionVector::default(), usize::MAX).is_empty());
+            assert_eq!(r.since(&vectors[i], usize::MAX), Some(vec![]));
+            assert_eq!(
+                r.since(&VersionVector::default(), usize::MAX),
+                None,
+                "a replica that lacks forgotten writes needs a refill"
+            );
+        }
+    }
+
+    #[test]
+    fn a_tombstone_stays_while_an_older_write_is_somewhere_it_is_not() {
+        let all = replicas();
+        let (a, b) = (&all[0], &all[1]);
+        let none = Context::at(0);
+        run(a, "k", put("x"), &none);
+        run(b, "k", put("old"), &none);
+        // a deletes; b gets the delete but a has not seen b's older put.
+        run(a, "k", KvOp::Delete, &run(a, "k", KvOp::Get, &none).1);
+        sync(a, b);
+        assert_eq!(run(b, "k", KvOp::Get, &none).0, KvOutcome::Absent);
+        // Both forget what both have: the tombstone must stay, a's vector is not b's.
+        assert_eq!(a.forget(&[b.applied()]).unwrap(), 0);
+        assert_eq!(b.forget(&[a.applied()]).unwrap(), 0);
+        // b's older put reaches a: the tombstone still beats it.
+        sync(b, a);
+        for r in [a, b] {
+            assert_eq!(run(r, "k", KvOp::Get, &none).0, KvOutcome::Absent);
+        }
+        // Now both hold the same writes: the tombstone goes, the key stays absent.
+        assert_eq!(a.applied(), b.applied());
+        assert_eq!(a.forget(&[b.applied()]).unwrap(), 1);
+        assert_eq!(b.forget(&[a.applied()]).unwrap(), 1);
+        for r in [a, b] {
+            assert_eq!(run(r, "k", KvOp::Get, &none).0, KvOutcome::Absent);
+            assert_eq!(r.live_keys(), 0);
         }
     }
 
@@ -363,12 +432,14 @@ mod tests {
     enum Step {
         Op { at: usize, key: u8, op: u8 },
         Sync { from: usize, to: usize },
+        Forget { at: usize },
     }
 
     fn step() -> impl Strategy<Value = Step> {
         prop_oneof![
             (0..3usize, 0..4u8, 0..3u8).prop_map(|(at, key, op)| Step::Op { at, key, op }),
             (0..3usize, 0..3usize).prop_map(|(from, to)| Step::Sync { from, to }),
+            (0..3usize).prop_map(|at| Step::Forget { at }),
         ]
     }
 
@@ -392,6 +463,13 @@ mod tests {
                     }
                     Step::Sync { from, to } if from != to => sync(&all[from], &all[to]),
                     Step::Sync { .. } => {}
+                    Step::Forget { at } => {
+                        let others: Vec<VersionVector> = (0..3)
+                            .filter(|j| *j != at)
+                            .map(|j| all[j].applied())
+                            .collect();
+                        all[at].forget(&others).unwrap();
+                    }
                 }
             }
             for _ in 0..2 {

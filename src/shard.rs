@@ -24,6 +24,8 @@ pub enum LayoutError {
     BadFactor,
     #[error("the view's {nodes} nodes do not split into shards of {factor}")]
     NotAMultiple { nodes: usize, factor: usize },
+    #[error("the view names {0} twice")]
+    Duplicate(String),
 }
 
 /// One replica set.
@@ -50,6 +52,10 @@ fn check(members: &[String], factor: usize) -> Result<(), LayoutError> {
             nodes: members.len(),
             factor,
         });
+    }
+    let mut seen = BTreeSet::new();
+    if let Some(twice) = members.iter().find(|m| !seen.insert(m.as_str())) {
+        return Err(LayoutError::Duplicate(twice.clone()));
     }
     Ok(())
 }
@@ -184,6 +190,11 @@ mod tests {
             })
         );
         assert_eq!(Layout::initial(&view, 0), Err(LayoutError::BadFactor));
+        let twice = [view[0].clone(), view[0].clone()];
+        assert_eq!(
+            Layout::initial(&twice, 1),
+            Err(LayoutError::Duplicate(view[0].clone()))
+        );
         assert!(Layout::initial(&[], 1).is_err());
     }
 

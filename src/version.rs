@@ -33,6 +33,9 @@ pub struct Clock {
 
 const LOGICAL_BITS: u32 = 16;
 
+/// How far ahead of the wall clock an observed time may pull this clock: one hour.
+pub const MAX_DRIFT: u64 = 3_600_000 << LOGICAL_BITS;
+
 fn wall() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -46,7 +49,7 @@ impl Clock {
         let now = wall();
         let mut last = self.last.load(Ordering::Relaxed);
         loop {
-            let next = now.max(last + 1);
+            let next = now.max(last.saturating_add(1));
             match self
                 .last
                 .compare_exchange_weak(last, next, Ordering::AcqRel, Ordering::Relaxed)
@@ -57,9 +60,12 @@ impl Clock {
         }
     }
 
-    /// Takes in a time seen in another replica's write.
+    /// Takes in a time seen in another replica's write; one more than [`MAX_DRIFT`] ahead
+    /// of this clock's wall time counts as that far ahead only (a peer's bad clock or a
+    /// forged write must not push this clock to the end of time).
     pub fn observe(&self, time: u64) {
-        self.last.fetch_max(time, Ordering::AcqRel);
+        let bound = wall().saturating_add(MAX_DRIFT);
+        self.last.fetch_max(time.min(bound), Ordering::AcqRel);
     }
 }
 
@@ -73,7 +79,7 @@ pub struct Record {
 
 /// Why stored or received bytes are not a record.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("a replicated record is shorter than its header")]
+#[error("not a replicated record (short, unknown tag, or a tombstone with a value)")]
 pub struct BadRecord;
 
 const HEADER: usize = 1 + 3 * 8;
@@ -92,7 +98,7 @@ impl Record {
     }
 
     pub fn decode(bytes: &Bytes) -> Result<Record, BadRecord> {
-        if bytes.len() < HEADER || bytes[0] > 1 {
+        if bytes.len() < HEADER || bytes[0] > 1 || (bytes[0] == 0 && bytes.len() > HEADER) {
             return Err(BadRecord);
         }
         let word = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
@@ -127,6 +133,10 @@ mod tests {
         assert!(clock.tick() > future);
         clock.observe(1);
         assert!(clock.tick() > future + 1);
+        // A time at the end of the range pulls the clock one hour ahead at most.
+        clock.observe(u64::MAX);
+        let t = clock.tick();
+        assert!(t < u64::MAX && t <= wall() + MAX_DRIFT + 1);
     }
 
     #[test]
@@ -155,7 +165,14 @@ mod tests {
         .encode()
         .to_vec();
         bad[0] = 9;
-        assert_eq!(Record::decode(&Bytes::from(bad)), Err(BadRecord));
+        assert_eq!(Record::decode(&Bytes::from(bad.clone())), Err(BadRecord));
+        bad[0] = 0;
+        bad.push(b'1');
+        assert_eq!(
+            Record::decode(&Bytes::from(bad)),
+            Err(BadRecord),
+            "a tombstone with a value"
+        );
     }
 
     #[test]
