@@ -259,6 +259,7 @@ fn a_view_with_a_missing_comma_is_a_one_line_start_error_naming_the_entry() {
         .env("ADDRESS", "10.10.2.0:13800")
         .env_remove("FORWARDING_ADDRESS")
         .env_remove("CLUSTER_TOKEN")
+        .env_remove("REPL_FACTOR")
         .args(["--ip", "127.0.0.1", "--port", "1"])
         .output()
         .unwrap();
@@ -268,5 +269,36 @@ fn a_view_with_a_missing_comma_is_a_one_line_start_error_naming_the_entry() {
         stderr,
         "ringkv: --view/VIEW: View entry '10.10.2.0:1380010.10.3.0:13800' is not ip:port; \
          expected comma-separated ip:port entries, e.g. VIEW=10.10.0.4:13800,10.10.0.5:13800\n"
+    );
+}
+
+#[test]
+fn repl_factor_is_a_start_error_until_the_replicated_contract_is_served() {
+    let start = |factor: &str| {
+        Command::new(env!("CARGO_BIN_EXE_ringkv"))
+            .env("VIEW", "10.10.0.4:13800,10.10.0.5:13800")
+            .env("ADDRESS", "10.10.0.4:13800")
+            .env("REPL_FACTOR", factor)
+            .env_remove("FORWARDING_ADDRESS")
+            .env_remove("CLUSTER_TOKEN")
+            .args(["--ip", "127.0.0.1", "--port", "1"])
+            .output()
+            .unwrap()
+    };
+    // Checked as the replicated mode checks it: a view of 2 nodes has no shards of 3.
+    let output = start("3");
+    assert_eq!(output.status.code(), Some(2));
+    assert_eq!(
+        String::from_utf8(output.stderr).unwrap(),
+        "ringkv: --repl-factor/REPL_FACTOR '3': the view's 2 nodes do not split into shards \
+         of 3\n"
+    );
+    // A valid setting: never silently served as the sharded contract.
+    let output = start("2");
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(
+        stderr.contains("asks for the replicated contract (assignment 4), which this build"),
+        "{stderr}"
     );
 }

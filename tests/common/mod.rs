@@ -62,6 +62,7 @@ impl TestNode {
             .env_remove("VIEW")
             .env_remove("FORWARDING_ADDRESS")
             .env_remove("CLUSTER_TOKEN")
+            .env_remove("REPL_FACTOR")
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log_file.try_clone().unwrap())
