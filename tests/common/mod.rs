@@ -114,6 +114,22 @@ impl TestNode {
             .status()
             .unwrap();
         assert!(status.success(), "kill -{name} failed");
+        // kill(2) returns once the signal is queued; a thread running on another CPU stops
+        // a little later. Wait until every thread of the node shows the state the signal
+        // gives, so the test's next request never meets a node still running.
+        let pid = child.id();
+        let wanted = match name {
+            "STOP" => Some(true),
+            "CONT" => Some(false),
+            _ => None,
+        };
+        if let Some(stopped) = wanted {
+            poll_until(
+                Duration::from_secs(5),
+                &format!("node {pid} to take SIG{name}"),
+                || (threads_stopped(pid) == Some(stopped)).then_some(()),
+            );
+        }
     }
 
     /// Sends SIGTERM and returns the process's exit status.
@@ -176,6 +192,20 @@ impl Drop for TestNode {
             );
         }
     }
+}
+
+/// Whether every thread of process `pid` is stopped (`Some(false)` when any runs; `None`
+/// when the process is gone).
+fn threads_stopped(pid: u32) -> Option<bool> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    let mut all = true;
+    for task in tasks.flatten() {
+        let stat = std::fs::read_to_string(task.path().join("stat")).ok()?;
+        // The state follows the command name, which is in parentheses.
+        let state = stat.rsplit_once(") ")?.1.chars().next()?;
+        all &= state == 'T' || state == 't';
+    }
+    Some(all)
 }
 
 /// Nodes started together with one initial view.
