@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::causal::{Context, VersionVector};
 use crate::kv::{KvOp, KvOutcome};
+use crate::ring::key_hash;
 use crate::store::{Store, StoreError};
 use crate::version::{BadRecord, Clock, Record, Version};
 
@@ -275,12 +276,128 @@ impl Replica {
         }
         Ok(dropped)
     }
+
+    /// A digest of each of `buckets` equal slices of the ring (of every key and the version
+    /// of its record, tombstones included), and what this replica had applied when it took
+    /// them. Replicas with equal digests for a slice hold the same records there; a refill
+    /// ships only the slices whose digests differ, and the refilled replica then counts
+    /// the writes of that vector as applied ([`Replica::refilled`]): every one of them is
+    /// in a slice it matched or in a snapshot taken later.
+    pub fn digests(&self, buckets: usize) -> Result<(VersionVector, Vec<u64>), ReplicaError> {
+        let state = self.state.lock();
+        let mut out = Vec::with_capacity(buckets);
+        for (from, to) in slices(buckets) {
+            let mut digest = 0u64;
+            let mut at = from;
+            loop {
+                let batch = self.store.read_batch(at, to, 4096, usize::MAX)?;
+                for entry in &batch.entries {
+                    let version = Record::decode(entry.value.as_ref().ok_or(BadRecord)?)?.version;
+                    let mut bytes = entry.key.as_bytes().to_vec();
+                    bytes.extend_from_slice(&version.time.to_le_bytes());
+                    bytes.extend_from_slice(&version.origin.to_le_bytes());
+                    bytes.extend_from_slice(&version.counter.to_le_bytes());
+                    // Order-free: a sum of per-record hashes.
+                    digest = digest.wrapping_add(xxhash_rust::xxh3::xxh3_64(&bytes));
+                }
+                match batch.next {
+                    Some(next) => at = next,
+                    None => break,
+                }
+            }
+            out.push(digest);
+        }
+        Ok((state.applied.clone(), out))
+    }
+
+    /// What a refill of slice `bucket` of `buckets` ships: every record there, and what
+    /// this replica depends on.
+    pub fn snapshot(&self, buckets: usize, bucket: usize) -> Result<Snapshot, ReplicaError> {
+        let state = self.state.lock();
+        let (from, to) = slices(buckets)[bucket];
+        let mut records = Vec::new();
+        let mut at = from;
+        loop {
+            let batch = self.store.read_batch(at, to, 4096, usize::MAX)?;
+            for entry in batch.entries {
+                let record = Record::decode(entry.value.as_ref().ok_or(BadRecord)?)?;
+                records.push((key_hash(entry.key.as_bytes()), entry.key, record));
+            }
+            match batch.next {
+                Some(next) => at = next,
+                None => break,
+            }
+        }
+        Ok(Snapshot {
+            deps: state.deps.clone(),
+            records,
+        })
+    }
+
+    /// Takes in a peer's snapshot of a slice whose digest differed: each record that wins
+    /// over this replica's is stored. Returns how many.
+    pub fn absorb(&self, snapshot: Snapshot) -> Result<usize, ReplicaError> {
+        let mut state = self.state.lock();
+        let mut taken = 0;
+        for (hash, key, record) in snapshot.records {
+            let current = self.read(hash, &key)?;
+            if record.wins_over(current.as_ref()) {
+                let was_live = current.is_some_and(|r| r.value.is_some());
+                match (was_live, record.value.is_some()) {
+                    (false, true) => state.live += 1,
+                    (true, false) => state.live -= 1,
+                    _ => {}
+                }
+                self.clock.observe(record.version.time);
+                self.store.put(hash, &key, record.encode())?;
+                taken += 1;
+            }
+        }
+        state.deps.merge(&snapshot.deps);
+        Ok(taken)
+    }
+
+    /// Ends a refill: every slice whose digest differed from the peer's (taken with
+    /// `applied`) has been absorbed, so this replica counts those writes as applied. They
+    /// are not in its log: a replica that lacks them is told to refill from it too.
+    pub fn refilled(&self, applied: &VersionVector) {
+        let mut state = self.state.lock();
+        for (origin, count) in applied.iter() {
+            if count > state.applied.get(origin) {
+                state.applied.observe(origin, count);
+                state.trimmed.observe(origin, count);
+            }
+        }
+    }
+}
+
+/// Records of one slice of the ring, with the dependencies of the replica that read them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub deps: Context,
+    pub records: Vec<(u64, String, Record)>,
+}
+
+/// `buckets` equal, non-wrapping slices covering the whole ring.
+fn slices(buckets: usize) -> Vec<(u64, u64)> {
+    let buckets = buckets.max(1) as u128;
+    let size = (u128::from(u64::MAX) + 1) / buckets;
+    (0..buckets)
+        .map(|i| {
+            let from = (i * size) as u64;
+            let to = if i + 1 == buckets {
+                u64::MAX
+            } else {
+                ((i + 1) * size - 1) as u64
+            };
+            (from, to)
+        })
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ring::key_hash;
     use bytes::Bytes;
     use proptest::prelude::*;
 
@@ -425,6 +542,62 @@ mod tests {
         for r in [a, b] {
             assert_eq!(run(r, "k", KvOp::Get, &none).0, KvOutcome::Absent);
             assert_eq!(r.live_keys(), 0);
+        }
+    }
+
+    #[test]
+    fn a_refill_ships_only_the_slices_that_differ_and_then_the_replicas_agree() {
+        let all = replicas();
+        let (a, c) = (&all[0], &all[2]);
+        let none = Context::at(0);
+        for i in 0..500 {
+            run(a, &format!("k{i}"), put(&i.to_string()), &none);
+        }
+        run(a, "k7", KvOp::Delete, &none);
+        // c also holds a few of them, from before: the same writes, exchanged earlier.
+        sync(a, c);
+        run(a, "late1", put("1"), &none);
+        run(a, "late2", put("2"), &none);
+        // a forgets what c has (as if every other replica had it too): c pulls nothing, the
+        // rest must come by refill.
+        a.forget(&[c.applied()]).unwrap();
+        run(a, "late3", put("3"), &none);
+        let buckets = 64;
+        let (_, ours) = c.digests(buckets).unwrap();
+        let (vector, theirs) = a.digests(buckets).unwrap();
+        // A write after the digests: not part of this refill, pulled (or refilled) later.
+        run(a, "later", put("4"), &none);
+        let differing: Vec<usize> = (0..buckets).filter(|b| ours[*b] != theirs[*b]).collect();
+        assert!(
+            (1..=3).contains(&differing.len()),
+            "three keys differ: {differing:?}"
+        );
+        for bucket in &differing {
+            c.absorb(a.snapshot(buckets, *bucket).unwrap()).unwrap();
+        }
+        c.refilled(&vector);
+        assert_eq!(c.applied(), vector, "what a had when it took its digests");
+        // The later write is pulled as usual, and then the two agree.
+        sync(a, c);
+        assert_eq!(c.digests(buckets).unwrap(), a.digests(buckets).unwrap());
+        assert_eq!(c.applied(), a.applied());
+        assert_eq!(c.live_keys(), a.live_keys());
+        assert_eq!(
+            run(c, "late3", KvOp::Get, &none).0,
+            KvOutcome::Found(Bytes::from("3"))
+        );
+        assert_eq!(run(c, "k7", KvOp::Get, &none).0, KvOutcome::Absent);
+        // c took those writes without their log entries: a peer lacking them refills.
+        assert_eq!(c.since(&VersionVector::default(), 10), None);
+    }
+
+    #[test]
+    fn slices_cover_the_ring_once() {
+        for buckets in [1, 2, 3, 64, 1000] {
+            let s = slices(buckets);
+            assert_eq!(s.len(), buckets);
+            assert_eq!((s[0].0, s[buckets - 1].1), (0, u64::MAX));
+            assert!(s.windows(2).all(|w| w[0].1 + 1 == w[1].0));
         }
     }
 
