@@ -48,16 +48,26 @@ pub struct Round {
     pub refill: usize,
 }
 
-/// Pulls from each of `peers` until it has nothing more to give (or stops answering).
+/// How long one pull may take before its peer counts as silent for the round.
+pub const PULL_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Pulls from every one of `peers` at once, each until it has nothing more to give (or
+/// stops answering within [`PULL_TIMEOUT`]), so one hung peer never holds up the others.
 pub async fn round<E: Exchange>(
     replica: &Replica,
     peers: &[String],
     exchange: &E,
 ) -> Result<Round, ReplicaError> {
-    let mut done = Round::default();
-    for peer in peers {
+    let pulls = peers.iter().map(|peer| async move {
+        let mut done = Round::default();
         loop {
-            let writes = match exchange.pull(peer, &replica.applied(), PULL_MAX).await {
+            let pulled = tokio::time::timeout(
+                PULL_TIMEOUT,
+                exchange.pull(peer, &replica.applied(), PULL_MAX),
+            )
+            .await
+            .unwrap_or(Pulled::Silent);
+            let writes = match pulled {
                 Pulled::Writes(writes) => writes,
                 Pulled::Refill => {
                     done.refill += 1;
@@ -75,8 +85,16 @@ pub async fn round<E: Exchange>(
                 break;
             }
         }
+        Ok::<Round, ReplicaError>(done)
+    });
+    let mut total = Round::default();
+    for done in futures_util::future::join_all(pulls).await {
+        let done = done?;
+        total.applied += done.applied;
+        total.silent += done.silent;
+        total.refill += done.refill;
     }
-    Ok(done)
+    Ok(total)
 }
 
 /// Pulls from `peers` until `replica` has applied everything `needed` shows, or `wait`
@@ -122,15 +140,20 @@ mod tests {
     use std::collections::{BTreeMap, BTreeSet};
     use std::sync::Arc;
 
-    /// Replicas in one process; `cut` holds the pairs that cannot talk.
+    /// Replicas in one process; `cut` holds the pairs that cannot talk, `hung` the peers
+    /// that never answer.
     struct Local {
         replicas: BTreeMap<String, Arc<Replica>>,
         cut: Mutex<BTreeSet<(String, String)>>,
+        hung: BTreeSet<String>,
         me: String,
     }
 
     impl Exchange for Local {
         async fn pull(&self, peer: &str, have: &VersionVector, max: usize) -> Pulled {
+            if self.hung.contains(peer) {
+                std::future::pending::<()>().await;
+            }
             let pair = (self.me.clone(), peer.to_string());
             if self.cut.lock().contains(&pair) {
                 return Pulled::Silent;
@@ -168,6 +191,7 @@ mod tests {
                     .map(|(a, b)| (a.to_string(), b.to_string()))
                     .collect(),
             ),
+            hung: BTreeSet::new(),
             me: me.to_string(),
         }
     }
@@ -289,6 +313,35 @@ mod tests {
                 applied: 0,
                 silent: 0,
                 refill: 1
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn a_hung_peer_does_not_hold_up_the_others() {
+        let (names, replicas) = cluster(3);
+        let seen = write(&replicas[&names[1]], "k", "1");
+        let mut exchange = exchange_for(&names[2], &replicas, &[]);
+        exchange.hung.insert(names[0].clone());
+        let me = &replicas[&names[2]];
+        // The hung peer is asked first; the other answers at once.
+        let peers = vec![names[0].clone(), names[1].clone()];
+        assert!(catch_up(
+            me,
+            &seen.shard("1"),
+            &peers,
+            &exchange,
+            Duration::from_millis(200)
+        )
+        .await
+        .unwrap());
+        let done = round(me, &peers, &exchange).await.unwrap();
+        assert_eq!(
+            done,
+            Round {
+                applied: 0,
+                silent: 1,
+                refill: 0
             }
         );
     }
