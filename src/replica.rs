@@ -178,17 +178,7 @@ impl Replica {
 
     /// Applies `write` (the next of its origin) and logs it.
     fn take(&self, state: &mut State, write: Write) -> Result<(), ReplicaError> {
-        let current = self.read(write.hash, &write.key)?;
-        if write.record.wins_over(current.as_ref()) {
-            let was_live = current.is_some_and(|r| r.value.is_some());
-            self.store
-                .put(write.hash, &write.key, write.record.encode())?;
-            match (was_live, write.record.value.is_some()) {
-                (false, true) => state.live += 1,
-                (true, false) => state.live -= 1,
-                _ => {}
-            }
-        }
+        self.store_if_newer(state, write.hash, &write.key, &write.record)?;
         state.applied.observe(&write.origin, write.counter);
         state.deps.merge(&write.deps);
         state
@@ -277,6 +267,49 @@ impl Replica {
         Ok(dropped)
     }
 
+    /// Stores `record` under `key` if it wins over the stored one, counting live keys;
+    /// whether it did.
+    fn store_if_newer(
+        &self,
+        state: &mut State,
+        hash: u64,
+        key: &str,
+        record: &Record,
+    ) -> Result<bool, ReplicaError> {
+        let current = self.read(hash, key)?;
+        if !record.wins_over(current.as_ref()) {
+            return Ok(false);
+        }
+        let was_live = current.is_some_and(|r| r.value.is_some());
+        self.store.put(hash, key, record.encode())?;
+        match (was_live, record.value.is_some()) {
+            (false, true) => state.live += 1,
+            (true, false) => state.live -= 1,
+            _ => {}
+        }
+        Ok(true)
+    }
+
+    /// Calls `each` with every key and record of the hash segment `from..=to`, in order.
+    fn each_record(
+        &self,
+        from: u64,
+        to: u64,
+        mut each: impl FnMut(String, Record),
+    ) -> Result<(), ReplicaError> {
+        let mut at = from;
+        loop {
+            let batch = self.store.read_batch(at, to, 4096, usize::MAX)?;
+            for entry in batch.entries {
+                each(entry.key, Record::decode(&entry.value.ok_or(BadRecord)?)?);
+            }
+            match batch.next {
+                Some(next) => at = next,
+                None => return Ok(()),
+            }
+        }
+    }
+
     /// A digest of each of `buckets` equal slices of the ring (of every key and the version
     /// of its record, tombstones included), and what this replica had applied when it took
     /// them. Replicas with equal digests for a slice hold the same records there; a refill
@@ -288,23 +321,15 @@ impl Replica {
         let mut out = Vec::with_capacity(buckets);
         for (from, to) in slices(buckets) {
             let mut digest = 0u64;
-            let mut at = from;
-            loop {
-                let batch = self.store.read_batch(at, to, 4096, usize::MAX)?;
-                for entry in &batch.entries {
-                    let version = Record::decode(entry.value.as_ref().ok_or(BadRecord)?)?.version;
-                    let mut bytes = entry.key.as_bytes().to_vec();
-                    bytes.extend_from_slice(&version.time.to_le_bytes());
-                    bytes.extend_from_slice(&version.origin.to_le_bytes());
-                    bytes.extend_from_slice(&version.counter.to_le_bytes());
-                    // Order-free: a sum of per-record hashes.
-                    digest = digest.wrapping_add(xxhash_rust::xxh3::xxh3_64(&bytes));
-                }
-                match batch.next {
-                    Some(next) => at = next,
-                    None => break,
-                }
-            }
+            self.each_record(from, to, |key, record| {
+                let version = record.version;
+                let mut bytes = key.into_bytes();
+                bytes.extend_from_slice(&version.time.to_le_bytes());
+                bytes.extend_from_slice(&version.origin.to_le_bytes());
+                bytes.extend_from_slice(&version.counter.to_le_bytes());
+                // Order-free: a sum of per-record hashes.
+                digest = digest.wrapping_add(xxhash_rust::xxh3::xxh3_64(&bytes));
+            })?;
             out.push(digest);
         }
         Ok((state.applied.clone(), out))
@@ -316,18 +341,9 @@ impl Replica {
         let state = self.state.lock();
         let (from, to) = slices(buckets)[bucket];
         let mut records = Vec::new();
-        let mut at = from;
-        loop {
-            let batch = self.store.read_batch(at, to, 4096, usize::MAX)?;
-            for entry in batch.entries {
-                let record = Record::decode(entry.value.as_ref().ok_or(BadRecord)?)?;
-                records.push((key_hash(entry.key.as_bytes()), entry.key, record));
-            }
-            match batch.next {
-                Some(next) => at = next,
-                None => break,
-            }
-        }
+        self.each_record(from, to, |key, record| {
+            records.push((key_hash(key.as_bytes()), key, record));
+        })?;
         Ok(Snapshot {
             deps: state.deps.clone(),
             records,
@@ -340,16 +356,8 @@ impl Replica {
         let mut state = self.state.lock();
         let mut taken = 0;
         for (hash, key, record) in snapshot.records {
-            let current = self.read(hash, &key)?;
-            if record.wins_over(current.as_ref()) {
-                let was_live = current.is_some_and(|r| r.value.is_some());
-                match (was_live, record.value.is_some()) {
-                    (false, true) => state.live += 1,
-                    (true, false) => state.live -= 1,
-                    _ => {}
-                }
+            if self.store_if_newer(&mut state, hash, &key, &record)? {
                 self.clock.observe(record.version.time);
-                self.store.put(hash, &key, record.encode())?;
                 taken += 1;
             }
         }
