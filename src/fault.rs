@@ -38,6 +38,10 @@ mod hooks {
         /// none (its HTTP API stays reachable, for the test).
         #[serde(default)]
         pub isolated: bool,
+        /// A coordinator leaves the log's voters as they were after a commit (as when its
+        /// membership change times out), for the leader's alignment to put right.
+        #[serde(default)]
+        pub skip_voter_change: bool,
     }
 
     /// What a test reads back with `GET /internal/fault`.
@@ -95,6 +99,7 @@ mod hooks {
         decide: PausePoint,
         isolated: AtomicBool,
         exit_after_first_commit: AtomicBool,
+        skip_voter_change: AtomicBool,
         crashed: watch::Sender<bool>,
     }
 
@@ -107,6 +112,7 @@ mod hooks {
                 decide: PausePoint::new(),
                 isolated: AtomicBool::new(false),
                 exit_after_first_commit: AtomicBool::new(false),
+                skip_voter_change: AtomicBool::new(false),
                 crashed: watch::Sender::new(false),
             }
         }
@@ -125,6 +131,8 @@ mod hooks {
             self.isolated.store(settings.isolated, Ordering::SeqCst);
             self.exit_after_first_commit
                 .store(settings.exit_after_first_commit, Ordering::SeqCst);
+            self.skip_voter_change
+                .store(settings.skip_voter_change, Ordering::SeqCst);
         }
 
         pub fn status(&self) -> FaultStatus {
@@ -166,6 +174,11 @@ mod hooks {
         /// Whether the coordinator is to crash right after its first participant commits.
         pub fn crash_after_first_commit(&self) -> bool {
             self.enabled && self.exit_after_first_commit.load(Ordering::SeqCst)
+        }
+
+        /// Whether a coordinator is to leave the log's voters alone after a commit.
+        pub fn skip_voter_change(&self) -> bool {
+            self.enabled && self.skip_voter_change.load(Ordering::SeqCst)
         }
 
         /// Asks `main` to end the process at once (exit code 17), as a crash would; the
@@ -213,6 +226,11 @@ mod off {
 
         #[inline]
         pub fn crash_after_first_commit(&self) -> bool {
+            false
+        }
+
+        #[inline]
+        pub fn skip_voter_change(&self) -> bool {
             false
         }
 

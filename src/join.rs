@@ -302,6 +302,7 @@ mod tests {
             ids: members.iter().map(|(a, i)| (a.to_string(), *i)).collect(),
             change: None,
             leader: None,
+            voters: Vec::new(),
         }
     }
 

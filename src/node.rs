@@ -417,6 +417,7 @@ impl Node {
                     ids: meta.ids,
                     change: meta.change.map(|c| c.change_id),
                     leader: m.leader(),
+                    voters: m.voters(),
                 })
             }),
         }

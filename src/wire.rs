@@ -38,6 +38,8 @@ pub struct GroupState {
     pub change: Option<u64>,
     /// The leader, as this node last heard.
     pub leader: Option<String>,
+    /// The log's voters, as this node last heard (the view's members once a change settled).
+    pub voters: Vec<String>,
 }
 
 /// The answer of an owner that no longer owns a key: its newer view.

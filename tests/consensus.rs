@@ -1628,3 +1628,47 @@ fn assert_lost<'a>(client: &Client, nodes: &[String], keys: impl IntoIterator<It
         }
     }
 }
+
+// Found by the nemesis: a commit whose coordinator did not hand the log to the new view.
+
+#[test]
+fn the_leader_makes_the_views_members_the_logs_voters_when_the_coordinator_did_not() {
+    let mut cluster = Cluster::start(2, FLAGS);
+    let client = Client::with_timeout(Duration::from_secs(20));
+    let old = cluster.addresses();
+    let c = cluster.add_node(&old, FLAGS);
+    let d = cluster.add_node(&old, FLAGS);
+    let _logs = KeepLogs {
+        test: "voters-aligned",
+        addresses: cluster.addresses(),
+    };
+    let data = sample_data("voters", 200);
+    load(&client, &old, &data);
+    // The change removes the first node; its coordinator leaves the voters as they were,
+    // the first two nodes, as when its membership change times out.
+    client.set_fault(&c, &json!({"skip_voter_change": true}));
+    let new = vec![old[1].clone(), c.clone(), d.clone()];
+    let answer = client.view_change(&c, &new.join(","));
+    assert_view_change_ok(&client, &answer, &new);
+    wait_for_view(&client, &new, 1, &new);
+    let want = sorted_view(&new);
+    poll_until(Duration::from_secs(10), "the new view's voters", || {
+        new.iter()
+            .all(|m| sorted(&client.state(m)["group"]["voters"]) == want)
+            .then_some(())
+    });
+    // With the removed node gone for good, the new view's members alone decide the next
+    // change (with the old voters, one of two left, the log could not).
+    cluster.nodes[0].kill();
+    let leader = poll_until(
+        Duration::from_secs(10),
+        "a leader among the members",
+        || Some(wait_for_leader(&client, &new)).filter(|l| new.contains(l)),
+    );
+    eprintln!("the members elected {leader}");
+    let smaller = vec![old[1].clone(), c.clone()];
+    let answer = client.view_change(&old[1], &smaller.join(","));
+    assert_view_change_ok(&client, &answer, &smaller);
+    wait_for_view(&client, &smaller, 2, &smaller);
+    assert_model(&client, &smaller, &smaller, &Model::with_data(&data).keys);
+}

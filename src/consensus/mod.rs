@@ -79,6 +79,7 @@ impl Metadata {
         )
         .await
         .map_err(|e| e.to_string())?;
+        tokio::spawn(keep_voters_aligned(raft.clone(), id, published.clone()));
         Ok(Metadata {
             id,
             raft,
@@ -141,6 +142,18 @@ impl Metadata {
             .membership()
             .get_node(&leader)
             .map(|n| n.addr.clone())
+    }
+
+    /// The log's voters (addresses) as this node last heard, in address order.
+    pub fn voters(&self) -> Vec<String> {
+        let metrics = self.raft.metrics().borrow().clone();
+        let membership = metrics.membership_config.membership();
+        let mut voters: Vec<String> = membership
+            .voter_ids()
+            .filter_map(|id| membership.get_node(&id).map(|n| n.addr.clone()))
+            .collect();
+        voters.sort_unstable();
+        voters
     }
 
     /// Forms a new group of these nodes (Raft id → address), this one among them; then
@@ -280,6 +293,49 @@ impl Metadata {
     /// Stops the Raft instance (its tasks end).
     pub async fn shutdown(&self) {
         let _ = self.raft.shutdown().await;
+    }
+}
+
+/// How often the leader compares the log's voters with the view's members.
+const ALIGN_EVERY: Duration = Duration::from_millis(500);
+
+/// While this Raft instance runs: whenever it leads and the log's voters are not the applied
+/// view's members (the coordinator's own membership change after a commit timed out, say,
+/// because a member was paused), it makes them so. Without this a cluster whose voters are
+/// still an old view's could lose its quorum to nodes the view no longer holds.
+async fn keep_voters_aligned(
+    raft: Raft<TypeConfig>,
+    id: RaftId,
+    mut published: watch::Receiver<Arc<Published>>,
+) {
+    loop {
+        // A new state applied, or the period passed (a new leader checks within it).
+        tokio::select! {
+            changed = published.changed() => if changed.is_err() { return },
+            _ = tokio::time::sleep(ALIGN_EVERY) => {}
+        }
+        let now = raft.metrics().borrow().clone();
+        if now.running_state.is_err() {
+            return;
+        }
+        let state = published.borrow_and_update().state.clone();
+        let membership = now.membership_config.membership();
+        let settled = membership.get_joint_config().len() == 1;
+        let voters: BTreeSet<RaftId> = membership.voter_ids().collect();
+        let members: BTreeSet<RaftId> = state.ids.values().copied().collect();
+        let complete = state.formed() && members.len() == state.view.len();
+        if now.current_leader != Some(id) || !settled || !complete || voters == members {
+            continue;
+        }
+        tracing::info!(
+            ?voters,
+            ?members,
+            "making the view's members the log's voters"
+        );
+        match raft.change_membership(members, false).await {
+            Ok(_) => tracing::info!("the log's voters are the view's members"),
+            Err(error) => tracing::warn!(%error, "could not align the log's voters yet"),
+        }
     }
 }
 

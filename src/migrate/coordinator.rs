@@ -430,7 +430,8 @@ async fn coordinate(
     // leave the log (one that was paused through the commit learns the outcome from a
     // member when it asks: see the watchdog and `learn`).
     let state = meta.state();
-    if state.epoch >= epoch && state.ids.len() == target.members.len() {
+    let skip = node.faults().skip_voter_change();
+    if !skip && state.epoch >= epoch && state.ids.len() == target.members.len() {
         let voters: BTreeMap<u64, String> = state.ids.into_iter().map(|(a, id)| (id, a)).collect();
         if let Err(error) = submit(&meta, LeaderOp::Voters(voters), timeout, &leader, &used).await {
             tracing::warn!(%error, "the log's voters are not the new view's members yet");
