@@ -299,6 +299,11 @@ impl Metadata {
 /// How often the leader compares the log's voters with the view's members.
 const ALIGN_EVERY: Duration = Duration::from_millis(500);
 
+/// How long the voters must have differed from the members before the leader steps in: the
+/// coordinator changes them itself once every participant applied the commit, and a
+/// removed node still being sent the log meanwhile learns the decision from it.
+const ALIGN_GRACE: Duration = Duration::from_secs(5);
+
 /// While this Raft instance runs: whenever it leads and the log's voters are not the applied
 /// view's members (the coordinator's own membership change after a commit timed out, say,
 /// because a member was paused), it makes them so. Without this a cluster whose voters are
@@ -308,6 +313,7 @@ async fn keep_voters_aligned(
     id: RaftId,
     mut published: watch::Receiver<Arc<Published>>,
 ) {
+    let mut differ_since: Option<Instant> = None;
     loop {
         // A new state applied, or the period passed (a new leader checks within it).
         tokio::select! {
@@ -325,6 +331,10 @@ async fn keep_voters_aligned(
         let members: BTreeSet<RaftId> = state.ids.values().copied().collect();
         let complete = state.formed() && members.len() == state.view.len();
         if now.current_leader != Some(id) || !settled || !complete || voters == members {
+            differ_since = None;
+            continue;
+        }
+        if differ_since.get_or_insert_with(Instant::now).elapsed() < ALIGN_GRACE {
             continue;
         }
         tracing::info!(
