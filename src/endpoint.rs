@@ -30,6 +30,7 @@ use crate::metrics::{self, RouteLabel};
 use crate::migrate;
 use crate::node::Node;
 use crate::peers::stamp_of;
+use crate::replicated;
 use crate::rpc::client::Identity;
 use crate::rpc::server::Handler;
 use crate::rpc::{GiveUp, Refusal, Request, Response, Stamp};
@@ -113,6 +114,29 @@ impl Handler for Node {
                 Response::Done
             }
             Request::Reset => reply(migrate::reset(&self, &from).await, Response::Reset),
+            Request::ShardKv {
+                key,
+                method,
+                body,
+                give_up,
+            } => match self.replication() {
+                // Only a replica of the key's shard serves it; it never forwards again.
+                Some(replication)
+                    if replication
+                        .shard_of_hash(crate::ring::key_hash(key.as_bytes()))
+                        .replicas
+                        .iter()
+                        .any(|r| **r == **self.address()) =>
+                {
+                    let answer =
+                        replicated::serve::as_replica(&self, &key, method, &body, Some(give_up));
+                    Response::ShardKv(answer.await)
+                }
+                _ => Response::Refused(Refusal::NotMember(self.address().to_string())),
+            },
+            request @ (Request::Pull { .. }
+            | Request::Digests { .. }
+            | Request::Snapshot { .. }) => replicated::exchange::answer(&self, &from, request),
         };
         (self.stamp(), response)
     }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::causal::VersionVector;
-use crate::replica::{Replica, ReplicaError, Write};
+use crate::replica::{Replica, ReplicaError, Snapshot, Write};
 
 /// Most writes one pull brings.
 pub const PULL_MAX: usize = 4096;
@@ -24,6 +24,59 @@ pub trait Exchange {
         have: &VersionVector,
         max: usize,
     ) -> impl std::future::Future<Output = Pulled> + Send;
+
+    /// `peer`'s digests of `buckets` slices and what it had applied then (`None`: no
+    /// answer).
+    fn digests(
+        &self,
+        peer: &str,
+        buckets: usize,
+    ) -> impl std::future::Future<Output = Option<(VersionVector, Vec<u64>)>> + Send;
+
+    /// `peer`'s records of slice `bucket` of `buckets`.
+    fn snapshot(
+        &self,
+        peer: &str,
+        buckets: usize,
+        bucket: usize,
+    ) -> impl std::future::Future<Output = Option<Snapshot>> + Send;
+}
+
+/// What a refill did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Refilled {
+    /// Slices whose digests differed (and were shipped).
+    pub slices: usize,
+    /// Records that won over this replica's.
+    pub records: usize,
+}
+
+/// Refills `replica` from `peer` by range digests: only the slices whose digests differ
+/// are shipped, then the replica counts what the peer had applied as applied. `None` when
+/// the peer did not answer every call (nothing is counted then; a later refill redoes it).
+pub async fn refill<E: Exchange>(
+    replica: &Replica,
+    peer: &str,
+    exchange: &E,
+    buckets: usize,
+) -> Result<Option<Refilled>, ReplicaError> {
+    let Some((applied, theirs)) = exchange.digests(peer, buckets).await else {
+        return Ok(None);
+    };
+    let (_, mine) = replica.digests(buckets)?;
+    let mut done = Refilled::default();
+    for (bucket, (a, b)) in mine.iter().zip(&theirs).enumerate() {
+        if a == b {
+            continue;
+        }
+        let Some(snapshot) = exchange.snapshot(peer, buckets, bucket).await else {
+            return Ok(None);
+        };
+        done.slices += 1;
+        done.records += replica.absorb(snapshot)?;
+    }
+    replica.refilled(&applied);
+    Ok(Some(done))
 }
 
 /// A peer's answer to a pull.
@@ -162,6 +215,14 @@ mod tests {
                 Some(writes) => Pulled::Writes(writes),
                 None => Pulled::Refill,
             }
+        }
+
+        async fn digests(&self, peer: &str, buckets: usize) -> Option<(VersionVector, Vec<u64>)> {
+            self.replicas[peer].digests(buckets).ok()
+        }
+
+        async fn snapshot(&self, peer: &str, buckets: usize, bucket: usize) -> Option<Snapshot> {
+            self.replicas[peer].snapshot(buckets, bucket).ok()
         }
     }
 
@@ -315,6 +376,22 @@ mod tests {
                 refill: 1
             }
         );
+        // Refilled by digests: the one differing slice ships, then pulls work again.
+        let third = &replicas[&names[2]];
+        let exchange = exchange_for(&names[2], &replicas, &[]);
+        let refilled = refill(third, &names[0], &exchange, 64).await.unwrap();
+        assert_eq!(
+            refilled,
+            Some(Refilled {
+                slices: 1,
+                records: 1
+            })
+        );
+        assert_eq!(get(third, "k"), KvOutcome::Found(Bytes::from("1")));
+        write(a, "k2", "2");
+        let done = round(third, &names[..1], &exchange).await.unwrap();
+        assert_eq!((done.applied, done.refill), (1, 0));
+        assert_eq!(get(third, "k2"), KvOutcome::Found(Bytes::from("2")));
     }
 
     #[tokio::test]

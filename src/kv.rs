@@ -23,6 +23,34 @@ impl KvOp {
     }
 }
 
+/// The HTTP method of a course key request; names the `message` of its errors (and, in
+/// the replicated mode, travels to the replica that validates the request).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum KvMethod {
+    Get,
+    Put,
+    Delete,
+}
+
+impl KvMethod {
+    pub fn parse(method: &warp::http::Method) -> Option<KvMethod> {
+        match method.as_str() {
+            "GET" => Some(KvMethod::Get),
+            "PUT" => Some(KvMethod::Put),
+            "DELETE" => Some(KvMethod::Delete),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            KvMethod::Get => "GET",
+            KvMethod::Put => "PUT",
+            KvMethod::Delete => "DELETE",
+        }
+    }
+}
+
 /// What the owner did.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum KvOutcome {

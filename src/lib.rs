@@ -24,6 +24,8 @@ pub mod node;
 pub mod parse_errors;
 pub mod peers;
 pub mod replica;
+pub mod replicated;
+pub mod replication;
 pub mod ring;
 pub mod rpc;
 pub mod server;

@@ -81,6 +81,10 @@ struct Metrics {
     keys_received: IntCounter,
     bytes_received: IntCounter,
     freeze: prometheus::Histogram,
+    gossip_received: IntCounter,
+    gossip_silent: IntCounter,
+    refills: IntCounter,
+    refill_slices: IntCounter,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str) -> prometheus::Result<IntCounter> {
@@ -168,6 +172,26 @@ impl Metrics {
                 "ringkv_transfer_bytes_received_total",
                 "Bytes of keys and values this node received for ranges it takes over.",
             )?,
+            gossip_received: counter(
+                &registry,
+                "ringkv_gossip_writes_received_total",
+                "Writes of its shard this replica took in from its shard-mates' logs.",
+            )?,
+            gossip_silent: counter(
+                &registry,
+                "ringkv_gossip_silent_pulls_total",
+                "Pulls from a shard-mate that got no answer in time.",
+            )?,
+            refills: counter(
+                &registry,
+                "ringkv_refills_total",
+                "Refills by range digests (anti-entropy repairs) this replica completed.",
+            )?,
+            refill_slices: counter(
+                &registry,
+                "ringkv_refill_slices_total",
+                "Ring slices whose digests differed and were shipped in refills.",
+            )?,
             registry,
         })
     }
@@ -230,6 +254,22 @@ pub fn forward(peer: &str, ok: bool) {
         if !ok {
             m.forward_failures.with_label_values(&[peer]).inc();
         }
+    });
+}
+
+/// Counts one gossip round: writes taken in, mates that did not answer.
+pub fn gossip_round(received: usize, silent: usize) {
+    with(|m| {
+        m.gossip_received.inc_by(received as u64);
+        m.gossip_silent.inc_by(silent as u64);
+    });
+}
+
+/// Counts a completed refill that shipped `slices` slices.
+pub fn refill(slices: usize) {
+    with(|m| {
+        m.refills.inc();
+        m.refill_slices.inc_by(slices as u64);
     });
 }
 

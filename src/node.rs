@@ -22,7 +22,7 @@ use crate::config::Config;
 use crate::consensus::Metadata;
 use crate::fault::Faults;
 use crate::peers::Peers;
-use crate::ring::RingError;
+use crate::replication::{Replication, ReplicationError};
 use crate::rpc::client::Identity;
 use crate::store::Store;
 use crate::view::View;
@@ -96,11 +96,22 @@ pub struct Node {
     restarted: AtomicBool,
     /// Members that told this node they restarted empty.
     restarts: Mutex<std::collections::BTreeSet<String>>,
+    /// The replicated mode's state (`--repl-factor`); `None` in the sharded mode.
+    replication: Option<Replication>,
 }
 
 impl Node {
-    pub fn new(config: Config) -> Result<Arc<Node>, RingError> {
+    pub fn new(config: Config) -> Result<Arc<Node>, ReplicationError> {
         let view = View::new(0, config.view.clone(), config.vnodes)?;
+        let replication = match config.repl_factor {
+            Some(factor) => Some(Replication::new(
+                &config.address,
+                &config.view,
+                factor,
+                config.vnodes,
+            )?),
+            None => None,
+        };
         // Alone in its view (or a forwarding instance, which routes nothing) a node has
         // nobody to confirm its view with.
         let alone = view.members.iter().all(|m| *m == config.address);
@@ -112,6 +123,7 @@ impl Node {
         let identity = Identity {
             address: config.address.clone(),
             vnodes: config.vnodes,
+            repl_factor: config.repl_factor.unwrap_or(0) as u32,
             token: config.cluster_token.clone(),
         };
         let peers = Peers::new(
@@ -142,6 +154,7 @@ impl Node {
             meta: RwLock::new(None),
             restarted: AtomicBool::new(false),
             restarts: Mutex::new(Default::default()),
+            replication,
             config,
         }))
     }
@@ -234,6 +247,20 @@ impl Node {
     /// This node's own address, as its peers see it.
     pub fn address(&self) -> &Arc<str> {
         &self.address
+    }
+
+    /// The replicated mode's state, when the node serves that contract.
+    pub fn replication(&self) -> Option<&Replication> {
+        self.replication.as_ref()
+    }
+
+    /// The keys this node stores: its replica's live keys in the replicated mode.
+    pub fn key_count(&self) -> usize {
+        match self.replication.as_ref().and_then(|r| r.replica()) {
+            Some(replica) => replica.live_keys(),
+            None if self.replication.is_some() => 0,
+            None => self.store.len(),
+        }
     }
 
     pub fn store(&self) -> &Store {
@@ -403,7 +430,7 @@ impl Node {
             view: state.view.members.clone(),
             view_id: state.view.id,
             vnodes: self.config.vnodes,
-            key_count: self.store.len(),
+            key_count: self.key_count(),
             pending: state.migration.as_ref().map(|m| m.change_id()),
             raft_id: self.meta().map_or(0, |m| m.id()),
             in_log: self.meta().is_some_and(|m| m.in_log()),

@@ -39,6 +39,35 @@ pub struct Write {
     pub deps: Context,
 }
 
+/// How a key request of the replicated contract ended, with the context its reply carries:
+/// rendered by the node the client asked (which adds `address` when a replica elsewhere
+/// served it), so a relayed answer is the replica's own.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyAnswer {
+    pub result: Result<KvOutcome, Rejection>,
+    pub context: Context,
+}
+
+/// Why a key request of the replicated contract was not served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum Rejection {
+    #[error("Invalid JSON")]
+    InvalidJson,
+    #[error("Invalid causal context")]
+    InvalidContext,
+    #[error("Value is missing")]
+    ValueMissing,
+    /// Too long to store (PUT) or to exist (GET, DELETE: 404).
+    #[error("Key is too long")]
+    KeyTooLong,
+    /// The replica lacks writes the context has seen and could not get them in time (400).
+    #[error("Unable to satisfy request")]
+    Behind,
+    /// No replica of the key's shard answered in time, or the serving one failed (503).
+    #[error("Unable to satisfy request")]
+    Unavailable,
+}
+
 /// Why a replica did not serve a request.
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicaError {

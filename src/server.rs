@@ -43,6 +43,9 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener, shutdown: impl Future
         crate::join::form_alone(&node).await;
         tokio::spawn(crate::join::settle(node.clone()));
     }
+    if node.replication().is_some() {
+        tokio::spawn(crate::replicated::exchange::run(node.clone()));
+    }
     let service = warp::service(api::routes(node.clone()));
     let connections = Arc::new(Semaphore::new(node.config().max_connections));
     let graceful = GracefulShutdown::new();

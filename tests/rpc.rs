@@ -117,6 +117,7 @@ impl Peer {
             &Hello {
                 from: from.to_string(),
                 vnodes,
+                repl_factor: 0,
                 nonce: peer.nonce.clone(),
             },
         );
@@ -464,6 +465,7 @@ fn bad_handshakes_and_bad_frames_close_the_connection_and_nothing_else() {
         &Hello {
             from: from.clone(),
             vnodes: DEFAULT_VNODES,
+            repl_factor: 0,
             nonce: split.nonce.clone(),
         },
     );

@@ -18,15 +18,14 @@ use crate::node::Node;
 use crate::view::{parse_members, ViewError};
 
 fn method_name(method: KvMethod) -> String {
-    match method {
-        KvMethod::Get => "GET",
-        KvMethod::Put => "PUT",
-        KvMethod::Delete => "DELETE",
-    }
-    .to_string()
+    method.name().to_string()
 }
 
-async fn read_body<S, B>(node: &Node, body: S, method: &str) -> Result<bytes::Bytes, ApiError>
+pub(super) async fn read_body<S, B>(
+    node: &Node,
+    body: S,
+    method: &str,
+) -> Result<bytes::Bytes, ApiError>
 where
     S: Stream<Item = Result<B, warp::Error>>,
     B: Buf,

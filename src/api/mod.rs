@@ -5,6 +5,7 @@ mod body;
 mod course;
 mod internal;
 pub mod ops;
+mod replicated;
 pub mod reply;
 
 use std::sync::Arc;
@@ -140,6 +141,11 @@ where
     if let Some(main) = &node.config().forwarding_address {
         if path.starts_with("/kvs/") {
             return course::relay(&node, main, method, path, body).await;
+        }
+    }
+    if let Some(replication) = node.replication() {
+        if let Some(route) = replicated::route(path) {
+            return replicated::serve(&node, replication, &method, route, body).await;
         }
     }
     let not_allowed = || ApiError::MethodNotAllowed(method.to_string()).into_reply();

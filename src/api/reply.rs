@@ -9,25 +9,9 @@ use crate::change::ChangeError;
 use crate::data::KvError;
 use crate::kv::KvOutcome;
 use crate::migrate::coordinator::Shard;
+use crate::replica::{KeyAnswer, Rejection};
 
-/// The HTTP method of a course key request; names the `message` of its errors.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KvMethod {
-    Get,
-    Put,
-    Delete,
-}
-
-impl KvMethod {
-    pub fn parse(method: &warp::http::Method) -> Option<KvMethod> {
-        match method.as_str() {
-            "GET" => Some(KvMethod::Get),
-            "PUT" => Some(KvMethod::Put),
-            "DELETE" => Some(KvMethod::Delete),
-            _ => None,
-        }
-    }
-}
+pub use crate::kv::KvMethod;
 
 /// A rendered answer: a status and a body, JSON unless made by [`Reply::text`].
 #[derive(Debug)]
@@ -200,6 +184,13 @@ impl ApiError {
 
 /// The answer to a key request, served here (`address` is `None`) or by `address`.
 pub fn kv_reply(method: KvMethod, outcome: KvOutcome, address: Option<&str>) -> Reply {
+    let (status, mut body) = kv_body(method, outcome, address);
+    body.push(b'}');
+    Reply::raw(status, body)
+}
+
+/// A key answer's status and body, without its closing brace (fields may follow).
+fn kv_body(method: KvMethod, outcome: KvOutcome, address: Option<&str>) -> (StatusCode, Vec<u8>) {
     let (status, mut body): (StatusCode, Vec<u8>) = match outcome {
         KvOutcome::Found(value) => {
             let mut body = Vec::with_capacity(value.len() + 96);
@@ -233,8 +224,98 @@ pub fn kv_reply(method: KvMethod, outcome: KvOutcome, address: Option<&str>) -> 
         body.extend_from_slice(br#","address":"#);
         body.extend_from_slice(json!(address).to_string().as_bytes());
     }
-    body.push(b'}');
-    Reply::raw(status, body)
+    (status, body)
+}
+
+/// The answer to a key request of the replicated contract (served here, or by the replica
+/// at `address`): assignment 3's bodies plus `causal-context`, errors included.
+pub fn shard_kv_reply(method: KvMethod, answer: KeyAnswer, address: Option<&str>) -> Reply {
+    let context = answer.context.to_json().to_string();
+    let why = match answer.result {
+        Ok(outcome) => {
+            let (status, mut body) = kv_body(method, outcome, address);
+            body.extend_from_slice(br#","causal-context":"#);
+            body.extend_from_slice(context.as_bytes());
+            body.push(b'}');
+            return Reply::raw(status, body);
+        }
+        Err(why) => why,
+    };
+    let message = kv_message(method);
+    let (status, mut body) = match (why, method) {
+        (Rejection::KeyTooLong, KvMethod::Get | KvMethod::Delete) => (
+            StatusCode::NOT_FOUND,
+            json!({"doesExist": false, "error": "Key does not exist", "message": message}),
+        ),
+        (Rejection::Unavailable, _) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"error": why.to_string(), "message": message}),
+        ),
+        _ => (
+            StatusCode::BAD_REQUEST,
+            json!({"error": why.to_string(), "message": message}),
+        ),
+    };
+    body["causal-context"] = answer.context.to_json();
+    if let Some(address) = address {
+        body["address"] = json!(address);
+    }
+    Reply::json(status, &body)
+}
+
+/// `GET /kvs/key-count` in the replicated mode.
+pub fn shard_key_count_reply(count: usize, shard: Option<&str>) -> Reply {
+    Reply::json(
+        StatusCode::OK,
+        &json!({"message": "Key count retrieved successfully", "key-count": count, "shard-id": shard}),
+    )
+}
+
+/// `PUT /kvs/view-change` in the replicated mode, which does not change views yet.
+pub fn replicated_view_change_reply() -> Reply {
+    Reply::json(
+        StatusCode::SERVICE_UNAVAILABLE,
+        &json!({
+            "error": "Unable to satisfy request",
+            "message": "Error in PUT",
+            "detail": "this build does not change the view of a replicated cluster yet",
+        }),
+    )
+}
+
+/// `GET /kvs/shards`.
+pub fn shards_reply(ids: &[String]) -> Reply {
+    Reply::json(
+        StatusCode::OK,
+        &json!({"message": "Shard membership retrieved successfully", "shards": ids}),
+    )
+}
+
+/// `GET /kvs/shards/<id>`: its key count (`None`: no replica answered) and replicas.
+pub fn shard_reply(id: &str, count: Option<usize>, replicas: &[String]) -> Reply {
+    match count {
+        Some(count) => Reply::json(
+            StatusCode::OK,
+            &json!({
+                "message": "Shard information retrieved successfully",
+                "shard-id": id,
+                "key-count": count,
+                "replicas": replicas,
+            }),
+        ),
+        None => Reply::json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &json!({"error": "Unable to satisfy request", "message": "Error in GET"}),
+        ),
+    }
+}
+
+/// `GET /kvs/shards/<id>` for an id the layout does not have.
+pub fn no_such_shard_reply() -> Reply {
+    Reply::json(
+        StatusCode::NOT_FOUND,
+        &json!({"error": "Shard does not exist", "message": "Error in GET"}),
+    )
 }
 
 pub fn key_count_reply(count: usize) -> Reply {

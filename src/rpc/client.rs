@@ -63,6 +63,8 @@ impl CallError {
 pub struct Identity {
     pub address: String,
     pub vnodes: u32,
+    /// Replicas per shard (0: the sharded contract); a cluster-wide setting like `vnodes`.
+    pub repl_factor: u32,
     pub token: Option<ClusterToken>,
 }
 
@@ -149,6 +151,7 @@ impl RpcClient {
             &Hello {
                 from: me.address.clone(),
                 vnodes: me.vnodes,
+                repl_factor: me.repl_factor,
                 nonce: my_nonce.clone(),
             },
         );

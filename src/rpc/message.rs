@@ -5,8 +5,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::kv::{Invalid, KvOp, KvOutcome};
+use crate::causal::VersionVector;
+use crate::kv::{Invalid, KvMethod, KvOp, KvOutcome};
 use crate::meta::{Applied, LeadError, LeaderOp, RaftId};
+use crate::replica::{KeyAnswer, Snapshot, Write};
 use crate::store::Entry;
 use crate::wire::{Committed, Misdirected, NodeState, Outcome, Prepare, Shipped};
 
@@ -91,6 +93,22 @@ pub enum Request {
     Driving { change_id: u64 },
     /// The sender restarted empty, as Raft node `raft_id`, under an address its group knows.
     Restarted { raft_id: RaftId },
+    /// Replicated mode: a client's key request, for a replica of the key's shard, which
+    /// validates it as the contract says (the storage node validates) and serves it only
+    /// before `give_up`. `body` is the client's body as it came.
+    ShardKv {
+        key: String,
+        method: KvMethod,
+        body: bytes::Bytes,
+        give_up: GiveUp,
+    },
+    /// Replicated mode (gossip): the writes of the receiver's shard that a replica of it
+    /// which has applied `have` lacks, at most `max`.
+    Pull { have: VersionVector, max: u32 },
+    /// Replicated mode (refill): digests of `buckets` equal slices of the ring.
+    Digests { buckets: u32 },
+    /// Replicated mode (refill): every record of slice `bucket` of `buckets`.
+    Snapshot { buckets: u32, bucket: u32 },
 }
 
 impl Request {
@@ -110,6 +128,10 @@ impl Request {
             Request::Reset => "reset",
             Request::Restarted { .. } => "restarted",
             Request::Driving { .. } => "driving",
+            Request::ShardKv { .. } => "shard-kv",
+            Request::Pull { .. } => "pull",
+            Request::Digests { .. } => "digests",
+            Request::Snapshot { .. } => "snapshot",
         }
     }
 }
@@ -132,6 +154,13 @@ pub enum Response {
     Led(Result<Applied, LeadError>),
     /// The receiver's new Raft id after a reset.
     Reset(RaftId),
+    /// A replica's answer to a key request.
+    ShardKv(KeyAnswer),
+    /// The writes a puller lacks; `None` when some have left the log (refill instead).
+    Pulled(Option<Vec<Write>>),
+    /// Slice digests, and what the replica had applied when it took them.
+    Digests(VersionVector, Vec<u64>),
+    Snapshot(Snapshot),
     Refused(Refusal),
 }
 

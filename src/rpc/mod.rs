@@ -67,6 +67,9 @@ pub const NONCE_BYTES: usize = 16;
 pub struct Hello {
     pub from: String,
     pub vnodes: u32,
+    /// Replicas per shard of the sender's mode (0, or absent: the sharded contract).
+    #[serde(default)]
+    pub repl_factor: u32,
     /// Hex of [`NONCE_BYTES`] random bytes, for the server's proof.
     pub nonce: String,
 }

@@ -82,6 +82,15 @@ fn check_hello(identity: &Identity, hello: &Hello) -> Option<(u16, String)> {
             ),
         ));
     }
+    if hello.repl_factor != identity.repl_factor {
+        return Some((
+            409,
+            format!(
+                "mode mismatch: sender serves repl-factor {}, this node {} (0: unreplicated)",
+                hello.repl_factor, identity.repl_factor
+            ),
+        ));
+    }
     if crate::ring::canonical_address(&hello.from).as_deref() != Ok(hello.from.as_str()) {
         return Some((
             400,
