@@ -324,3 +324,39 @@ fn a_killed_replica_loses_no_acknowledged_write() {
         wait_for_value(&client, &alive, key, Some(&json!("after")));
     }
 }
+
+#[test]
+fn a_replica_restarted_empty_is_refilled_and_then_its_mate_may_die() {
+    let mut cluster = Cluster::start(2, FLAGS);
+    let client = Client::with_timeout(Duration::from_secs(20));
+    let nodes = cluster.addresses();
+    let data = sample_data("refill", 200);
+    for (key, value) in &data {
+        let answer = put(&client, &nodes[0], key, value.clone(), &json!({}));
+        assert_eq!(answer.status, 201, "{answer:?}");
+    }
+    for (key, value) in &data {
+        wait_for_value(&client, &nodes, key, Some(value));
+    }
+    // The second replica restarts empty (a new incarnation) and is refilled by its mate.
+    cluster.nodes[1].kill();
+    cluster.nodes[1] = TestNode::start(&nodes[1], &nodes, FLAGS);
+    let started = Instant::now();
+    poll_until(
+        Duration::from_secs(10),
+        "the restarted replica refilled",
+        || (client.key_count(&nodes[1]) == data.len() as u64).then_some(()),
+    );
+    eprintln!(
+        "refilled in {:?} (by digests: {})",
+        started.elapsed(),
+        cluster.nodes[1].log_contains("refilled")
+    );
+    // Then its mate dies: every acknowledged write is still there.
+    cluster.nodes[0].kill();
+    for (key, value) in &data {
+        let answer = get(&client, &nodes[1], key, &json!({}));
+        assert_eq!(answer.status, 200, "{key}: {answer:?}");
+        assert_eq!(answer.body["value"], *value);
+    }
+}
