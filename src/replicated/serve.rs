@@ -37,8 +37,18 @@ pub struct Served {
 struct KeyBody<'a> {
     #[serde(borrow)]
     value: Option<&'a RawValue>,
-    #[serde(borrow, rename = "causal-context")]
+    /// Present as written, `null` included (which is not an object: refused).
+    #[serde(
+        borrow,
+        default,
+        rename = "causal-context",
+        deserialize_with = "present"
+    )]
     context: Option<&'a RawValue>,
+}
+
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(d).map(Some)
 }
 
 /// The request's value (raw JSON text, PUT only) and context, checked in the contract's
