@@ -121,13 +121,7 @@ impl Handler for Node {
                 give_up,
             } => match self.replication() {
                 // Only a replica of the key's shard serves it; it never forwards again.
-                Some(replication)
-                    if replication
-                        .shard_of_hash(crate::ring::key_hash(key.as_bytes()))
-                        .replicas
-                        .iter()
-                        .any(|r| **r == **self.address()) =>
-                {
+                Some(replication) if replication.serves(crate::ring::key_hash(key.as_bytes())) => {
                     let answer =
                         replicated::serve::as_replica(&self, &key, method, &body, Some(give_up));
                     Response::ShardKv(answer.await)

@@ -72,16 +72,17 @@ impl Replication {
         &self.layout
     }
 
-    pub fn factor(&self) -> usize {
-        self.layout.factor()
-    }
-
     /// The shard a key hash lives on.
     pub fn shard_of_hash(&self, hash: u64) -> &Shard {
         let id = self.ring.owner_of_hash(hash);
         self.layout
             .shard(id)
             .expect("the ring is made of the layout's shard ids")
+    }
+
+    /// Whether this node is a replica of the shard of a key hash.
+    pub fn serves(&self, hash: u64) -> bool {
+        self.shard_of_hash(hash).replicas.contains(&self.me)
     }
 
     /// This node's replica, if it is in the view.
@@ -121,28 +122,6 @@ impl Replication {
                     .get(m)
                     .filter(|(_, at)| at.elapsed() < MATE_FRESH)
                     .map(|(v, _)| v.clone())
-            })
-            .collect()
-    }
-
-    /// Per shard-mate, how many writes this replica has that the mate had not applied
-    /// when it last pulled (`None`: it never pulled).
-    pub fn lag(&self) -> BTreeMap<String, Option<u64>> {
-        let Some(replica) = &self.replica else {
-            return BTreeMap::new();
-        };
-        let applied = replica.applied();
-        let mates = self.mates.lock();
-        self.mates()
-            .into_iter()
-            .map(|m| {
-                let lag = mates.get(&m).map(|(have, _)| {
-                    applied
-                        .iter()
-                        .map(|(origin, n)| n.saturating_sub(have.get(origin)))
-                        .sum()
-                });
-                (m, lag)
             })
             .collect()
     }

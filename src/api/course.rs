@@ -21,11 +21,7 @@ fn method_name(method: KvMethod) -> String {
     method.name().to_string()
 }
 
-pub(super) async fn read_body<S, B>(
-    node: &Node,
-    body: S,
-    method: &str,
-) -> Result<bytes::Bytes, ApiError>
+async fn read_body<S, B>(node: &Node, body: S, method: &str) -> Result<bytes::Bytes, ApiError>
 where
     S: Stream<Item = Result<B, warp::Error>>,
     B: Buf,
@@ -43,6 +39,25 @@ where
     })
 }
 
+/// The percent-decoded key and the whole body of a key request, in the contract's order.
+pub(super) async fn key_and_body<S, B>(
+    node: &Node,
+    method: KvMethod,
+    raw_key: &str,
+    body: S,
+) -> Result<(String, bytes::Bytes), ApiError>
+where
+    S: Stream<Item = Result<B, warp::Error>>,
+    B: Buf,
+{
+    let key = percent_decode_str(raw_key)
+        .decode_utf8()
+        .map_err(|_| ApiError::InvalidKey(method_name(method)))?
+        .into_owned();
+    let body = read_body(node, body, &method_name(method)).await?;
+    Ok((key, body))
+}
+
 /// `GET|PUT|DELETE /kvs/keys/<key>` and `/kvs/<key>`.
 pub async fn key<S, B>(
     node: &Arc<Node>,
@@ -54,10 +69,7 @@ where
     S: Stream<Item = Result<B, warp::Error>>,
     B: Buf,
 {
-    let key = percent_decode_str(raw_key)
-        .decode_utf8()
-        .map_err(|_| ApiError::InvalidKey(method_name(method)))?;
-    let body = read_body(node, body, &method_name(method)).await?;
+    let (key, body) = key_and_body(node, method, raw_key, body).await?;
     let too_long = !kv::key_fits(&key);
     let op = match method {
         KvMethod::Put => {

@@ -6,10 +6,9 @@ use std::sync::Arc;
 
 use bytes::Buf;
 use futures_util::Stream;
-use percent_encoding::percent_decode_str;
 use warp::http::Method;
 
-use super::course::read_body;
+use super::course::key_and_body;
 use super::reply::{self, ApiError, KvMethod, Reply};
 use crate::node::Node;
 use crate::replication::Replication;
@@ -91,10 +90,7 @@ where
     S: Stream<Item = Result<B, warp::Error>>,
     B: Buf,
 {
-    let key = percent_decode_str(raw_key)
-        .decode_utf8()
-        .map_err(|_| ApiError::InvalidKey(method.name().to_string()))?;
-    let body = read_body(node, body, method.name()).await?;
+    let (key, body) = key_and_body(node, method, raw_key, body).await?;
     let served = crate::replicated::serve::key(node, method, &key, body).await;
     Ok(reply::shard_kv_reply(
         method,

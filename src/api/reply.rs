@@ -230,12 +230,12 @@ fn kv_body(method: KvMethod, outcome: KvOutcome, address: Option<&str>) -> (Stat
 /// The answer to a key request of the replicated contract (served here, or by the replica
 /// at `address`): assignment 3's bodies plus `causal-context`, errors included.
 pub fn shard_kv_reply(method: KvMethod, answer: KeyAnswer, address: Option<&str>) -> Reply {
-    let context = answer.context.to_json().to_string();
+    let context = answer.context.to_json();
     let why = match answer.result {
         Ok(outcome) => {
             let (status, mut body) = kv_body(method, outcome, address);
             body.extend_from_slice(br#","causal-context":"#);
-            body.extend_from_slice(context.as_bytes());
+            body.extend_from_slice(context.to_string().as_bytes());
             body.push(b'}');
             return Reply::raw(status, body);
         }
@@ -256,7 +256,7 @@ pub fn shard_kv_reply(method: KvMethod, answer: KeyAnswer, address: Option<&str>
             json!({"error": why.to_string(), "message": message}),
         ),
     };
-    body["causal-context"] = answer.context.to_json();
+    body["causal-context"] = context;
     if let Some(address) = address {
         body["address"] = json!(address);
     }

@@ -119,7 +119,10 @@ pub fn answer(node: &Node, from: &str, request: Request) -> Response {
 
 /// The gossip task of a replicated node; ends with the process.
 pub async fn run(node: Arc<Node>) {
-    let Some(replica) = node.replication().and_then(|r| r.replica()).cloned() else {
+    let Some(replication) = node.replication() else {
+        return;
+    };
+    let Some(replica) = replication.replica() else {
         return;
     };
     let exchange = RpcExchange { node: &node };
@@ -127,14 +130,11 @@ pub async fn run(node: Arc<Node>) {
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticks.tick().await;
-        let Some(replication) = node.replication() else {
-            return;
-        };
         let mates = replication.mates();
         if mates.is_empty() {
             continue;
         }
-        let round = match gossip::round(&replica, &mates, &exchange).await {
+        let round = match gossip::round(replica, &mates, &exchange).await {
             Ok(round) => round,
             Err(error) => {
                 tracing::error!(%error, "gossip round failed");
@@ -143,7 +143,7 @@ pub async fn run(node: Arc<Node>) {
         };
         crate::metrics::gossip_round(round.applied, round.silent);
         if round.refill > 0 {
-            refill(&replica, &mates, &exchange).await;
+            refill(replica, &mates, &exchange).await;
         }
         if let Some(vectors) = replication.mate_vectors() {
             if let Err(error) = replica.forget(&vectors) {

@@ -98,7 +98,8 @@ fn rejected(why: Rejection, context: Context) -> KeyAnswer {
 
 /// Serves a client's key request from wherever its shard's replicas are.
 pub async fn key(node: &Arc<Node>, method: KvMethod, key: &str, body: Bytes) -> Served {
-    let epoch = node.view().epoch;
+    let view = node.view();
+    let epoch = view.epoch;
     let unavailable = || Served {
         answer: rejected(Rejection::Unavailable, context_of(method, &body, epoch)),
         address: None,
@@ -110,21 +111,20 @@ pub async fn key(node: &Arc<Node>, method: KvMethod, key: &str, body: Bytes) -> 
         return unavailable();
     }
     let hash = key_hash(key.as_bytes());
-    let shard = replication.shard_of_hash(hash);
-    if shard.replicas.iter().any(|r| **r == **node.address()) {
+    if replication.serves(hash) {
         return Served {
             answer: as_replica(node, key, method, &body, None).await,
             address: None,
         };
     }
     // Replicas in an order that spreads keys over them, the same for one key every time.
+    let shard = replication.shard_of_hash(hash);
     let n = shard.replicas.len();
     let first = (hash % n as u64) as usize;
     let order: Vec<String> = (0..n)
         .map(|i| shard.replicas[(first + i) % n].clone())
         .collect();
     let deadline = Instant::now() + node.config().forward_timeout;
-    let view = node.view();
     for (i, replica) in order.iter().enumerate() {
         // What is left, shared by the replicas not tried yet.
         let left = deadline.saturating_duration_since(Instant::now());
