@@ -282,6 +282,16 @@ impl HashRing {
     /// are never adjacent with the same `(from, to)` (the wrap-around range is one range).
     /// A key moves iff its hash lies in a returned range.
     pub fn diff(old: &HashRing, new: &HashRing) -> Vec<MovedRange> {
+        let mut out = HashRing::pieces(old, new);
+        out.retain(|piece| piece.from != piece.to);
+        out
+    }
+
+    /// The whole ring cut into maximal contiguous ranges on which both `old` and `new` have
+    /// one owner each, sorted by `start`, disjoint, covering every hash once; each with its
+    /// owner in `old` (`from`) and in `new` (`to`), equal where nothing moves. Two returned
+    /// ranges are never adjacent with the same `(from, to)` (the wrap-around range is one).
+    pub fn pieces(old: &HashRing, new: &HashRing) -> Vec<MovedRange> {
         // Every boundary of either ring, ascending; between two consecutive boundaries
         // (b_{k-1}, b_k] both rings have a constant owner, the owner of b_k.
         let mut pieces: Vec<(u64, u32, u32)> =
@@ -307,24 +317,19 @@ impl HashRing {
         }
 
         let pair = |k: usize| (pieces[k].1, pieces[k].2);
-        let moved = |from: u32, to: u32| old.nodes[from as usize] != new.nodes[to as usize];
+        let range = |from: u32, to: u32, start: u64, end: u64| MovedRange {
+            range: HashRange { start, end },
+            from: old.nodes[from as usize].clone(),
+            to: new.nodes[to as usize].clone(),
+        };
         let m = pieces.len();
         let mut out = Vec::new();
         // Start at a piece whose predecessor has another owner pair, so no run is split by
         // the wrap; if there is none, one pair covers the whole ring.
         let Some(first) = (0..m).find(|&k| pair(k) != pair((k + m - 1) % m)) else {
             let (from, to) = pair(0);
-            if moved(from, to) {
-                let end = pieces[m - 1].0;
-                out.push(MovedRange {
-                    range: HashRange {
-                        start: end.wrapping_add(1),
-                        end,
-                    },
-                    from: old.nodes[from as usize].clone(),
-                    to: new.nodes[to as usize].clone(),
-                });
-            }
+            let end = pieces[m - 1].0;
+            out.push(range(from, to, end.wrapping_add(1), end));
             return out;
         };
         let mut run_start = first;
@@ -334,17 +339,8 @@ impl HashRing {
             let run_ends = step == m - 1 || pair(next) != pair(k);
             if run_ends {
                 let (from, to) = pair(k);
-                if moved(from, to) {
-                    let before_start = pieces[(run_start + m - 1) % m].0;
-                    out.push(MovedRange {
-                        range: HashRange {
-                            start: before_start.wrapping_add(1),
-                            end: pieces[k].0,
-                        },
-                        from: old.nodes[from as usize].clone(),
-                        to: new.nodes[to as usize].clone(),
-                    });
-                }
+                let before_start = pieces[(run_start + m - 1) % m].0;
+                out.push(range(from, to, before_start.wrapping_add(1), pieces[k].0));
                 run_start = next;
             }
             k = next;

@@ -15,7 +15,7 @@ use std::collections::BTreeSet;
 
 use serde::{Deserialize, Serialize};
 
-use crate::ring::{HashRing, RingError};
+use crate::ring::{HashRange, HashRing, MovedRange, RingError};
 
 /// Why a view and a replication factor make no layout; the message is a 400's `error`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -160,6 +160,81 @@ impl Layout {
     }
 }
 
+/// A layout with its ring over shard ids: where every key hash lives.
+#[derive(Debug, Clone)]
+pub struct ShardMap {
+    layout: Layout,
+    ring: HashRing,
+}
+
+impl ShardMap {
+    pub fn new(layout: Layout, vnodes: u32) -> Result<ShardMap, RingError> {
+        let ring = layout.ring(vnodes)?;
+        Ok(ShardMap { layout, ring })
+    }
+
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// The shard a key hash lives on.
+    pub fn shard_of_hash(&self, hash: u64) -> &Shard {
+        let id = self.ring.owner_of_hash(hash);
+        self.layout
+            .shard(id)
+            .expect("the ring is made of the layout's shard ids")
+    }
+}
+
+/// What one node does with its data when the layout changes from one map to another (see
+/// [`handover`]).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Handover {
+    /// Ranges this node holds now, each with a node it ships them to.
+    pub outgoing: Vec<MovedRange>,
+    /// Ranges this node holds now and no longer holds after the change.
+    pub dropping: Vec<HashRange>,
+    /// Ranges this node holds only after the change.
+    pub incoming: Vec<HashRange>,
+}
+
+/// What `me` ships and drops when `old` becomes `new`. On each piece of the ring where the
+/// old and the new shard are constant, with old replicas O and new replicas N: every
+/// replica in O ships the piece to the nodes of N that are not in O (a node that joins the
+/// shard, or the shard a range moves to), and a replica in O that is not in N also ships
+/// it to the nodes of N that stay (a replica dropped from a shard hands its writes to
+/// those that keep it). Every old replica ships, not one chosen: each holds the writes it
+/// accepted itself, and a replica that is down (left out) is covered by the others.
+pub fn handover(old: &ShardMap, new: &ShardMap, me: &str) -> Handover {
+    let mut out = Handover::default();
+    for piece in HashRing::pieces(&old.ring, &new.ring) {
+        let before = &old.layout.shard(&piece.from).expect("ring of the layout").replicas;
+        let after = &new.layout.shard(&piece.to).expect("ring of the layout").replicas;
+        let held = before.iter().any(|r| r == me);
+        let keeps = after.iter().any(|r| r == me);
+        if !held {
+            if keeps {
+                out.incoming.push(piece.range);
+            }
+            continue;
+        }
+        if !keeps {
+            out.dropping.push(piece.range);
+        }
+        for target in after {
+            let joins = !before.contains(target);
+            if target != me && (joins || !keeps) {
+                out.outgoing.push(MovedRange {
+                    range: piece.range,
+                    from: me.into(),
+                    to: target.as_str().into(),
+                });
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -285,6 +360,65 @@ mod tests {
         Ok(())
     }
 
+    /// Every node's hashes after a change, by [`handover`]: kept minus dropped, plus what
+    /// the others shipped to it; and whether every hash each node ends with came from a
+    /// node that held it.
+    fn after_handover(old: &ShardMap, new: &ShardMap, hashes: &[u64]) -> BTreeSet<(String, u64)> {
+        let nodes: BTreeSet<&String> = old
+            .layout()
+            .shards()
+            .iter()
+            .chain(new.layout().shards())
+            .flat_map(|s| &s.replicas)
+            .collect();
+        let mut held = BTreeSet::new();
+        for node in nodes {
+            let plan = handover(old, new, node);
+            for &hash in hashes {
+                let had = old.shard_of_hash(hash).replicas.contains(node);
+                let in_set = |ranges: &[HashRange]| ranges.iter().any(|r| r.contains(hash));
+                assert_eq!(
+                    in_set(&plan.incoming),
+                    !had && new.shard_of_hash(hash).replicas.contains(node)
+                );
+                if had && !in_set(&plan.dropping) {
+                    held.insert((node.clone(), hash));
+                }
+                for moved in plan.outgoing.iter().filter(|m| m.range.contains(hash)) {
+                    assert!(had, "{node} ships a hash it does not hold");
+                    held.insert((moved.to.to_string(), hash));
+                }
+            }
+        }
+        held
+    }
+
+    #[test]
+    fn growing_two_shards_to_three_moves_a_third_only_to_the_new_shard() {
+        let old = ShardMap::new(Layout::initial(&nodes(1..5), 2).unwrap(), 1024).unwrap();
+        let new = ShardMap::new(old.layout().regroup(&nodes(1..7), 2).unwrap(), 1024).unwrap();
+        let hashes: Vec<u64> = (0..20_000u32).map(|i| key_hash(&i.to_le_bytes())).collect();
+        let moved: Vec<&u64> = hashes
+            .iter()
+            .filter(|h| old.shard_of_hash(**h).id != new.shard_of_hash(**h).id)
+            .collect();
+        assert!(moved.iter().all(|h| new.shard_of_hash(**h).id == "3"));
+        let share = moved.len() as f64 / hashes.len() as f64;
+        assert!((share - 1.0 / 3.0).abs() < 0.03, "{share}");
+        // Each moved key is shipped by both old replicas to both new ones; nothing else.
+        let shipped: usize = nodes(1..5)
+            .iter()
+            .map(|n| {
+                let plan = handover(&old, &new, n);
+                hashes
+                    .iter()
+                    .map(|h| plan.outgoing.iter().filter(|m| m.range.contains(*h)).count())
+                    .sum::<usize>()
+            })
+            .sum();
+        assert_eq!(shipped, moved.len() * 4);
+    }
+
     proptest! {
         #[test]
         fn regrouping_places_every_node_once_and_moves_only_what_it_must(
@@ -321,6 +455,37 @@ mod tests {
                     }
                 }
             }
+        }
+
+        #[test]
+        fn a_handover_leaves_every_key_exactly_on_its_new_replicas(
+            old_nodes in 1usize..4,
+            new_nodes in 1usize..4,
+            old_factor in 1usize..4,
+            new_factor in 1usize..4,
+            kept in proptest::collection::vec(any::<bool>(), 12),
+        ) {
+            let old_view = nodes(0..(old_nodes * old_factor) as u32);
+            let old = Layout::initial(&old_view, old_factor).unwrap();
+            let mut view: Vec<String> = old_view
+                .iter()
+                .zip(kept.iter().cycle())
+                .filter(|(_, k)| **k)
+                .map(|(n, _)| n.clone())
+                .take(new_nodes * new_factor)
+                .collect();
+            let mut fresh = (100u32..).map(|i| format!("10.0.1.{i}:13800"));
+            while view.len() < new_nodes * new_factor {
+                view.push(fresh.next().unwrap());
+            }
+            let new = old.regroup(&view, new_factor).unwrap();
+            let (old, new) = (ShardMap::new(old, 64).unwrap(), ShardMap::new(new, 64).unwrap());
+            let hashes: Vec<u64> = (0..300u32).map(|i| key_hash(&i.to_le_bytes())).collect();
+            let want: BTreeSet<(String, u64)> = hashes
+                .iter()
+                .flat_map(|h| new.shard_of_hash(*h).replicas.iter().map(|r| (r.clone(), *h)))
+                .collect();
+            prop_assert_eq!(after_handover(&old, &new, &hashes), want);
         }
     }
 }
