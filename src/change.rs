@@ -14,8 +14,10 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::sync::watch;
 
-use crate::ring::{MovedRange, RangeSet};
+use crate::ring::{HashRange, MovedRange, RangeSet};
+use crate::shard::ShardMap;
 use crate::store::{Entry, StoreError};
+use crate::version::Record;
 use crate::view::{View, ViewError};
 
 const PREPARED: u8 = 0;
@@ -68,6 +70,12 @@ pub struct Staged {
     pub round: u8,
 }
 
+/// A replicated change's part of a [`Migration`].
+pub struct Replicated {
+    pub map: ShardMap,
+    pub dropping: Vec<HashRange>,
+}
+
 /// A change this node has prepared: the new view, what it hands over, what it receives.
 pub struct Migration {
     change_id: u64,
@@ -91,6 +99,11 @@ pub struct Migration {
     staged: Mutex<HashMap<String, Staged>>,
     /// Participants from another group: their keys never overwrite this group's.
     merging: Vec<String>,
+    /// The replicated mode: the shard map after the change, and the ranges this node holds
+    /// now and not after it (shipped ranges are not all dropped: a replica that stays in a
+    /// shard also ships to a node joining it). Staged values are encoded records, and the
+    /// newer version wins.
+    replicated: Option<Replicated>,
     ended: watch::Sender<bool>,
     last_heard: Mutex<Instant>,
 }
@@ -119,6 +132,20 @@ impl Migration {
         &self.outgoing
     }
 
+    /// The replicated mode's part of the change.
+    pub fn replicated(&self) -> Option<&Replicated> {
+        self.replicated.as_ref()
+    }
+
+    /// The ranges the commit drops here: the outgoing ones, or in the replicated mode
+    /// those this node no longer holds.
+    pub fn dropping(&self) -> Vec<HashRange> {
+        match &self.replicated {
+            Some(replicated) => replicated.dropping.clone(),
+            None => self.outgoing.iter().map(|r| r.range).collect(),
+        }
+    }
+
     pub(crate) fn new(
         change_id: u64,
         coordinator: String,
@@ -126,9 +153,11 @@ impl Migration {
         view: Arc<View>,
         outgoing: Vec<MovedRange>,
         merging: Vec<String>,
+        replicated: Option<Replicated>,
     ) -> Self {
         Migration {
             merging,
+            replicated,
             change_id,
             coordinator,
             participants,
@@ -199,16 +228,65 @@ impl Migration {
             return Err(ChangeError::NotParticipant(from.to_string()));
         }
         for entry in &entries {
-            if **self.view.ring.owner(entry.key.as_bytes()) != *me {
+            let hash = crate::ring::key_hash(entry.key.as_bytes());
+            let ours = match &self.replicated {
+                Some(replicated) => replicated
+                    .map
+                    .shard_of_hash(hash)
+                    .replicas
+                    .iter()
+                    .any(|r| r == me),
+                None => **self.view.ring.owner_of_hash(hash) == *me,
+            };
+            if !ours {
                 return Err(ChangeError::NotIncoming(entry.key.clone()));
             }
             // What a client could not store, no peer may stage either.
-            let valid = match &entry.value {
-                Some(value) => crate::kv::check(&entry.key, &crate::kv::KvOp::Put(value.clone())),
+            let value = match (&self.replicated, &entry.value) {
+                (Some(_), Some(bytes)) => {
+                    let record = Record::decode(bytes).map_err(|_| {
+                        ChangeError::Invalid(entry.key.clone(), crate::kv::Invalid::NotJson)
+                    })?;
+                    record.value
+                }
+                (Some(_), None) => {
+                    return Err(ChangeError::Invalid(
+                        entry.key.clone(),
+                        crate::kv::Invalid::ValueMissing,
+                    ))
+                }
+                (None, value) => value.clone(),
+            };
+            let valid = match value {
+                Some(value) => crate::kv::check(&entry.key, &crate::kv::KvOp::Put(value)),
                 None if crate::kv::key_fits(&entry.key) => Ok(()),
                 None => Err(crate::kv::Invalid::KeyTooLong),
             };
             valid.map_err(|why| ChangeError::Invalid(entry.key.clone(), why))?;
+        }
+        if self.replicated.is_some() {
+            // Records from every old replica: the newer version wins, whoever sent it.
+            let mut staged = self.staged.lock();
+            for entry in entries {
+                let value = entry.value.expect("checked above");
+                let newer = match staged.get(&entry.key).and_then(|s| s.value.as_ref()) {
+                    Some(held) => Record::decode(&value)
+                        .ok()
+                        .is_some_and(|new| new.wins_over(Record::decode(held).ok().as_ref())),
+                    None => true,
+                };
+                if newer {
+                    staged.insert(
+                        entry.key,
+                        Staged {
+                            value: Some(value),
+                            foreign: false,
+                            round,
+                        },
+                    );
+                }
+            }
+            return Ok(());
         }
         let foreign = self.merging.iter().any(|m| m == from);
         let mut staged = self.staged.lock();

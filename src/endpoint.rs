@@ -63,7 +63,7 @@ impl Handler for Node {
             Request::Kv { key, op, give_up } => {
                 serve_kv(&self, &key, op, give_up, stamp, &from).await
             }
-            Request::State => Response::State(self.node_state()),
+            Request::State => Response::State(Box::new(self.node_state())),
             Request::Outcome { change_id } => Response::Outcome(self.log_outcome(change_id)),
             Request::Prepare(prepare) => {
                 reply(migrate::prepare(&self, &from, prepare).await, |()| {
@@ -124,13 +124,21 @@ impl Handler for Node {
                 Some(replication) if replication.serves(crate::ring::key_hash(key.as_bytes())) => {
                     let answer =
                         replicated::serve::as_replica(&self, &key, method, &body, Some(give_up));
-                    Response::ShardKv(answer.await)
+                    match answer.await {
+                        Ok(answer) => Response::ShardKv(answer),
+                        // A change moved the key while it waited: the sender routes again.
+                        Err(replicated::serve::Moved) => {
+                            Response::Refused(Refusal::NotMember(self.address().to_string()))
+                        }
+                    }
                 }
                 _ => Response::Refused(Refusal::NotMember(self.address().to_string())),
             },
             request @ (Request::Pull { .. }
             | Request::Digests { .. }
-            | Request::Snapshot { .. }) => replicated::exchange::answer(&self, &from, request),
+            | Request::Snapshot { .. }) => {
+                replicated::exchange::answer(&self, &from, stamp.epoch, request)
+            }
         };
         (self.stamp(), response)
     }

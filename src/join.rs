@@ -126,6 +126,7 @@ pub async fn form_alone(node: &Node) -> bool {
         group: new_id(),
         view: start.members.clone(),
         ids: BTreeMap::from([(me.clone(), meta.id())]),
+        layout: node.replication().map(|r| r.placed().layout().clone()),
     };
     let members = BTreeMap::from([(meta.id(), me)]);
     match meta
@@ -148,7 +149,7 @@ async fn ask(node: &Node, peers: impl IntoIterator<Item = String>, answers: &mut
         async move {
             let answer = node.peers().ask(&peer, &Request::State, &view).await;
             let state = match answer {
-                Ok(Response::State(state)) if state.address == peer => Some(state),
+                Ok(Response::State(state)) if state.address == peer => Some(*state),
                 _ => None,
             };
             (peer, state)
@@ -220,6 +221,7 @@ pub async fn settle(node: Arc<Node>) {
                 }
                 node.set_restarted(restarted);
                 node.follow(group.epoch, group.view);
+                crate::migrate::apply::follow_layout(&node, group.layout.as_ref());
             }
             Verdict::Bootstrap(ids) => {
                 tracing::info!(members = ?ids, "forming the group of the start view");
@@ -227,6 +229,7 @@ pub async fn settle(node: Arc<Node>) {
                     group: new_id(),
                     view: start.members.clone(),
                     ids: ids.iter().map(|(id, a)| (a.clone(), *id)).collect(),
+                    layout: node.replication().map(|r| r.placed().layout().clone()),
                 };
                 if let Err(error) = meta.bootstrap(ids, genesis, timeout).await {
                     tracing::warn!(%error, "could not form the group; asking again");
@@ -291,6 +294,7 @@ mod tests {
             in_log: false,
             restarted: false,
             group,
+            layout: None,
         }
     }
 
@@ -303,6 +307,7 @@ mod tests {
             change: None,
             leader: None,
             voters: Vec::new(),
+            layout: None,
         }
     }
 

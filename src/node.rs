@@ -103,12 +103,14 @@ pub struct Node {
 impl Node {
     pub fn new(config: Config) -> Result<Arc<Node>, ReplicationError> {
         let view = View::new(0, config.view.clone(), config.vnodes)?;
+        let store = crate::store::memory();
         let replication = match config.repl_factor {
             Some(factor) => Some(Replication::new(
                 &config.address,
                 &config.view,
                 factor,
                 config.vnodes,
+                store.clone(),
             )?),
             None => None,
         };
@@ -134,7 +136,7 @@ impl Node {
         );
         Ok(Arc::new(Node {
             address: Arc::from(config.address.as_str()),
-            store: crate::store::memory(),
+            store,
             peers,
             faults: Faults::new(config.fault_hooks),
             state: RwLock::new(State {
@@ -314,6 +316,13 @@ impl Node {
         f(Placement::Owner(moving))
     }
 
+    /// Runs `f` with the prepared change if it hands the range of `hash` over, under the
+    /// view lock (as [`Node::placement`] does): a freeze waits until `f` is done.
+    pub(crate) fn in_handover<R>(&self, hash: u64, f: impl FnOnce(Option<&Migration>) -> R) -> R {
+        let state = self.state.read();
+        f(state.migration.as_deref().filter(|m| m.hands_over(hash)))
+    }
+
     /// Waits (bounded by the forwarding timeout) for a frozen range to be released; false
     /// if it was not.
     pub(crate) async fn wait_for_release(&self, mut ended: watch::Receiver<bool>) -> bool {
@@ -445,8 +454,13 @@ impl Node {
                     change: meta.change.map(|c| c.change_id),
                     leader: m.leader(),
                     voters: m.voters(),
+                    layout: meta.layout,
                 })
             }),
+            layout: self
+                .replication
+                .as_ref()
+                .map(|r| r.placed().layout().clone()),
         }
     }
 

@@ -15,7 +15,7 @@
 //! Lock order: the replica's state, then the store's own locks (the store is written only
 //! with the state held, so a write and the vector that counts it change together).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
@@ -75,6 +75,9 @@ pub enum ReplicaError {
     /// how many of its writes this one has (pull the rest from a peer).
     #[error("this replica lacks writes the request's context has seen")]
     Behind(Vec<(String, u64)>),
+    /// A view change replaced this replica with a successor (ask the node's current one).
+    #[error("this replica was replaced by a view change")]
+    Retired,
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -96,6 +99,18 @@ struct State {
     /// Deletions forgotten from the log whose tombstones are still stored, until every
     /// replica holds exactly the same writes.
     graves: Vec<(u64, String, Version)>,
+    /// Keys stored since a view change began (`None`: not tracking): re-sent in its
+    /// catch-up.
+    tracked: Option<HashSet<String>>,
+    /// Replaced by a successor: serves and takes in nothing more.
+    retired: bool,
+}
+
+/// What a retired replica hands its successor.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Retired {
+    live: usize,
+    time: u64,
 }
 
 /// A replica of shard `shard` at address `me`, keeping its records in `store`.
@@ -151,6 +166,9 @@ impl Replica {
         seen: &Context,
     ) -> Result<(KvOutcome, Context), ReplicaError> {
         let mut state = self.state.lock();
+        if state.retired {
+            return Err(ReplicaError::Retired);
+        }
         let needed = seen.shard(&self.shard);
         if !state.applied.covers(&needed) {
             return Err(ReplicaError::Behind(state.applied.missing(&needed)));
@@ -223,6 +241,9 @@ impl Replica {
     /// Returns how many were applied.
     pub fn receive(&self, writes: Vec<Write>) -> Result<usize, ReplicaError> {
         let mut state = self.state.lock();
+        if state.retired {
+            return Err(ReplicaError::Retired);
+        }
         let mut applied = 0;
         for write in writes {
             if write.counter != state.applied.get(&write.origin) + 1 {
@@ -282,7 +303,9 @@ impl Replica {
             );
         }
         state.log.retain(|_, writes| !writes.is_empty());
-        if !others.iter().all(|v| *v == state.applied) {
+        // Not while a view change tracks keys: its catch-up must find a deleted key's
+        // tombstone, or the new replicas would keep the value its bulk transfer shipped.
+        if state.tracked.is_some() || !others.iter().all(|v| *v == state.applied) {
             return Ok(0);
         }
         let mut dropped = 0;
@@ -311,6 +334,9 @@ impl Replica {
         }
         let was_live = current.is_some_and(|r| r.value.is_some());
         self.store.put(hash, key, record.encode())?;
+        if let Some(tracked) = &mut state.tracked {
+            tracked.insert(key.to_string());
+        }
         match (was_live, record.value.is_some()) {
             (false, true) => state.live += 1,
             (true, false) => state.live -= 1,
@@ -383,6 +409,9 @@ impl Replica {
     /// over this replica's is stored. Returns how many.
     pub fn absorb(&self, snapshot: Snapshot) -> Result<usize, ReplicaError> {
         let mut state = self.state.lock();
+        if state.retired {
+            return Err(ReplicaError::Retired);
+        }
         let mut taken = 0;
         for (hash, key, record) in snapshot.records {
             if self.store_if_newer(&mut state, hash, &key, &record)? {
@@ -405,6 +434,73 @@ impl Replica {
                 state.trimmed.observe(origin, count);
             }
         }
+    }
+
+    /// Starts noting every key stored (by a client, a peer or a refill), for a view
+    /// change's catch-up; a change already tracking keeps what it noted.
+    pub fn track(&self) {
+        self.state.lock().tracked.get_or_insert_with(HashSet::new);
+    }
+
+    /// The keys stored since [`Replica::track`] (they stay noted, so a catch-up sent again
+    /// re-sends them all).
+    pub fn tracked(&self) -> Vec<String> {
+        let state = self.state.lock();
+        state.tracked.iter().flatten().cloned().collect()
+    }
+
+    /// Stops noting stored keys (the change ended).
+    pub fn untrack(&self) {
+        self.state.lock().tracked = None;
+    }
+
+    /// Retires this replica for a view change that gives its node another place: from now
+    /// on it serves and takes in nothing ([`ReplicaError::Retired`]). What it hands its
+    /// successor ([`Replica::successor`]).
+    pub fn retire(&self) -> Retired {
+        let mut state = self.state.lock();
+        state.retired = true;
+        Retired {
+            live: state.live,
+            time: self.clock.tick(),
+        }
+    }
+
+    /// The replica a node holds after a view change, on the store its retired replica
+    /// (`before`, if it had one) kept: the records of the `dropping` segments leave the
+    /// store, the `staged` records (encoded, as shipped) are taken in where they win, and
+    /// its clock goes on past the retired one's. It starts a new incarnation `me` with an
+    /// empty log: what its shard-mates hold that it lacks comes by a refill. (Tombstones
+    /// kept from before are never collected: no log says who else holds them.)
+    pub fn successor(
+        me: &str,
+        shard: &str,
+        store: Store,
+        before: Option<Retired>,
+        dropping: &[(u64, u64)],
+        staged: impl IntoIterator<Item = (String, bytes::Bytes)>,
+    ) -> Result<Replica, ReplicaError> {
+        let before = before.unwrap_or_default();
+        let replica = Replica::new(me, shard, store);
+        replica.clock.observe(before.time);
+        let mut state = replica.state.lock();
+        let mut gone = 0;
+        for &(from, to) in dropping {
+            replica.each_record(from, to, |_, record| {
+                gone += usize::from(record.value.is_some());
+            })?;
+            replica.store.remove_segment(from, to)?;
+        }
+        state.live = before.live.saturating_sub(gone);
+        for (key, bytes) in staged {
+            let record = Record::decode(&bytes)?;
+            let hash = key_hash(key.as_bytes());
+            if replica.store_if_newer(&mut state, hash, &key, &record)? {
+                replica.clock.observe(record.version.time);
+            }
+        }
+        drop(state);
+        Ok(replica)
     }
 }
 

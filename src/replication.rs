@@ -8,18 +8,23 @@
 //! (`10.0.0.1:13800~3fa2c1d0`): a node that restarts empty numbers its writes from 1 again,
 //! under a new name, so its new writes are never mistaken for ones peers already applied.
 //!
-//! Lock order: `mates` is a leaf lock (never held across another lock or an await).
+//! Lock order: `current` is held only to read or replace the placement (never across
+//! another lock or an await); `mates` is a leaf lock.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use parking_lot::Mutex;
+use bytes::Bytes;
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::watch;
 
 use crate::causal::VersionVector;
-use crate::replica::Replica;
-use crate::ring::{HashRing, RingError};
-use crate::shard::{Layout, LayoutError, Shard};
+use crate::replica::{Replica, ReplicaError};
+use crate::ring::RingError;
+use crate::shard::{Handover, Layout, LayoutError, Shard, ShardMap};
+use crate::store::Store;
 
 /// How recent a shard-mate's vector must be to count for trimming the log.
 const MATE_FRESH: Duration = Duration::from_secs(5);
@@ -31,58 +36,33 @@ pub enum ReplicationError {
     Layout(#[from] LayoutError),
     #[error(transparent)]
     Ring(#[from] RingError),
+    #[error(transparent)]
+    Replica(#[from] ReplicaError),
 }
 
-/// One node's part in a replicated cluster.
-pub struct Replication {
-    layout: Layout,
-    ring: HashRing,
-    /// This node's replica; `None` for a node that is not in the view.
+/// Where this node is in the layout in force: the layout with its ring, and this node's
+/// replica of its shard (`None` for a node that is not in the view).
+pub struct Placed {
+    map: ShardMap,
     replica: Option<Arc<Replica>>,
-    me: String,
-    /// Per shard-mate: the vector it last pulled with, and when.
-    mates: Mutex<BTreeMap<String, (VersionVector, Instant)>>,
+    /// Whether this replica still has to compare digests with its shard-mates: it began
+    /// with a view change (or the node's start), and what its mates hold that it lacks
+    /// (writes of the incarnations before it) is in no log.
+    unrepaired: AtomicBool,
 }
 
-impl Replication {
-    /// The initial layout of `view` with `factor` replicas per shard, for the node at
-    /// `address`.
-    pub fn new(
-        address: &str,
-        view: &[String],
-        factor: usize,
-        vnodes: u32,
-    ) -> Result<Replication, ReplicationError> {
-        let layout = Layout::initial(view, factor)?;
-        let ring = layout.ring(vnodes)?;
-        let replica = layout.shard_of(address).map(|shard| {
-            let name = format!("{address}~{:08x}", crate::consensus::new_id() as u32);
-            Arc::new(Replica::new(&name, &shard.id, crate::store::memory()))
-        });
-        Ok(Replication {
-            layout,
-            ring,
-            replica,
-            me: address.to_string(),
-            mates: Mutex::new(BTreeMap::new()),
-        })
-    }
-
+impl Placed {
     pub fn layout(&self) -> &Layout {
-        &self.layout
+        self.map.layout()
     }
 
     /// The shard a key hash lives on.
     pub fn shard_of_hash(&self, hash: u64) -> &Shard {
-        let id = self.ring.owner_of_hash(hash);
-        self.layout
-            .shard(id)
-            .expect("the ring is made of the layout's shard ids")
+        self.map.shard_of_hash(hash)
     }
 
-    /// Whether this node is a replica of the shard of a key hash.
-    pub fn serves(&self, hash: u64) -> bool {
-        self.shard_of_hash(hash).replicas.contains(&self.me)
+    pub fn map(&self) -> &ShardMap {
+        &self.map
     }
 
     /// This node's replica, if it is in the view.
@@ -90,9 +70,162 @@ impl Replication {
         self.replica.as_ref()
     }
 
+    /// Whether the replica still has to be refilled from a mate's digests (see
+    /// [`Placed::repaired`]).
+    pub fn unrepaired(&self) -> bool {
+        self.unrepaired.load(Ordering::Acquire)
+    }
+
+    /// Notes that the replica compared digests with a mate since it began.
+    pub fn repaired(&self) {
+        self.unrepaired.store(false, Ordering::Release);
+    }
+}
+
+/// One node's part in a replicated cluster.
+pub struct Replication {
+    me: String,
+    vnodes: u32,
+    /// The store every replica of this node keeps its records in, one after another.
+    store: Store,
+    /// Replaced whole by a view change ([`Replication::switch`]).
+    current: RwLock<Arc<Placed>>,
+    /// Counts the switches, for requests that met a retired replica.
+    switches: watch::Sender<u64>,
+    /// Per shard-mate: the vector it last pulled with, and when.
+    mates: Mutex<BTreeMap<String, (VersionVector, Instant)>>,
+}
+
+/// A new incarnation's name: the address and a random tag.
+fn incarnation(address: &str) -> String {
+    format!("{address}~{:08x}", crate::consensus::new_id() as u32)
+}
+
+impl Replication {
+    /// The initial layout of `view` with `factor` replicas per shard, for the node at
+    /// `address`, keeping its records in `store`.
+    pub fn new(
+        address: &str,
+        view: &[String],
+        factor: usize,
+        vnodes: u32,
+        store: Store,
+    ) -> Result<Replication, ReplicationError> {
+        let map = ShardMap::new(Layout::initial(view, factor)?, vnodes)?;
+        let replica = map.layout().shard_of(address).map(|shard| {
+            Arc::new(Replica::new(
+                &incarnation(address),
+                &shard.id,
+                store.clone(),
+            ))
+        });
+        Ok(Replication {
+            me: address.to_string(),
+            vnodes,
+            store,
+            current: RwLock::new(Arc::new(Placed {
+                map,
+                replica,
+                unrepaired: AtomicBool::new(false),
+            })),
+            switches: watch::Sender::new(0),
+            mates: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    /// Where this node is now.
+    pub fn placed(&self) -> Arc<Placed> {
+        self.current.read().clone()
+    }
+
+    /// This node's replica, if it is in the view.
+    pub fn replica(&self) -> Option<Arc<Replica>> {
+        self.current.read().replica.clone()
+    }
+
+    /// Whether this node is a replica of the shard of a key hash.
+    pub fn serves(&self, hash: u64) -> bool {
+        self.current
+            .read()
+            .shard_of_hash(hash)
+            .replicas
+            .contains(&self.me)
+    }
+
+    /// The layout `members` with `factor` replicas per shard has after the one in force.
+    pub fn regroup(&self, members: &[String], factor: usize) -> Result<Layout, LayoutError> {
+        self.current.read().layout().regroup(members, factor)
+    }
+
+    /// What this node ships and drops if the layout in force becomes `layout`.
+    pub fn handover(&self, layout: &Layout) -> Result<Handover, ReplicationError> {
+        let new = ShardMap::new(layout.clone(), self.vnodes)?;
+        Ok(crate::shard::handover(
+            self.current.read().map(),
+            &new,
+            &self.me,
+        ))
+    }
+
+    /// Takes `layout` as the one in force (a view change committed, or the log holds a
+    /// newer one). The same layout changes nothing. Otherwise the replica retires and, if
+    /// this node is in the new layout, a successor takes over on the same store: the
+    /// `dropping` segments leave it and the `staged` records (received for the ranges this
+    /// node takes over) join it.
+    pub fn switch(
+        &self,
+        layout: &Layout,
+        dropping: &[(u64, u64)],
+        staged: impl IntoIterator<Item = (String, Bytes)>,
+    ) -> Result<(), ReplicationError> {
+        let old = self.placed();
+        if old.layout() == layout {
+            return Ok(());
+        }
+        let map = ShardMap::new(layout.clone(), self.vnodes)?;
+        let retired = old.replica.as_ref().map(|r| r.retire());
+        let shard = map.layout().shard_of(&self.me).map(|s| s.id.clone());
+        let name = incarnation(&self.me);
+        let successor = Replica::successor(
+            &name,
+            shard.as_deref().unwrap_or_default(),
+            self.store.clone(),
+            retired,
+            dropping,
+            staged,
+        )?;
+        tracing::info!(
+            shard = shard.as_deref(),
+            replica = %name,
+            keys = successor.live_keys(),
+            "this node's place in the layout changed"
+        );
+        let placed = Placed {
+            map,
+            replica: shard.map(|_| Arc::new(successor)),
+            unrepaired: AtomicBool::new(true),
+        };
+        *self.current.write() = Arc::new(placed);
+        self.mates.lock().clear();
+        self.switches.send_modify(|n| *n += 1);
+        Ok(())
+    }
+
+    /// Waits (up to `limit`) for the next switch: a request that met a retired replica
+    /// retries on its successor.
+    pub async fn next_switch(&self, seen: &Placed, limit: Duration) {
+        let mut switches = self.switches.subscribe();
+        if !std::ptr::eq(&*self.current.read().clone() as *const Placed, seen) {
+            return;
+        }
+        let _ = tokio::time::timeout(limit, switches.changed()).await;
+    }
+
     /// The other replicas of this node's shard.
     pub fn mates(&self) -> Vec<String> {
-        self.layout
+        self.current
+            .read()
+            .layout()
             .shard_of(&self.me)
             .map(|s| {
                 s.replicas

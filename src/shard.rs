@@ -208,8 +208,16 @@ pub struct Handover {
 pub fn handover(old: &ShardMap, new: &ShardMap, me: &str) -> Handover {
     let mut out = Handover::default();
     for piece in HashRing::pieces(&old.ring, &new.ring) {
-        let before = &old.layout.shard(&piece.from).expect("ring of the layout").replicas;
-        let after = &new.layout.shard(&piece.to).expect("ring of the layout").replicas;
+        let before = &old
+            .layout
+            .shard(&piece.from)
+            .expect("ring of the layout")
+            .replicas;
+        let after = &new
+            .layout
+            .shard(&piece.to)
+            .expect("ring of the layout")
+            .replicas;
         let held = before.iter().any(|r| r == me);
         let keeps = after.iter().any(|r| r == me);
         if !held {
@@ -412,7 +420,12 @@ mod tests {
                 let plan = handover(&old, &new, n);
                 hashes
                     .iter()
-                    .map(|h| plan.outgoing.iter().filter(|m| m.range.contains(*h)).count())
+                    .map(|h| {
+                        plan.outgoing
+                            .iter()
+                            .filter(|m| m.range.contains(*h))
+                            .count()
+                    })
                     .sum::<usize>()
             })
             .sum();

@@ -17,6 +17,11 @@ pub enum ViewError {
     NotText,
     #[error("View entry '{0}' is not ip:port")]
     BadEntry(String),
+    /// The replicated mode's view change names no `repl-factor`.
+    #[error("repl-factor is missing")]
+    FactorMissing,
+    #[error("{0}")]
+    Layout(crate::shard::LayoutError),
 }
 
 /// Splits `"ip:port,ip:port"` into its entries in canonical spelling, refusing empty or

@@ -24,6 +24,8 @@ pub struct NodeState {
     pub restarted: bool,
     /// The metadata group this node applies the log of, if it belongs to one.
     pub group: Option<GroupState>,
+    /// The shard layout this node routes by (the replicated mode).
+    pub layout: Option<crate::shard::Layout>,
 }
 
 /// A group's metadata as one of its nodes has applied it.
@@ -40,6 +42,8 @@ pub struct GroupState {
     pub leader: Option<String>,
     /// The log's voters, as this node last heard (the view's members once a change settled).
     pub voters: Vec<String>,
+    /// The shard layout in force (the replicated mode).
+    pub layout: Option<crate::shard::Layout>,
 }
 
 /// The answer of an owner that no longer owns a key: its newer view.
@@ -60,6 +64,8 @@ pub struct Prepare {
     pub participants: Vec<String>,
     /// Participants that come from another group (see `meta::Change::merging`).
     pub merging: Vec<String>,
+    /// The shard layout after the change (the replicated mode; as the log's Begin holds).
+    pub layout: Option<crate::shard::Layout>,
 }
 
 /// What a node shipped in the transfer or catch-up phase.

@@ -197,12 +197,47 @@ fn two_shards_of_two_serve_the_contract_row_by_row() {
     );
     assert_eq!(missing.status, 400);
     assert_eq!(missing.body["error"], json!("Value is missing"));
-    // The replicated view change is not built: a clear 503, the view kept.
+    // The view change's own 400s: the repl-factor missing, not a positive integer, or not
+    // dividing the view.
+    let change_url = format!("http://{}/kvs/view-change", nodes[0]);
+    for (body, error) in [
+        (json!({"view": nodes.join(",")}), "repl-factor is missing"),
+        (
+            json!({"view": nodes.join(","), "repl-factor": 0}),
+            "repl-factor must be a positive integer",
+        ),
+        (
+            json!({"view": nodes.join(","), "repl-factor": "2"}),
+            "repl-factor must be a positive integer",
+        ),
+        (
+            json!({"view": nodes.join(","), "repl-factor": 3}),
+            "the view's 4 nodes do not split into shards of 3",
+        ),
+    ] {
+        let refused = client.put(&change_url, &body);
+        assert_eq!(
+            (refused.status, refused.body),
+            (400, json!({"error": error, "message": "Error in PUT"})),
+            "{body}"
+        );
+    }
+    // A change to the view and factor in force is a no-op that lists the shards.
+    let counts: Vec<u64> = nodes.iter().map(|n| client.key_count(n)).collect();
     let change = client.put(
-        &format!("http://{}/kvs/view-change", nodes[0]),
+        &change_url,
         &json!({"view": nodes.join(","), "repl-factor": 2}),
     );
-    assert_eq!(change.status, 503, "{change:?}");
+    assert_eq!(
+        (change.status, change.body),
+        (
+            200,
+            json!({"message": "View change successful", "shards": [
+                {"shard-id": "1", "key-count": counts[0], "replicas": nodes[..2]},
+                {"shard-id": "2", "key-count": counts[2], "replicas": nodes[2..]},
+            ]})
+        )
+    );
 }
 
 #[test]

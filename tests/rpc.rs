@@ -594,6 +594,7 @@ fn fake_change(
         participants: participants.to_vec(),
         joining: BTreeMap::new(),
         merging: Vec::new(),
+        layout: None,
     }
 }
 
@@ -605,6 +606,7 @@ fn prepare_of(change: &Change) -> Request {
         coordinator: change.coordinator.clone(),
         participants: change.participants.clone(),
         merging: change.merging.clone(),
+        layout: change.layout.clone(),
     })
 }
 

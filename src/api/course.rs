@@ -10,11 +10,14 @@ use serde::Deserialize;
 use warp::http::{Method, StatusCode};
 
 use super::body::{put_value, read_limited, BodyError};
-use super::reply::{kv_reply, view_change_reply, ApiError, KvMethod, Reply};
+use super::reply::{
+    kv_reply, replicated_view_change_reply, view_change_reply, ApiError, KvMethod, Reply,
+};
 use crate::change::ChangeError;
 use crate::kv::{self, KvOp};
 use crate::migrate::coordinator;
 use crate::node::Node;
+use crate::shard::LayoutError;
 use crate::view::{parse_members, ViewError};
 
 fn method_name(method: KvMethod) -> String {
@@ -92,10 +95,13 @@ where
 #[derive(Deserialize)]
 struct ViewChangeBody {
     view: Option<serde_json::Value>,
+    #[serde(rename = "repl-factor")]
+    repl_factor: Option<serde_json::Value>,
 }
 
 /// `PUT /kvs/view-change`; with `drop_unreachable`, the operator's
-/// `PUT /cluster/view-change`, which removes old members that do not answer.
+/// `PUT /cluster/view-change`, which removes old members that do not answer. In the
+/// replicated mode the body also names the `repl-factor`, and the answer lists shards.
 pub async fn view_change<S, B>(
     node: &Arc<Node>,
     body: S,
@@ -114,10 +120,35 @@ where
         Some(serde_json::Value::String(text)) => parse_members(&text).map_err(bad_view)?,
         Some(_) => return Err(bad_view(ViewError::NotText)),
     };
-    let shards = coordinator::change_view(node, members, drop_unreachable)
+    let replicated = node.replication().is_some();
+    let factor = match (replicated, parsed.repl_factor) {
+        (false, _) => None,
+        (true, None | Some(serde_json::Value::Null)) => {
+            return Err(bad_view(ViewError::FactorMissing))
+        }
+        (true, Some(factor)) => {
+            let factor = factor
+                .as_u64()
+                .filter(|f| *f > 0)
+                .ok_or(bad_view(ViewError::Layout(LayoutError::BadFactor)))?;
+            let factor = usize::try_from(factor).unwrap_or(usize::MAX);
+            crate::shard::Layout::initial(&members, factor)
+                .map_err(|e| bad_view(ViewError::Layout(e)))?;
+            Some(factor)
+        }
+    };
+    let target = coordinator::Target {
+        members,
+        drop_unreachable,
+        factor,
+    };
+    let changed = coordinator::change_view(node, target)
         .await
         .map_err(ApiError::ViewChange)?;
-    Ok(view_change_reply(&shards))
+    Ok(match &changed.layout {
+        Some(layout) => replicated_view_change_reply(layout, &changed),
+        None => view_change_reply(&changed.shards),
+    })
 }
 
 /// Forwarding-instance mode: relays the request to the main instance unchanged.

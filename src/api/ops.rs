@@ -104,7 +104,7 @@ async fn probe(node: &Arc<Node>, peer: &str) -> Result<NodeState, String> {
         return Ok(node.node_state());
     }
     match node.peers().ask(peer, &Request::State, &node.view()).await {
-        Ok(Response::State(state)) => Ok(state),
+        Ok(Response::State(state)) => Ok(*state),
         Ok(_) => Err(format!("{peer} answered something else than its state")),
         Err(error) => Err(error.to_string()),
     }

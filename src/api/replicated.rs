@@ -66,6 +66,7 @@ where
         }
         Route::Shards if get => {
             let ids: Vec<String> = replication
+                .placed()
                 .layout()
                 .shards()
                 .iter()
@@ -74,8 +75,9 @@ where
             reply::shards_reply(&ids)
         }
         Route::Shard(id) if get => shard(node, replication, id).await,
-        // Not built yet: a replicated cluster keeps the view it started with.
-        Route::ViewChange if method == Method::PUT => reply::replicated_view_change_reply(),
+        Route::ViewChange if method == Method::PUT => {
+            super::course::view_change(node, body, false).await.into()
+        }
         Route::KeyCount | Route::Shards | Route::Shard(_) | Route::ViewChange => not_allowed(),
     }
 }
@@ -102,7 +104,8 @@ where
 /// `GET /kvs/shards/<id>`: the key count from this node when it is a replica of the
 /// shard, else from the first replica that answers.
 async fn shard(node: &Node, replication: &Replication, id: &str) -> Reply {
-    let Some(shard) = replication.layout().shard(id) else {
+    let placed = replication.placed();
+    let Some(shard) = placed.layout().shard(id) else {
         return reply::no_such_shard_reply();
     };
     if replication.replica().is_some_and(|r| r.shard() == id) {

@@ -271,16 +271,35 @@ pub fn shard_key_count_reply(count: usize, shard: Option<&str>) -> Reply {
     )
 }
 
-/// `PUT /kvs/view-change` in the replicated mode, which does not change views yet.
-pub fn replicated_view_change_reply() -> Reply {
-    Reply::json(
-        StatusCode::SERVICE_UNAVAILABLE,
-        &json!({
-            "error": "Unable to satisfy request",
-            "message": "Error in PUT",
-            "detail": "this build does not change the view of a replicated cluster yet",
-        }),
-    )
+/// `PUT /kvs/view-change` in the replicated mode: each shard of the new layout with its
+/// replicas and key count (its first replica's), and the old members left out.
+pub fn replicated_view_change_reply(
+    layout: &crate::shard::Layout,
+    changed: &crate::migrate::coordinator::Changed,
+) -> Reply {
+    let count = |address: &str| {
+        changed
+            .shards
+            .iter()
+            .find(|s| s.address == address)
+            .map_or(0, |s| s.key_count)
+    };
+    let shards: Vec<_> = layout
+        .shards()
+        .iter()
+        .map(|s| {
+            json!({
+                "shard-id": s.id,
+                "key-count": s.replicas.first().map_or(0, |r| count(r)),
+                "replicas": s.replicas,
+            })
+        })
+        .collect();
+    let mut body = json!({"message": "View change successful", "shards": shards});
+    if !changed.left_out.is_empty() {
+        body["left-out"] = json!(changed.left_out);
+    }
+    Reply::json(StatusCode::OK, &body)
 }
 
 /// `GET /kvs/shards`.

@@ -14,6 +14,7 @@ use std::collections::{BTreeMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
+use crate::shard::Layout;
 use crate::wire::Outcome;
 
 openraft::declare_raft_types!(
@@ -46,6 +47,10 @@ pub struct Change {
     /// Participants that came from another group: what they hand over never overwrites a
     /// key this group holds (see [`crate::change::Migration::stage`]).
     pub merging: Vec<String>,
+    /// The shard layout once the change commits (the replicated mode; `None` in the
+    /// sharded one).
+    #[serde(default)]
+    pub layout: Option<Layout>,
 }
 
 /// One entry of the metadata log.
@@ -56,6 +61,9 @@ pub enum Command {
         group: u64,
         view: Vec<String>,
         ids: BTreeMap<String, RaftId>,
+        /// The start view's shard layout (the replicated mode).
+        #[serde(default)]
+        layout: Option<Layout>,
     },
     /// A view change starts: nodes prepare it (record writes to the ranges they hand over).
     Begin(Change),
@@ -143,6 +151,9 @@ pub struct MetaState {
     pub change: Option<Change>,
     /// The last decided changes, oldest first.
     pub decided: VecDeque<(u64, Outcome)>,
+    /// The shard layout in force (the replicated mode).
+    #[serde(default)]
+    pub layout: Option<Layout>,
 }
 
 impl MetaState {
@@ -173,13 +184,19 @@ impl MetaState {
     /// Applies one command; the same on every node, for the same state and command.
     pub fn apply(&mut self, command: &Command) -> Applied {
         match command {
-            Command::Genesis { group, view, ids } => {
+            Command::Genesis {
+                group,
+                view,
+                ids,
+                layout,
+            } => {
                 if self.formed() {
                     return Applied::Refused(Refusal::Formed);
                 }
                 self.group = *group;
                 self.view = view.clone();
                 self.ids = ids.clone();
+                self.layout = layout.clone();
                 Applied::Done
             }
             Command::Begin(change) => {
@@ -229,6 +246,7 @@ impl MetaState {
             self.ids = ids;
             self.view = change.view;
             self.epoch = change.epoch;
+            self.layout = change.layout;
         }
         self.decided.push_back((change_id, outcome));
         while self.decided.len() > REMEMBERED {
@@ -249,6 +267,7 @@ mod tests {
             group: 7,
             view: vec!["a".into(), "b".into()],
             ids,
+            layout: None,
         };
         assert_eq!(state.apply(&genesis), Applied::Done);
         state
@@ -263,6 +282,7 @@ mod tests {
             participants: vec!["a".into(), "b".into(), "c".into()],
             joining: BTreeMap::from([("c".to_string(), 3)]),
             merging: Vec::new(),
+            layout: None,
         }
     }
 
@@ -322,6 +342,7 @@ mod tests {
             group: 8,
             view: vec![],
             ids: BTreeMap::new(),
+            layout: None,
         };
         assert_eq!(state.apply(&again), Applied::Refused(Refusal::Formed));
         assert_eq!(state.group, 7);

@@ -74,6 +74,26 @@ fn follow_if_member(node: &Node, state: &MetaState) {
     }
     if member || (node.migration().is_none() && node.store().is_empty()) {
         node.follow(state.epoch, state.view.clone());
+        follow_layout(node, state.layout.as_ref());
+    }
+}
+
+/// The replicated mode: takes `layout` as the one in force when this node did not carry
+/// out the change to it (it learned it from the log or a peer), dropping what it no longer
+/// holds. A change this node prepared switches in [`commit_now`].
+pub(crate) fn follow_layout(node: &Node, layout: Option<&crate::shard::Layout>) {
+    let (Some(replication), Some(layout)) = (node.replication(), layout) else {
+        return;
+    };
+    if replication.placed().layout() == layout {
+        return;
+    }
+    let switched = replication.handover(layout).and_then(|plan| {
+        let dropping: Vec<(u64, u64)> = plan.dropping.iter().flat_map(|r| r.segments()).collect();
+        replication.switch(layout, &dropping, std::iter::empty())
+    });
+    if let Err(error) = switched {
+        tracing::error!(%error, "taking the layout in force failed");
     }
 }
 
@@ -134,7 +154,7 @@ pub(crate) fn commit_now(node: &Node, change_id: u64) -> Result<Committed, Chang
         Err(error) => {
             return if node.outcome(change_id) == Outcome::Committed {
                 Ok(Committed {
-                    key_count: node.store().len(),
+                    key_count: node.key_count(),
                 })
             } else {
                 Err(error)
@@ -150,6 +170,40 @@ pub(crate) fn commit_now(node: &Node, change_id: u64) -> Result<Committed, Chang
     }
     let staged = migration.take_staged();
     let received = staged.len();
+    if let (Some(replicated), Some(replication)) = (migration.replicated(), node.replication()) {
+        // The replicated mode: the replica retires and its successor (if this node is in
+        // the new layout) takes in what was staged, without what this node hands over.
+        let dropping: Vec<(u64, u64)> = match may_drop {
+            true => migration
+                .dropping()
+                .iter()
+                .flat_map(|r| r.segments())
+                .collect(),
+            false => Vec::new(),
+        };
+        let records = staged
+            .into_iter()
+            .filter_map(|(k, s)| s.value.map(|v| (k, v)));
+        node.record_outcome(change_id, Outcome::Committed);
+        let switched = replication.switch(replicated.map.layout(), &dropping, records);
+        node.switch_to(&migration);
+        let frozen = migration.end_freeze();
+        migration.end();
+        switched.map_err(|e| ChangeError::Storage(crate::store::StoreError(e.to_string())))?;
+        tracing::info!(
+            change = change_id,
+            epoch = migration.view().epoch,
+            view = %migration.view().members_text(),
+            received,
+            dropped_ranges = dropping.len(),
+            freeze_ms = frozen.map(|f| f.as_secs_f64() * 1000.0),
+            keys = node.key_count(),
+            "committed view change"
+        );
+        return Ok(Committed {
+            key_count: node.key_count(),
+        });
+    }
     for (key, staged) in staged {
         let hash = key_hash(key.as_bytes());
         if staged.foreign && (staged.value.is_none() || node.store().get(hash, &key)?.is_some()) {
@@ -193,6 +247,9 @@ pub(crate) fn abort_now(node: &Node, change_id: u64) {
     };
     node.record_outcome(change_id, Outcome::Aborted);
     node.drop_migration(&migration);
+    if let Some(replica) = node.replication().and_then(|r| r.replica()) {
+        replica.untrack();
+    }
     migration.end_freeze();
     migration.end();
     tracing::warn!(
@@ -209,6 +266,7 @@ pub(crate) async fn apply_learned(node: &Arc<Node>, migration: &Arc<Migration>, 
         Outcome::Committed => {
             let _ = commit_now(&node, migration.change_id());
             node.follow(migration.view().epoch, migration.view().members.clone());
+            follow_layout(&node, migration.replicated().map(|r| r.map.layout()));
         }
         Outcome::Aborted => abort_now(&node, migration.change_id()),
         Outcome::Pending | Outcome::Unknown => {}

@@ -17,6 +17,7 @@ use crate::metrics::{self, ChangeOutcome};
 use crate::node::Node;
 use crate::peers::PeerError;
 use crate::rpc::{Refusal, Request, Response};
+use crate::shard::Layout;
 use crate::view::{View, ViewError};
 use crate::wire::{ChangeReport, Committed, GroupState, NodeState, Outcome, Prepare, Shipped};
 
@@ -126,21 +127,38 @@ impl Run<'_> {
     }
 }
 
-/// Carries out a view change to `members`; answers the new view's shards in view order.
-/// With `drop_unreachable`, members of the old view that do not answer the probe are left
-/// out instead of failing the change: their keys are lost (there is no replication). A
-/// member of the new view must answer either way.
+/// What a view change asks for.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub members: Vec<String>,
+    /// Leave out members of the old view that do not answer the probe (their keys are lost:
+    /// the operator's `PUT /cluster/view-change`).
+    pub drop_unreachable: bool,
+    /// The replication factor after the change (the replicated mode): members of the old
+    /// view that do not answer are left out when their shard keeps a replica that does.
+    pub factor: Option<usize>,
+}
+
+/// A view change carried out.
+#[derive(Debug, Clone)]
+pub struct Changed {
+    /// Each node of the new view in its order, with its key count after the change.
+    pub shards: Vec<Shard>,
+    /// The shard layout after the change (the replicated mode).
+    pub layout: Option<Layout>,
+    /// Members of the old view left out because they did not answer.
+    pub left_out: Vec<String>,
+}
+
+/// Carries out a view change to `target`. A member of the new view must answer the probe;
+/// one of the old view that does not is left out as [`Target`] says, else the change fails.
 ///
 /// The change runs in its own task, to its end, even if the client hangs up: dropped
 /// half-way, it would leave the participants prepared (ranges frozen after the catch-up)
 /// until their watchdogs settle it.
-pub async fn change_view(
-    node: &Arc<Node>,
-    members: Vec<String>,
-    drop_unreachable: bool,
-) -> Result<Vec<Shard>, ChangeError> {
+pub async fn change_view(node: &Arc<Node>, target: Target) -> Result<Changed, ChangeError> {
     let node = node.clone();
-    let coordinating = async move { coordinate(&node, members, drop_unreachable).await };
+    let coordinating = async move { coordinate(&node, target).await };
     match tokio::spawn(coordinating).await {
         Ok(result) => result,
         // A panic in the coordinator is a bug; the change it left is settled by the
@@ -152,11 +170,12 @@ pub async fn change_view(
     }
 }
 
-async fn coordinate(
-    node: &Arc<Node>,
-    members: Vec<String>,
-    drop_unreachable: bool,
-) -> Result<Vec<Shard>, ChangeError> {
+async fn coordinate(node: &Arc<Node>, request: Target) -> Result<Changed, ChangeError> {
+    let Target {
+        members,
+        drop_unreachable,
+        factor,
+    } = request;
     let Ok(_coordinating) = node.coordinating().try_lock() else {
         return Err(ChangeError::InProgress);
     };
@@ -166,6 +185,19 @@ async fn coordinate(
     let target = View::new(0, members, node.config().vnodes)
         .map_err(|e| ChangeError::BadView(ViewError::BadEntry(e.to_string())))?;
     let old = node.view();
+    // The replicated mode: the layout after the change, regrouped from the one in force.
+    let replication = node.replication();
+    let layout = match (replication, factor) {
+        (Some(replication), Some(factor)) => Some(
+            replication
+                .regroup(&target.members, factor)
+                .map_err(|e| ChangeError::BadView(ViewError::Layout(e)))?,
+        ),
+        (Some(_), None) => return Err(ChangeError::BadView(ViewError::FactorMissing)),
+        (None, _) => None,
+    };
+    let old_layout = replication.map(|r| r.placed().layout().clone());
+    let mut left_out: Vec<String> = Vec::new();
     let mut participants = target.members.clone();
     for member in &old.members {
         if !participants.contains(member) {
@@ -185,20 +217,33 @@ async fn coordinate(
     let states: Vec<NodeState> = loop {
         let probed = run
             .everyone(&Request::State, node.peers().timeout(), |r| match r {
-                Response::State(state) => Some(state),
+                Response::State(state) => Some(*state),
                 _ => None,
             })
             .await;
         let states = match probed.map_err(as_change_error) {
             Ok(states) => states,
             Err(ChangeError::Unreachable(gone))
-                if drop_unreachable && !gone.iter().any(|g| target.members.contains(g)) =>
+                if !gone.iter().any(|g| target.members.contains(g))
+                    && (drop_unreachable
+                        || old_layout.as_ref().is_some_and(|l| {
+                            keeps_a_replica(l, &gone, &left_out, &run.participants)
+                        })) =>
             {
-                tracing::warn!(
-                    ?gone,
-                    "dropping unreachable members of the old view; the keys they held are lost"
-                );
+                if old_layout.is_some() && !drop_unreachable {
+                    tracing::warn!(
+                        ?gone,
+                        "leaving out unreachable members of the old view; their shards' \
+                         other replicas hand over for them"
+                    );
+                } else {
+                    tracing::warn!(
+                        ?gone,
+                        "dropping unreachable members of the old view; the keys they held are lost"
+                    );
+                }
                 run.participants.retain(|p| !gone.contains(p));
+                left_out.extend(gone);
                 continue;
             }
             Err(error) => return Err(error),
@@ -239,14 +284,18 @@ async fn coordinate(
     let agreed = one_group
         && states
             .iter()
-            .all(|s| s.view_id == target.id && s.epoch == states[0].epoch);
+            .all(|s| s.view_id == target.id && s.epoch == states[0].epoch && s.layout == layout);
     if agreed {
         tracing::info!(view = %target.members_text(), "view change to the view in force: no-op");
         let counts: HashMap<&str, usize> = states
             .iter()
             .map(|s| (s.address.as_str(), s.key_count))
             .collect();
-        return Ok(shards(&target, |a| counts.get(a).copied()));
+        return Ok(Changed {
+            shards: shards(&target, |a| counts.get(a).copied()),
+            layout,
+            left_out,
+        });
     }
     // The group whose log decides the change: the newest (then the largest) of the groups
     // the participants belong to. Nodes of other groups (a node started alone, two groups
@@ -324,6 +373,7 @@ async fn coordinate(
         participants: run.participants.clone(),
         joining: joining.clone(),
         merging: merging.clone(),
+        layout: layout.clone(),
     };
     match submit(
         &meta,
@@ -360,6 +410,7 @@ async fn coordinate(
         coordinator: node.address().to_string(),
         participants: run.participants.clone(),
         merging,
+        layout: layout.clone(),
     };
     let phases = async {
         let phase_started = Instant::now();
@@ -459,7 +510,29 @@ async fn coordinate(
         );
         return Err(ChangeError::Unreachable(unconfirmed));
     }
-    Ok(shards(&target, |a| committed.get(a).copied()))
+    Ok(Changed {
+        shards: shards(&target, |a| committed.get(a).copied()),
+        layout,
+        left_out,
+    })
+}
+
+/// Whether every one of `gone` (members of the old view that did not answer) has a
+/// shard-mate in `layout` that is still taking part (not gone, not left out before).
+fn keeps_a_replica(
+    layout: &Layout,
+    gone: &[String],
+    left_out: &[String],
+    taking_part: &[String],
+) -> bool {
+    gone.iter().all(|g| {
+        layout.shard_of(g).is_some_and(|shard| {
+            shard
+                .replicas
+                .iter()
+                .any(|r| !gone.contains(r) && !left_out.contains(r) && taking_part.contains(r))
+        })
+    })
 }
 
 /// The group the change belongs to: the newest, then the largest, then the lowest id.

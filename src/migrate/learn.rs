@@ -71,14 +71,16 @@ pub async fn learn(node: &Arc<Node>, epoch: u64, members: Option<Vec<String>>, s
     // The newer view, as `source` holds it: from its answer (an owner that said
     // "misdirected"), or asked of it over this node's own connection, whose handshake saw
     // it answer as `source` (a made-up sender cannot answer for it).
-    let members = match members {
-        Some(members) => members,
+    // The replicated mode needs the layout too: only the state has it.
+    let given = members.filter(|_| node.replication().is_none());
+    let (members, layout) = match given {
+        Some(members) => (members, None),
         None => match node
             .peers()
             .ask(source, &Request::State, &node.view())
             .await
         {
-            Ok(Response::State(state)) if state.epoch == epoch => state.view,
+            Ok(Response::State(state)) if state.epoch == epoch => (state.view, state.layout),
             Ok(Response::State(state)) => {
                 tracing::warn!(epoch, their = state.epoch, from = source, "epoch moved on");
                 return;
@@ -91,4 +93,7 @@ pub async fn learn(node: &Arc<Node>, epoch: u64, members: Option<Vec<String>>, s
         },
     };
     node.adopt(epoch, members);
+    if node.view().epoch == epoch {
+        super::apply::follow_layout(node, layout.as_ref());
+    }
 }

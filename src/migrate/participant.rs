@@ -30,7 +30,10 @@ pub(crate) async fn prepare(
         .ok_or(ChangeError::UnknownChange(request.change_id))?;
     let begun = |s: &crate::meta::MetaState| {
         s.change.as_ref().is_some_and(|c| {
-            c.change_id == request.change_id && c.epoch == request.epoch && c.view == request.view
+            c.change_id == request.change_id
+                && c.epoch == request.epoch
+                && c.view == request.view
+                && c.layout == request.layout
         })
     };
     // The coordinator wrote it before asking: a log that lags gets there in moments.
@@ -64,10 +67,32 @@ pub(crate) async fn prepare(
         crate::view::parse_members(&request.view.join(",")).map_err(ChangeError::BadView)?;
     let view = View::new(request.epoch, members, node.config().vnodes)
         .map_err(|e| ChangeError::BadView(ViewError::BadEntry(e.to_string())))?;
-    let moved = HashRing::diff(&current.ring, &view.ring);
-    let (outgoing, others): (Vec<MovedRange>, Vec<MovedRange>) =
-        moved.into_iter().partition(|r| r.from == *node.address());
-    let incoming = others.iter().filter(|r| r.to == *node.address()).count();
+    let (outgoing, incoming, replicated) = match (node.replication(), &request.layout) {
+        (Some(replication), Some(layout)) => {
+            let plan = replication
+                .handover(layout)
+                .map_err(|e| ChangeError::BadView(ViewError::BadEntry(e.to_string())))?;
+            let map = crate::shard::ShardMap::new(layout.clone(), node.config().vnodes)
+                .map_err(|e| ChangeError::BadView(ViewError::BadEntry(e.to_string())))?;
+            let replicated = crate::change::Replicated {
+                map,
+                dropping: plan.dropping,
+            };
+            (plan.outgoing, plan.incoming.len(), Some(replicated))
+        }
+        (None, None) => {
+            let moved = HashRing::diff(&current.ring, &view.ring);
+            let (outgoing, others): (Vec<MovedRange>, Vec<MovedRange>) =
+                moved.into_iter().partition(|r| r.from == *node.address());
+            let incoming = others.iter().filter(|r| r.to == *node.address()).count();
+            (outgoing, incoming, None)
+        }
+        _ => {
+            return Err(ChangeError::BadView(ViewError::BadEntry(
+                "a change in the other mode".into(),
+            )))
+        }
+    };
     tracing::info!(
         change = request.change_id,
         epoch = request.epoch,
@@ -84,7 +109,13 @@ pub(crate) async fn prepare(
         view,
         outgoing,
         request.merging,
+        replicated,
     ));
+    // The replicated mode: every key this node's replica stores from now on (a client's,
+    // a mate's, a refill's) is noted for the catch-up.
+    if let Some(replica) = node.replication().and_then(|r| r.replica()) {
+        replica.track();
+    }
     node.install_migration(migration.clone());
     tokio::spawn(watchdog(node.clone(), migration));
     Ok(())
@@ -150,8 +181,16 @@ pub(crate) async fn catch_up(
     node.freeze(&migration);
     // A copy: the keys stay recorded until they are shipped, so a catch-up that fails (or
     // is cut off and sent again) re-sends them all. After the freeze no write adds any.
-    let entries = migration
-        .dirty_keys()
+    let mut dirty = migration.dirty_keys();
+    if let Some(replica) = node.replication().and_then(|r| r.replica()) {
+        dirty.extend(
+            replica
+                .tracked()
+                .into_iter()
+                .filter(|key| migration.hands_over(key_hash(key.as_bytes()))),
+        );
+    }
+    let entries = dirty
         .into_iter()
         .map(|key| {
             let value = node.store().get(key_hash(key.as_bytes()), &key)?;
@@ -180,7 +219,7 @@ pub(crate) async fn committed(node: &Arc<Node>, change_id: u64) -> Result<Commit
     match meta.state().outcome(change_id) {
         Outcome::Committed if node.migration().is_none_or(|m| m.change_id() != change_id) => {
             Ok(Committed {
-                key_count: node.store().len(),
+                key_count: node.key_count(),
             })
         }
         Outcome::Aborted => Err(ChangeError::Aborted(change_id)),

@@ -72,11 +72,19 @@ impl Exchange for RpcExchange<'_> {
     }
 }
 
-/// The replica of `node` that shard-mate `from` may exchange with, or the refusal.
-fn replica_for<'a>(node: &'a Node, from: &str) -> Result<&'a Arc<Replica>, Refusal> {
+/// The replica of `node` that shard-mate `from`, at `epoch`, may exchange with, or the
+/// refusal: only a mate under the same view (across a view change, what a replica holds
+/// belongs to another layout; the refill after the switch reconciles them).
+fn replica_for(node: &Node, from: &str, epoch: u64) -> Result<Arc<Replica>, Refusal> {
     let replication = node
         .replication()
         .ok_or_else(|| Refusal::NotMember(from.to_string()))?;
+    let current = node.view().epoch;
+    if epoch != current {
+        return Err(Refusal::BadView(format!(
+            "a replica exchange at epoch {epoch}, this node is at {current}"
+        )));
+    }
     match replication.replica() {
         Some(replica) if replication.mates().iter().any(|m| m == from) => Ok(replica),
         _ => Err(Refusal::NotMember(from.to_string())),
@@ -84,8 +92,8 @@ fn replica_for<'a>(node: &'a Node, from: &str) -> Result<&'a Arc<Replica>, Refus
 }
 
 /// Answers a shard-mate's pull, digests or snapshot request (anyone else is refused).
-pub fn answer(node: &Node, from: &str, request: Request) -> Response {
-    let replica = match replica_for(node, from) {
+pub fn answer(node: &Node, from: &str, epoch: u64, request: Request) -> Response {
+    let replica = match replica_for(node, from, epoch) {
         Ok(replica) => replica,
         Err(refusal) => return Response::Refused(refusal),
     };
@@ -117,12 +125,11 @@ pub fn answer(node: &Node, from: &str, request: Request) -> Response {
     }
 }
 
-/// The gossip task of a replicated node; ends with the process.
+/// The gossip task of a replicated node; ends with the process. Each round works with the
+/// replica in force then (a view change replaces it): a replica that began with a change
+/// first compares digests with its mates (a refill), then pulls as usual.
 pub async fn run(node: Arc<Node>) {
     let Some(replication) = node.replication() else {
-        return;
-    };
-    let Some(replica) = replication.replica() else {
         return;
     };
     let exchange = RpcExchange { node: &node };
@@ -130,12 +137,24 @@ pub async fn run(node: Arc<Node>) {
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticks.tick().await;
+        let placed = replication.placed();
+        let Some(replica) = placed.replica() else {
+            continue;
+        };
         let mates = replication.mates();
         if mates.is_empty() {
+            placed.repaired();
+            continue;
+        }
+        if placed.unrepaired() {
+            if refill_from_each(replica, &mates, &exchange).await > 0 {
+                placed.repaired();
+            }
             continue;
         }
         let round = match gossip::round(replica, &mates, &exchange).await {
             Ok(round) => round,
+            Err(crate::replica::ReplicaError::Retired) => continue,
             Err(error) => {
                 tracing::error!(%error, "gossip round failed");
                 continue;
@@ -151,6 +170,28 @@ pub async fn run(node: Arc<Node>) {
             }
         }
     }
+}
+
+/// Refills `replica` from every one of `mates` that answers (after a view change each may
+/// hold writes the others lack); how many did.
+async fn refill_from_each(
+    replica: &Replica,
+    mates: &[String],
+    exchange: &RpcExchange<'_>,
+) -> usize {
+    let mut answered = 0;
+    for mate in mates {
+        match gossip::refill(replica, mate, exchange, REFILL_BUCKETS).await {
+            Ok(Some(done)) => {
+                tracing::info!(from = %mate, slices = done.slices, records = done.records, "refilled after a view change");
+                crate::metrics::refill(done.slices);
+                answered += 1;
+            }
+            Ok(None) | Err(crate::replica::ReplicaError::Retired) => {}
+            Err(error) => tracing::error!(%error, "refill failed"),
+        }
+    }
+    answered
 }
 
 /// Refills `replica` from the first of `mates` that answers.

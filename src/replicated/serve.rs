@@ -98,8 +98,7 @@ fn rejected(why: Rejection, context: Context) -> KeyAnswer {
 
 /// Serves a client's key request from wherever its shard's replicas are.
 pub async fn key(node: &Arc<Node>, method: KvMethod, key: &str, body: Bytes) -> Served {
-    let view = node.view();
-    let epoch = view.epoch;
+    let epoch = node.view().epoch;
     let unavailable = || Served {
         answer: rejected(Rejection::Unavailable, context_of(method, &body, epoch)),
         address: None,
@@ -111,21 +110,44 @@ pub async fn key(node: &Arc<Node>, method: KvMethod, key: &str, body: Bytes) -> 
         return unavailable();
     }
     let hash = key_hash(key.as_bytes());
-    if replication.serves(hash) {
-        return Served {
-            answer: as_replica(node, key, method, &body, None).await,
-            address: None,
-        };
+    // Twice at most: a replica whose range a view change just moved routes again.
+    for _ in 0..2 {
+        if replication.serves(hash) {
+            match as_replica(node, key, method, &body, None).await {
+                Ok(answer) => {
+                    return Served {
+                        answer,
+                        address: None,
+                    }
+                }
+                Err(Moved) => continue,
+            }
+        }
+        return forward(node, method, key, &body, hash)
+            .await
+            .unwrap_or_else(unavailable);
     }
+    unavailable()
+}
+
+/// Forwards a key request to the replicas of its shard in turn; the first answer, with the
+/// replica that gave it.
+async fn forward(
+    node: &Arc<Node>,
+    method: KvMethod,
+    key: &str,
+    body: &Bytes,
+    hash: u64,
+) -> Option<Served> {
+    let replication = node.replication()?;
+    let view = node.view();
     // Replicas in an order that spreads keys over them, the same for one key every time.
-    let shard = replication.shard_of_hash(hash);
-    let n = shard.replicas.len();
+    let replicas = replication.placed().shard_of_hash(hash).replicas.clone();
+    let n = replicas.len();
     let first = (hash % n as u64) as usize;
-    let order: Vec<String> = (0..n)
-        .map(|i| shard.replicas[(first + i) % n].clone())
-        .collect();
+    let order = (0..n).map(|i| &replicas[(first + i) % n]);
     let deadline = Instant::now() + node.config().forward_timeout;
-    for (i, replica) in order.iter().enumerate() {
+    for (i, replica) in order.enumerate() {
         // What is left, shared by the replicas not tried yet.
         let left = deadline.saturating_duration_since(Instant::now());
         let attempt = left / (n - i) as u32;
@@ -142,35 +164,49 @@ pub async fn key(node: &Arc<Node>, method: KvMethod, key: &str, body: Bytes) -> 
         crate::metrics::forward(replica, answer.is_ok());
         match answer {
             Ok(Response::ShardKv(answer)) => {
-                return Served {
+                return Some(Served {
                     answer,
                     address: Some(replica.clone()),
-                }
+                })
             }
             Ok(other) => tracing::debug!(%replica, ?other, "replica did not serve"),
             Err(error) => tracing::debug!(%replica, %error, "replica did not answer"),
         }
     }
-    unavailable()
+    None
 }
 
-/// Serves a key request as a replica of the key's shard (the caller checked it is one):
-/// validates it, then serves it under its context, catching up first when behind. A
-/// forwarded request is executed only before its sender's `give_up`.
+/// A view change moved the key's shard away from this node while the request waited:
+/// route it again.
+#[derive(Debug)]
+pub struct Moved;
+
+/// What one attempt on this node's replica came to.
+enum Attempt {
+    Served(Result<(crate::kv::KvOutcome, Context), ReplicaError>),
+    /// The key's range is frozen for a handover: wait for the change to end.
+    Frozen(tokio::sync::watch::Receiver<bool>),
+}
+
+/// Serves a key request as a replica of the key's shard: validates it, then serves it
+/// under its context, catching up first when behind. A forwarded request is executed only
+/// before its sender's `give_up`. While a view change hands the key's range over, writes
+/// are noted for its catch-up and, once the range is frozen, the request waits for the
+/// change to end; `Moved` if the key's shard is then elsewhere.
 pub async fn as_replica(
     node: &Node,
     key: &str,
     method: KvMethod,
     body: &[u8],
     give_up: Option<GiveUp>,
-) -> KeyAnswer {
+) -> Result<KeyAnswer, Moved> {
     let epoch = node.view().epoch;
     let (value, context) = match read_body(method, body, epoch) {
         Ok(read) => read,
-        Err(why) => return rejected(why, Context::at(epoch)),
+        Err(why) => return Ok(rejected(why, Context::at(epoch))),
     };
     if !kv::key_fits(key) {
-        return rejected(Rejection::KeyTooLong, context);
+        return Ok(rejected(Rejection::KeyTooLong, context));
     }
     let op = match (method, value) {
         (KvMethod::Put, Some(value)) => KvOp::Put(value),
@@ -178,25 +214,40 @@ pub async fn as_replica(
         _ => KvOp::Get,
     };
     let Some(replication) = node.replication() else {
-        return rejected(Rejection::Unavailable, context);
-    };
-    let Some(replica) = replication.replica() else {
-        return rejected(Rejection::Unavailable, context);
+        return Ok(rejected(Rejection::Unavailable, context));
     };
     let hash = key_hash(key.as_bytes());
+    let deadline = Instant::now() + node.peers().timeout();
     let mut caught_up = false;
     loop {
-        if give_up.is_some_and(GiveUp::passed) {
-            return rejected(Rejection::Unavailable, context);
+        if give_up.is_some_and(GiveUp::passed) || Instant::now() >= deadline {
+            return Ok(rejected(Rejection::Unavailable, context));
         }
-        match replica.serve(hash, key, &op, &context) {
-            Ok((outcome, reply)) => {
-                return KeyAnswer {
-                    result: Ok(outcome),
-                    context: reply,
+        let placed = replication.placed();
+        let Some(replica) = placed.replica().filter(|_| replication.serves(hash)) else {
+            return Err(Moved);
+        };
+        let attempt = node.in_handover(hash, |moving| match moving {
+            Some(migration) if migration.is_frozen() => Attempt::Frozen(migration.ended()),
+            _ => Attempt::Served(replica.serve(hash, key, &op, &context)),
+        });
+        match attempt {
+            Attempt::Frozen(ended) => {
+                if !node.wait_for_release(ended).await {
+                    return Ok(rejected(Rejection::Unavailable, context));
                 }
             }
-            Err(ReplicaError::Behind(missing)) if !caught_up => {
+            Attempt::Served(Ok((outcome, reply))) => {
+                return Ok(KeyAnswer {
+                    result: Ok(outcome),
+                    context: reply,
+                })
+            }
+            Attempt::Served(Err(ReplicaError::Retired)) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                replication.next_switch(&placed, left).await;
+            }
+            Attempt::Served(Err(ReplicaError::Behind(missing))) if !caught_up => {
                 tracing::debug!(key, ?missing, "behind the request's context; pulling");
                 caught_up = true;
                 let needed = context.shard(replica.shard());
@@ -208,13 +259,13 @@ pub async fn as_replica(
                     tracing::error!(%error, "catching up failed");
                 }
             }
-            Err(ReplicaError::Behind(missing)) => {
+            Attempt::Served(Err(ReplicaError::Behind(missing))) => {
                 tracing::info!(key, ?missing, "still behind the request's context: 400");
-                return rejected(Rejection::Behind, context);
+                return Ok(rejected(Rejection::Behind, context));
             }
-            Err(error) => {
+            Attempt::Served(Err(error)) => {
                 tracing::error!(%error, key, "the replica's store failed");
-                return rejected(Rejection::Unavailable, context);
+                return Ok(rejected(Rejection::Unavailable, context));
             }
         }
     }

@@ -143,7 +143,7 @@ pub enum Response {
     Kv(KvOutcome),
     /// Not the owner under the receiver's view, which is newer than the sender's.
     Misdirected(Misdirected),
-    State(NodeState),
+    State(Box<NodeState>),
     /// Done, nothing to report.
     Done,
     Shipped(Shipped),

@@ -82,7 +82,9 @@ fn check_hello(identity: &Identity, hello: &Hello) -> Option<(u16, String)> {
             ),
         ));
     }
-    if hello.repl_factor != identity.repl_factor {
+    // The mode, not the factor: a view change may change the factor, and a node started
+    // later with the new one is in the same cluster.
+    if (hello.repl_factor == 0) != (identity.repl_factor == 0) {
         return Some((
             409,
             format!(
