@@ -295,6 +295,7 @@ mod tests {
             restarted: false,
             group,
             layout: None,
+            replica: None,
         }
     }
 

@@ -82,6 +82,7 @@ struct Metrics {
     bytes_received: IntCounter,
     freeze: prometheus::Histogram,
     gossip_received: IntCounter,
+    gossip_sent: IntCounter,
     gossip_silent: IntCounter,
     refills: IntCounter,
     refill_slices: IntCounter,
@@ -177,6 +178,11 @@ impl Metrics {
                 "ringkv_gossip_writes_received_total",
                 "Writes of its shard this replica took in from its shard-mates' logs.",
             )?,
+            gossip_sent: counter(
+                &registry,
+                "ringkv_gossip_writes_sent_total",
+                "Writes this replica handed its shard-mates in answer to their pulls.",
+            )?,
             gossip_silent: counter(
                 &registry,
                 "ringkv_gossip_silent_pulls_total",
@@ -265,6 +271,11 @@ pub fn gossip_round(received: usize, silent: usize) {
     });
 }
 
+/// Counts the writes handed to a shard-mate's pull.
+pub fn gossip_sent(writes: usize) {
+    with(|m| m.gossip_sent.inc_by(writes as u64));
+}
+
 /// Counts a completed refill that shipped `slices` slices.
 pub fn refill(slices: usize) {
     with(|m| {
@@ -348,6 +359,19 @@ fn node_gauges(node: &NodeGauges) -> prometheus::Result<Registry> {
         "Key requests waiting for a range this node is handing over to commit.",
         node.waiting_for_handover as i64,
     )?;
+    if let Some(replica) = &state.replica {
+        let lag = IntGaugeVec::new(
+            Opts::new(
+                "ringkv_gossip_mate_lag_writes",
+                "Writes this replica applied that a shard-mate had not, when it last pulled.",
+            ),
+            &["mate"],
+        )?;
+        for (mate, writes) in &replica.mates_lag {
+            lag.with_label_values(&[mate.as_str()]).set(*writes as i64);
+        }
+        registry.register(Box::new(lag))?;
+    }
     let info = IntGaugeVec::new(
         Opts::new("ringkv_node_info", "Always 1; labels describe the node."),
         &["address", "vnodes", "version"],

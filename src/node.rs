@@ -461,6 +461,7 @@ impl Node {
                 .replication
                 .as_ref()
                 .map(|r| r.placed().layout().clone()),
+            replica: self.replication.as_ref().and_then(|r| r.replica_state()),
         }
     }
 

@@ -139,6 +139,11 @@ impl Replica {
         &self.shard
     }
 
+    /// This incarnation's name in vectors and contexts.
+    pub fn name(&self) -> &str {
+        &self.me
+    }
+
     /// What this replica has applied, per replica.
     pub fn applied(&self) -> VersionVector {
         self.state.lock().applied.clone()

@@ -237,6 +237,30 @@ impl Replication {
             .unwrap_or_default()
     }
 
+    /// This node's replica as it reports itself (see [`crate::wire::ReplicaState`]).
+    pub fn replica_state(&self) -> Option<crate::wire::ReplicaState> {
+        let replica = self.replica()?;
+        let applied = replica.applied();
+        let mates_lag = self
+            .mates
+            .lock()
+            .iter()
+            .map(|(mate, (theirs, _))| {
+                let lag = applied
+                    .iter()
+                    .map(|(origin, n)| n.saturating_sub(theirs.get(origin)))
+                    .sum();
+                (mate.clone(), lag)
+            })
+            .collect();
+        Some(crate::wire::ReplicaState {
+            shard: replica.shard().to_string(),
+            name: replica.name().to_string(),
+            applied: applied.iter().map(|(_, n)| n).sum(),
+            mates_lag,
+        })
+    }
+
     /// Notes what shard-mate `peer` has applied (it pulled with it).
     pub fn note_mate(&self, peer: &str, have: &VersionVector) {
         self.mates

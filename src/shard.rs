@@ -177,6 +177,25 @@ impl ShardMap {
         &self.layout
     }
 
+    /// Each node's share of the ring: its shard's.
+    pub fn ownership(&self) -> Vec<(std::sync::Arc<str>, f64)> {
+        let shares = self.ring.ownership();
+        self.layout
+            .shards
+            .iter()
+            .flat_map(|shard| {
+                let share = shares
+                    .iter()
+                    .find(|(id, _)| **id == *shard.id)
+                    .map_or(0.0, |(_, s)| *s);
+                shard
+                    .replicas
+                    .iter()
+                    .map(move |r| (r.as_str().into(), share))
+            })
+            .collect()
+    }
+
     /// The shard a key hash lives on.
     pub fn shard_of_hash(&self, hash: u64) -> &Shard {
         let id = self.ring.owner_of_hash(hash);

@@ -26,6 +26,21 @@ pub struct NodeState {
     pub group: Option<GroupState>,
     /// The shard layout this node routes by (the replicated mode).
     pub layout: Option<crate::shard::Layout>,
+    /// The replicated mode: this node's replica, and how far behind its mates it is.
+    pub replica: Option<ReplicaState>,
+}
+
+/// A replica as its node reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaState {
+    pub shard: String,
+    /// Its incarnation's name in vectors and contexts.
+    pub name: String,
+    /// Writes it has applied, from every replica of its shard.
+    pub applied: u64,
+    /// Per shard-mate: how many of the writes this replica applied the mate had not, when
+    /// it last pulled (a mate cut off since falls further behind with every write here).
+    pub mates_lag: std::collections::BTreeMap<String, u64>,
 }
 
 /// A group's metadata as one of its nodes has applied it.

@@ -274,6 +274,15 @@ fn a_partitioned_replica_serves_its_side_and_converges_within_5s_of_the_heal() {
     assert_eq!(send(&client, "DELETE", a, "b0", None).status, 404);
     assert_eq!(send(&client, "DELETE", a, "a1", None).status, 200);
     model.insert("a1".into(), None);
+    // a's status: b, cut off, lags by at least the 12 writes a accepted since.
+    let lag = |status: &Value, node: &str| {
+        let nodes = status["nodes"].as_array().unwrap();
+        let entry = nodes.iter().find(|n| n["address"] == *node).unwrap();
+        assert_eq!(entry["shard"], json!("1"), "{entry}");
+        entry["lag"].as_u64()
+    };
+    let status = client.get(&format!("http://{a}/cluster/status")).body;
+    assert!(lag(&status, b).is_some_and(|l| l >= 12), "{status}");
     // Healed: every acknowledged write on both replicas, the same winner of "shared".
     client.set_fault(b, &json!({}));
     let healed = Instant::now();
@@ -294,6 +303,11 @@ fn a_partitioned_replica_serves_its_side_and_converges_within_5s_of_the_heal() {
     );
     assert!(took < Duration::from_secs(5), "converged in {took:?}");
     eprintln!("converged {took:?} after the heal; 'shared' is {winner}");
+    // And neither lags once each pulled from the other again.
+    poll_until(Duration::from_secs(5), "no lag", || {
+        let status = client.get(&format!("http://{a}/cluster/status")).body;
+        (lag(&status, a) == Some(0) && lag(&status, b) == Some(0)).then_some(())
+    });
 }
 
 #[test]

@@ -40,6 +40,12 @@ pub struct NodeStatus {
     /// of the keys the other nodes hold, scaled).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expected_keys: Option<usize>,
+    /// The replicated mode: its shard, and its lag: the most writes a shard-mate applied
+    /// that it had not received, as that mate last heard from it (`None`: not heard).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag: Option<u64>,
 }
 
 /// The view change prepared on the answering node, while it runs.
@@ -114,8 +120,22 @@ async fn probe(node: &Arc<Node>, peer: &str) -> Result<NodeState, String> {
 /// timeout.
 pub async fn cluster_status(node: &Arc<Node>) -> ClusterStatus {
     let view = node.view();
-    let shares = view.ring.ownership();
+    // The replicated mode: a node owns its shard's share.
+    let shares = match node.replication() {
+        Some(replication) => replication.placed().map().ownership(),
+        None => view.ring.ownership(),
+    };
+    let placed = node.replication().map(|r| r.placed());
+    let shard_of = |address: &str| {
+        let layout = placed.as_ref()?.layout();
+        layout.shard_of(address).map(|s| s.id.clone())
+    };
     let answers = join_all(view.members.iter().map(|peer| probe(node, peer))).await;
+    let lags: Vec<std::collections::BTreeMap<String, u64>> = answers
+        .iter()
+        .filter_map(|a| a.as_ref().ok()?.replica.as_ref())
+        .map(|r| r.mates_lag.clone())
+        .collect();
     let nodes: Vec<NodeStatus> = view
         .members
         .iter()
@@ -136,6 +156,8 @@ pub async fn cluster_status(node: &Arc<Node>) -> ClusterStatus {
                     error: None,
                     restarted: state.restarted,
                     expected_keys: None,
+                    shard: shard_of(address),
+                    lag: None,
                 },
                 Err(error) => NodeStatus {
                     address: address.clone(),
@@ -147,11 +169,21 @@ pub async fn cluster_status(node: &Arc<Node>) -> ClusterStatus {
                     error: Some(error),
                     restarted: false,
                     expected_keys: None,
+                    shard: shard_of(address),
+                    lag: None,
                 },
             }
         })
         .collect();
     let mut nodes: Vec<NodeStatus> = nodes;
+    // A replica's lag: the most writes a shard-mate applied and it had not received, as the
+    // mates saw it when it last pulled from them.
+    for status in nodes.iter_mut().filter(|n| n.shard.is_some()) {
+        status.lag = lags
+            .iter()
+            .filter_map(|reported| reported.get(&status.address).copied())
+            .max();
+    }
     let (held, share) = nodes
         .iter()
         .filter(|n| !n.restarted && n.key_count.is_some())

@@ -255,19 +255,35 @@ fn status_table(status: &ClusterStatus) -> String {
         .max()
         .unwrap_or(0)
         .max(7);
+    // The replicated mode: each node's shard and its lag (writes its mates applied that
+    // it has not received yet); a node owns its shard's share.
+    let replicated = status.nodes.iter().any(|n| n.shard.is_some());
+    let columns = |shard: &str, lag: &str| match replicated {
+        true => format!("  {shard:>5}  {lag:>6}"),
+        false => String::new(),
+    };
     out += &format!(
-        "{:<width$}  {:<5}  {:>5}  {:>10}  {:>8}\n",
-        "Address", "State", "Epoch", "Keys", "Owns"
+        "{:<width$}  {:<5}  {:>5}  {:>10}  {:>8}{}\n",
+        "Address",
+        "State",
+        "Epoch",
+        "Keys",
+        "Owns",
+        columns("Shard", "Lag")
     );
     for node in &status.nodes {
         let dash = || "-".to_string();
         let mut line = format!(
-            "{:<width$}  {:<5}  {:>5}  {:>10}  {:>7.2}%",
+            "{:<width$}  {:<5}  {:>5}  {:>10}  {:>7.2}%{}",
             node.address,
             if node.reachable { "Up" } else { "Down" },
             node.epoch.map_or_else(dash, |e| e.to_string()),
             node.key_count.map_or_else(dash, |k| k.to_string()),
-            node.ownership * 100.0
+            node.ownership * 100.0,
+            columns(
+                node.shard.as_deref().unwrap_or("-"),
+                &node.lag.map_or_else(dash, |l| l.to_string())
+            )
         );
         if node.pending {
             line += "  (view change pending)";
@@ -278,7 +294,19 @@ fn status_table(status: &ClusterStatus) -> String {
         out += line.trim_end();
         out += "\n";
     }
-    let owned: f64 = status.nodes.iter().map(|n| n.ownership).sum();
+    // Every replica of a shard owns the shard's share: count each shard once.
+    let mut shards: Vec<&str> = status
+        .nodes
+        .iter()
+        .filter_map(|n| n.shard.as_deref())
+        .collect();
+    shards.sort_unstable();
+    shards.dedup();
+    let copies = match shards.len() {
+        0 => 1.0,
+        n => status.nodes.len() as f64 / n as f64,
+    };
+    let owned: f64 = status.nodes.iter().map(|n| n.ownership).sum::<f64>() / copies;
     out += &format!(
         "{:<width$}  {:<5}  {:>5}  {:>10}  {:>7.2}%\n",
         "Total",

@@ -107,7 +107,9 @@ pub fn answer(node: &Node, from: &str, epoch: u64, request: Request) -> Response
                 replication.note_mate(from, &have);
             }
             let max = (max as usize).clamp(1, gossip::PULL_MAX);
-            Response::Pulled(replica.since(&have, max))
+            let writes = replica.since(&have, max);
+            crate::metrics::gossip_sent(writes.as_ref().map_or(0, Vec::len));
+            Response::Pulled(writes)
         }
         Request::Digests { buckets } if (1..=4096).contains(&buckets) => {
             match replica.digests(buckets as usize) {
