@@ -197,6 +197,16 @@ fn two_shards_of_two_serve_the_contract_row_by_row() {
     );
     assert_eq!(missing.status, 400);
     assert_eq!(missing.body["error"], json!("Value is missing"));
+    // Errors found before the body is read carry a (fresh) causal context too.
+    let invalid = client.get(&format!("http://{}/kvs/keys/%FF", nodes[0]));
+    assert_eq!(
+        (invalid.status, invalid.body),
+        (
+            400,
+            json!({"error": "Invalid key", "message": "Error in GET",
+                   "causal-context": {"epoch": 0, "shards": {}}})
+        )
+    );
     // The view change's own 400s: the repl-factor missing, not a positive integer, or not
     // dividing the view.
     let change_url = format!("http://{}/kvs/view-change", nodes[0]);

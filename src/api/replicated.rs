@@ -10,6 +10,7 @@ use warp::http::Method;
 
 use super::course::key_and_body;
 use super::reply::{self, ApiError, KvMethod, Reply};
+use crate::causal::Context;
 use crate::node::Node;
 use crate::replication::Replication;
 use crate::rpc::{Request, Response};
@@ -57,7 +58,11 @@ where
     let get = method == Method::GET;
     match route {
         Route::Key(raw_key) => match KvMethod::parse(method) {
-            Some(kv_method) => key(node, kv_method, raw_key, body).await.into(),
+            Some(kv_method) => match key(node, kv_method, raw_key, body).await {
+                Ok(reply) => reply,
+                // Every key reply carries a causal context, errors included.
+                Err(error) => error.into_key_reply(&Context::at(node.view().epoch)),
+            },
             None => not_allowed(),
         },
         Route::KeyCount if get => {

@@ -5,6 +5,7 @@ use bytes::Bytes;
 use serde_json::json;
 use warp::http::{header, HeaderValue, StatusCode};
 
+use crate::causal::Context;
 use crate::change::ChangeError;
 use crate::data::KvError;
 use crate::kv::KvOutcome;
@@ -136,6 +137,19 @@ impl ApiError {
 
     /// The error as the contract renders it.
     pub fn into_reply(self) -> Reply {
+        let (status, body) = self.into_body();
+        Reply::json(status, &body)
+    }
+
+    /// The error as the replicated contract renders it on a key request: with the request's
+    /// causal context (`context`; an empty one when the body was never read).
+    pub fn into_key_reply(self, context: &Context) -> Reply {
+        let (status, mut body) = self.into_body();
+        body["causal-context"] = context.to_json();
+        Reply::json(status, &body)
+    }
+
+    fn into_body(self) -> (StatusCode, serde_json::Value) {
         let status = self.status();
         let error = self.to_string();
         let body = match self {
@@ -178,7 +192,7 @@ impl ApiError {
                 }),
             },
         };
-        Reply::json(status, &body)
+        (status, body)
     }
 }
 
