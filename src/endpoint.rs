@@ -135,6 +135,7 @@ impl Handler for Node {
                 _ => Response::Refused(Refusal::NotMember(self.address().to_string())),
             },
             request @ (Request::Pull { .. }
+            | Request::Push { .. }
             | Request::Digests { .. }
             | Request::Snapshot { .. }) => {
                 replicated::exchange::answer(&self, &from, stamp.epoch, request)

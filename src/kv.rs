@@ -61,6 +61,16 @@ pub enum KvOutcome {
     Deleted,
 }
 
+impl KvOutcome {
+    /// Whether the operation wrote something (stored or deleted a value).
+    pub fn is_write(&self) -> bool {
+        matches!(
+            self,
+            KvOutcome::Added | KvOutcome::Replaced | KvOutcome::Deleted
+        )
+    }
+}
+
 /// Why an owner refuses to store a key or value that reached it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 pub enum Invalid {

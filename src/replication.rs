@@ -11,7 +11,7 @@
 //! Lock order: `current` is held only to read or replace the placement (never across
 //! another lock or an await); `mates` is a leaf lock.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -94,6 +94,64 @@ pub struct Replication {
     switches: watch::Sender<u64>,
     /// Per shard-mate: the vector it last pulled with, and when.
     mates: Mutex<BTreeMap<String, (VersionVector, Instant)>>,
+    pushes: Pushes,
+}
+
+/// A node's pushing state (see [`crate::replicated::push`]): writes waiting for their
+/// mates, and the mates that did not answer the last push.
+///
+/// Lock order: `down` is a leaf lock.
+pub struct Pushes {
+    /// Bumped by every write waiting for its mates.
+    written: watch::Sender<u64>,
+    /// Bumped whenever a mate acknowledged a push or was found down.
+    heard: watch::Sender<u64>,
+    down: Mutex<BTreeSet<String>>,
+}
+
+impl Default for Pushes {
+    fn default() -> Self {
+        Pushes {
+            written: watch::Sender::new(0),
+            heard: watch::Sender::new(0),
+            down: Mutex::new(BTreeSet::new()),
+        }
+    }
+}
+
+impl Pushes {
+    /// Notes a write waiting for its mates: every pusher looks for new writes.
+    pub fn wrote(&self) {
+        self.written.send_modify(|n| *n += 1);
+    }
+
+    /// Changes whenever a write waits for its mates.
+    pub fn written(&self) -> watch::Receiver<u64> {
+        self.written.subscribe()
+    }
+
+    /// Changes whenever a mate acknowledged a push or was found down.
+    pub fn heard(&self) -> watch::Receiver<u64> {
+        self.heard.subscribe()
+    }
+
+    /// Whether `mate` did not answer the last push.
+    pub fn is_down(&self, mate: &str) -> bool {
+        self.down.lock().contains(mate)
+    }
+
+    pub(crate) fn heard_from(&self, mate: &str, answered: bool) {
+        let mut down = self.down.lock();
+        let changed = match answered {
+            true => down.remove(mate),
+            false => down.insert(mate.to_string()),
+        };
+        drop(down);
+        if changed {
+            tracing::info!(mate, answered, "a shard-mate's pushes changed");
+        }
+        self.heard.send_modify(|n| *n += 1);
+    }
 }
 
 /// A new incarnation's name: the address and a random tag.
@@ -130,6 +188,7 @@ impl Replication {
             })),
             switches: watch::Sender::new(0),
             mates: Mutex::new(BTreeMap::new()),
+            pushes: Pushes::default(),
         })
     }
 
@@ -259,6 +318,20 @@ impl Replication {
             applied: applied.iter().map(|(_, n)| n).sum(),
             mates_lag,
         })
+    }
+
+    /// The pushing state of this node's replica.
+    pub fn pushes(&self) -> &Pushes {
+        &self.pushes
+    }
+
+    /// What shard-mate `peer` had applied when last heard of (empty: never).
+    pub fn mate_vector(&self, peer: &str) -> VersionVector {
+        self.mates
+            .lock()
+            .get(peer)
+            .map(|(v, _)| v.clone())
+            .unwrap_or_default()
     }
 
     /// Notes what shard-mate `peer` has applied (it pulled with it).

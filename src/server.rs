@@ -45,6 +45,7 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener, shutdown: impl Future
     }
     if node.replication().is_some() {
         tokio::spawn(crate::replicated::exchange::run(node.clone()));
+        tokio::spawn(crate::replicated::push::run(node.clone()));
     }
     let service = warp::service(api::routes(node.clone()));
     let connections = Arc::new(Semaphore::new(node.config().max_connections));

@@ -111,6 +111,15 @@ pub fn answer(node: &Node, from: &str, epoch: u64, request: Request) -> Response
             crate::metrics::gossip_sent(writes.as_ref().map_or(0, Vec::len));
             Response::Pulled(writes)
         }
+        Request::Push { writes } if writes.len() <= gossip::PULL_MAX => {
+            match replica.receive(writes) {
+                Ok(applied) => {
+                    crate::metrics::gossip_round(applied, 0);
+                    Response::Pushed(replica.applied())
+                }
+                Err(error) => storage(error),
+            }
+        }
         Request::Digests { buckets } if (1..=4096).contains(&buckets) => {
             match replica.digests(buckets as usize) {
                 Ok((applied, digests)) => Response::Digests(applied, digests),

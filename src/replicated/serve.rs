@@ -238,10 +238,15 @@ pub async fn as_replica(
                 }
             }
             Attempt::Served(Ok((outcome, reply))) => {
+                if outcome.is_write() {
+                    // Answered once the shard-mates that answer hold it too.
+                    let counter = reply.shard(replica.shard()).get(replica.name());
+                    crate::replicated::push::replicated(node, replica.name(), counter).await;
+                }
                 return Ok(KeyAnswer {
                     result: Ok(outcome),
                     context: reply,
-                })
+                });
             }
             Attempt::Served(Err(ReplicaError::Retired)) => {
                 let left = deadline.saturating_duration_since(Instant::now());

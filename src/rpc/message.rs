@@ -105,6 +105,9 @@ pub enum Request {
     /// Replicated mode (gossip): the writes of the receiver's shard that a replica of it
     /// which has applied `have` lacks, at most `max`.
     Pull { have: VersionVector, max: u32 },
+    /// Replicated mode (push): a shard-mate's new writes, each origin's in order, sent as
+    /// soon as it accepted them.
+    Push { writes: Vec<Write> },
     /// Replicated mode (refill): digests of `buckets` equal slices of the ring.
     Digests { buckets: u32 },
     /// Replicated mode (refill): every record of slice `bucket` of `buckets`.
@@ -130,6 +133,7 @@ impl Request {
             Request::Driving { .. } => "driving",
             Request::ShardKv { .. } => "shard-kv",
             Request::Pull { .. } => "pull",
+            Request::Push { .. } => "push",
             Request::Digests { .. } => "digests",
             Request::Snapshot { .. } => "snapshot",
         }
@@ -158,6 +162,8 @@ pub enum Response {
     ShardKv(KeyAnswer),
     /// The writes a puller lacks; `None` when some have left the log (refill instead).
     Pulled(Option<Vec<Write>>),
+    /// What the replica has applied after taking in a push.
+    Pushed(VersionVector),
     /// Slice digests, and what the replica had applied when it took them.
     Digests(VersionVector, Vec<u64>),
     Snapshot(Snapshot),

@@ -1,0 +1,112 @@
+//! A replica's new writes pushed to its shard-mates at once, and a write's reply held until
+//! they have it: a client is told "written" once two replicas hold the write whenever its
+//! shard-mates answer, so a replica that crashes right after acknowledging loses nothing.
+//! A mate that does not answer a push within [`PUSH_TIMEOUT`] is *down* to the pusher:
+//! writes stop waiting for it (the shard stays available under a partition) until a later
+//! push reaches it again. Pushes are batched: one call per mate carries every write it
+//! lacks, so under load many replies wait on one round trip. The pull gossip
+//! ([`super::exchange`]) still runs underneath and repairs anything a push missed.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+
+use crate::gossip::PULL_MAX;
+use crate::node::Node;
+use crate::rpc::{Request, Response};
+
+/// How long a push may take before its mate counts as down.
+pub const PUSH_TIMEOUT: Duration = Duration::from_millis(300);
+
+/// How long a write's reply waits for its shard-mates at most.
+pub const PUSH_WAIT: Duration = Duration::from_millis(500);
+
+/// How often a pusher with nothing new tries the mates it counts as down.
+const RETRY_EVERY: Duration = Duration::from_millis(200);
+
+/// Waits (up to [`PUSH_WAIT`]) until every shard-mate that answers pushes holds the first
+/// `counter` writes of replica `name` (this node's), pushing them now.
+pub async fn replicated(node: &Node, name: &str, counter: u64) {
+    let Some(replication) = node.replication() else {
+        return;
+    };
+    let pushes = replication.pushes();
+    let mut heard = pushes.heard();
+    pushes.wrote();
+    let everyone = || {
+        replication
+            .mates()
+            .iter()
+            .all(|mate| pushes.is_down(mate) || replication.mate_vector(mate).get(name) >= counter)
+    };
+    let waited = tokio::time::timeout(PUSH_WAIT, async {
+        while !everyone() {
+            if heard.changed().await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    if waited.is_err() {
+        tracing::debug!(name, counter, "a write's mates did not confirm it in time");
+    }
+}
+
+/// The push task of a replicated node: one pusher per shard-mate (so a mate that does not
+/// answer never holds up the others' pushes); ends with the process.
+pub async fn run(node: Arc<Node>) {
+    let Some(replication) = node.replication() else {
+        return;
+    };
+    let mut pushers: HashMap<String, JoinHandle<()>> = HashMap::new();
+    loop {
+        pushers.retain(|_, task| !task.is_finished());
+        for mate in replication.mates() {
+            if !pushers.contains_key(&mate) {
+                let task = tokio::spawn(push_to(node.clone(), mate.clone()));
+                pushers.insert(mate, task);
+            }
+        }
+        tokio::time::sleep(RETRY_EVERY).await;
+    }
+}
+
+/// Pushes this node's new writes to `mate` as they come, while it is a shard-mate.
+async fn push_to(node: Arc<Node>, mate: String) {
+    let Some(replication) = node.replication() else {
+        return;
+    };
+    let pushes = replication.pushes();
+    let mut written = pushes.written();
+    loop {
+        let _ = tokio::time::timeout(RETRY_EVERY, written.changed()).await;
+        if !replication.mates().contains(&mate) {
+            return;
+        }
+        let Some(replica) = replication.replica() else {
+            continue;
+        };
+        let Some(writes) = replica.since(&replication.mate_vector(&mate), PULL_MAX) else {
+            continue; // The mate needs a refill, which it asks for itself.
+        };
+        if writes.is_empty() && !pushes.is_down(&mate) {
+            continue;
+        }
+        let sent = writes.len();
+        let request = Request::Push { writes };
+        let answer = node
+            .peers()
+            .send_once(&mate, &request, &node.view(), PUSH_TIMEOUT)
+            .await;
+        match answer {
+            Ok(Response::Pushed(applied)) => {
+                crate::metrics::gossip_sent(sent);
+                replication.note_mate(&mate, &applied);
+                pushes.heard_from(&mate, true);
+            }
+            _ => pushes.heard_from(&mate, false),
+        }
+    }
+}
