@@ -64,9 +64,9 @@ pub async fn run(node: Arc<Node>) {
     loop {
         pushers.retain(|_, task| !task.is_finished());
         for mate in replication.mates() {
-            if !pushers.contains_key(&mate) {
-                let task = tokio::spawn(push_to(node.clone(), mate.clone()));
-                pushers.insert(mate, task);
+            if let std::collections::hash_map::Entry::Vacant(slot) = pushers.entry(mate) {
+                let task = tokio::spawn(push_to(node.clone(), slot.key().clone()));
+                slot.insert(task);
             }
         }
         tokio::time::sleep(RETRY_EVERY).await;
