@@ -206,11 +206,17 @@ pub async fn settle(node: Arc<Node>) {
         match verdict {
             Verdict::Follow { group, restarted } => {
                 if restarted && !restarted_announced {
+                    let then = match node.replication() {
+                        Some(_) => "its shard-mates refill its replica",
+                        None => {
+                            "the keys it held are gone and answer 503 until a view change \
+                             takes it back"
+                        }
+                    };
                     tracing::warn!(
                         group = group.group,
                         "this node restarted empty: its group knows this address under \
-                         another incarnation; the keys it held are gone and answer 503 until \
-                         a view change takes it back"
+                         another incarnation; {then}"
                     );
                     announce_restart(&node, &group).await;
                     restarted_announced = true;
