@@ -663,3 +663,39 @@ fn removing_a_shard_whose_replicas_are_all_dead_fails_with_503() {
         }
     }
 }
+
+/// A node outside the view (started with a `VIEW` that does not list it) forwards every
+/// key by the layout it holds; right after a change its next request finds the old replicas
+/// no longer hold the key, learns the new layout from them and routes by it: every key reads
+/// through it at once, none answers 503.
+#[test]
+fn a_node_outside_the_view_routes_by_the_new_layout_right_after_a_change() {
+    let (mut cluster, _, loaded) = loaded_cluster(4, 2, "outside");
+    let client = Client::new();
+    let old = cluster.addresses();
+    let outsider_address = fresh_address();
+    let outsider = TestNode::start(&outsider_address, &old, &["--repl-factor", "2"]);
+    let view = [old.clone(), fresh_addresses(2)].concat();
+    start_joining(&mut cluster, &view, 2);
+    let change = Change {
+        old: &old,
+        view: &view,
+        factor: 2,
+        left_out: &[],
+    };
+    assert_eq!(view_change(&client, &old[0], &change).status, 200);
+    for (key, value) in &loaded.data {
+        let answer = get(&client, &outsider.address, key, &json!({}));
+        assert_eq!(
+            (answer.status, &answer.body["value"]),
+            (200, value),
+            "{key} through the node outside the view {}: {answer:?}",
+            outsider.address
+        );
+        let address = answer.body["address"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        assert!(view.contains(&address), "{key} served by {address}");
+    }
+}

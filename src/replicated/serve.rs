@@ -18,10 +18,11 @@ use tokio::time::Instant;
 use crate::causal::Context;
 use crate::kv::{self, KvMethod, KvOp};
 use crate::node::Node;
+use crate::peers::PeerError;
 use crate::replica::{KeyAnswer, Rejection, ReplicaError};
 use crate::replicated::exchange::RpcExchange;
 use crate::ring::key_hash;
-use crate::rpc::{GiveUp, Request, Response};
+use crate::rpc::{GiveUp, Refusal, Request, Response};
 
 /// How long a replica that lacks writes a request's context has seen pulls them.
 pub const CATCH_UP_WAIT: Duration = Duration::from_secs(1);
@@ -110,7 +111,8 @@ pub async fn key(node: &Arc<Node>, method: KvMethod, key: &str, body: Bytes) -> 
         return unavailable();
     }
     let hash = key_hash(key.as_bytes());
-    // Twice at most: a replica whose range a view change just moved routes again.
+    // Twice at most: a view change moved the key's range while this node routed it (a
+    // replica here that handed it over, or replicas elsewhere that no longer hold it).
     for _ in 0..2 {
         if replication.serves(hash) {
             match as_replica(node, key, method, &body, None).await {
@@ -123,11 +125,33 @@ pub async fn key(node: &Arc<Node>, method: KvMethod, key: &str, body: Bytes) -> 
                 Err(Moved) => continue,
             }
         }
-        return forward(node, method, key, &body, hash)
-            .await
-            .unwrap_or_else(unavailable);
+        match forward(node, method, key, &body, hash).await {
+            Forwarded::Served(served) => return served,
+            Forwarded::Stale(replica) if learned_newer(node, &replica).await => continue,
+            Forwarded::Stale(_) | Forwarded::Failed => return unavailable(),
+        }
     }
     unavailable()
+}
+
+/// How forwarding a key request ended.
+enum Forwarded {
+    Served(Served),
+    /// No replica served it, and this one said it is not one: this node's layout may be
+    /// behind.
+    Stale(String),
+    Failed,
+}
+
+/// Whether `peer` serves a newer view than this node and this node learned it.
+async fn learned_newer(node: &Arc<Node>, peer: &str) -> bool {
+    let before = node.view().epoch;
+    let epoch = match node.peers().ask(peer, &Request::State, &node.view()).await {
+        Ok(Response::State(state)) if state.epoch > before => state.epoch,
+        _ => return false,
+    };
+    crate::migrate::learn(node, epoch, None, peer).await;
+    node.view().epoch > before
 }
 
 /// Forwards a key request to the replicas of its shard in turn; the first answer, with the
@@ -138,8 +162,10 @@ async fn forward(
     key: &str,
     body: &Bytes,
     hash: u64,
-) -> Option<Served> {
-    let replication = node.replication()?;
+) -> Forwarded {
+    let Some(replication) = node.replication() else {
+        return Forwarded::Failed;
+    };
     let view = node.view();
     // Replicas in an order that spreads keys over them, the same for one key every time.
     let replicas = replication.placed().shard_of_hash(hash).replicas.clone();
@@ -147,6 +173,7 @@ async fn forward(
     let first = (hash % n as u64) as usize;
     let order = (0..n).map(|i| &replicas[(first + i) % n]);
     let deadline = Instant::now() + node.config().forward_timeout;
+    let mut stale = None;
     for (i, replica) in order.enumerate() {
         // What is left, shared by the replicas not tried yet.
         let left = deadline.saturating_duration_since(Instant::now());
@@ -164,16 +191,23 @@ async fn forward(
         crate::metrics::forward(replica, answer.is_ok());
         match answer {
             Ok(Response::ShardKv(answer)) => {
-                return Some(Served {
+                return Forwarded::Served(Served {
                     answer,
                     address: Some(replica.clone()),
                 })
+            }
+            Err(PeerError::Refused {
+                refusal: Refusal::NotMember(_),
+                ..
+            }) => {
+                tracing::debug!(%replica, "not a replica of the key's shard (any more)");
+                stale.get_or_insert_with(|| replica.clone());
             }
             Ok(other) => tracing::debug!(%replica, ?other, "replica did not serve"),
             Err(error) => tracing::debug!(%replica, %error, "replica did not answer"),
         }
     }
-    None
+    stale.map_or(Forwarded::Failed, Forwarded::Stale)
 }
 
 /// A view change moved the key's shard away from this node while the request waited:
