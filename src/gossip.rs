@@ -63,7 +63,7 @@ pub async fn refill<E: Exchange>(
     let Some((applied, theirs)) = exchange.digests(peer, buckets).await else {
         return Ok(None);
     };
-    let (_, mine) = replica.digests(buckets)?;
+    let (_, mine) = off_runtime(|| replica.digests(buckets))?;
     let mut done = Refilled::default();
     for (bucket, (a, b)) in mine.iter().zip(&theirs).enumerate() {
         if a == b {
@@ -77,6 +77,16 @@ pub async fn refill<E: Exchange>(
     }
     replica.refilled(&applied);
     Ok(Some(done))
+}
+
+/// Runs `scan` (a pass over the replica's whole store or a slice of it) so that it does not
+/// hold up the other tasks of its runtime thread (the log's heartbeats among them): on a
+/// multi-threaded runtime they move to another thread meanwhile.
+pub fn off_runtime<R>(scan: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(scan),
+        _ => scan(),
+    }
 }
 
 /// A peer's answer to a pull.

@@ -334,11 +334,20 @@ impl Replication {
             .unwrap_or_default()
     }
 
-    /// Notes what shard-mate `peer` has applied (it pulled with it).
+    /// Notes what shard-mate `peer` has applied (it pulled with it, or answered a push).
+    /// A vector older than the one held (a pull sent before a push was acknowledged, read
+    /// after it) only refreshes the time: taken as is, it would undo what the trimmed log
+    /// already counts the mate as having, and the mate would look in need of a refill. A
+    /// vector that is not older (more, or another incarnation's) replaces it.
     pub fn note_mate(&self, peer: &str, have: &VersionVector) {
-        self.mates
-            .lock()
-            .insert(peer.to_string(), (have.clone(), Instant::now()));
+        let mut mates = self.mates.lock();
+        let now = Instant::now();
+        match mates.get_mut(peer) {
+            Some((held, at)) if held.covers(have) => *at = now,
+            _ => {
+                mates.insert(peer.to_string(), (have.clone(), now));
+            }
+        }
     }
 
     /// The vectors of every shard-mate, when each one pulled recently; `None` otherwise

@@ -121,13 +121,13 @@ pub fn answer(node: &Node, from: &str, epoch: u64, request: Request) -> Response
             }
         }
         Request::Digests { buckets } if (1..=4096).contains(&buckets) => {
-            match replica.digests(buckets as usize) {
+            match gossip::off_runtime(|| replica.digests(buckets as usize)) {
                 Ok((applied, digests)) => Response::Digests(applied, digests),
                 Err(error) => storage(error),
             }
         }
         Request::Snapshot { buckets, bucket } if bucket < buckets && buckets <= 4096 => {
-            match replica.snapshot(buckets as usize, bucket as usize) {
+            match gossip::off_runtime(|| replica.snapshot(buckets as usize, bucket as usize)) {
                 Ok(snapshot) => Response::Snapshot(snapshot),
                 Err(error) => storage(error),
             }

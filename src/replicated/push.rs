@@ -95,6 +95,13 @@ async fn push_to(node: Arc<Node>, mate: String) {
             continue;
         }
         let sent = writes.len();
+        // What the mate must hold of this replica's writes once it took the push in.
+        let upto = writes
+            .iter()
+            .filter(|w| w.origin == replica.name())
+            .map(|w| w.counter)
+            .max()
+            .unwrap_or(0);
         let request = Request::Push { writes };
         let answer = node
             .peers()
@@ -104,7 +111,9 @@ async fn push_to(node: Arc<Node>, mate: String) {
             Ok(Response::Pushed(applied)) => {
                 crate::metrics::gossip_sent(sent);
                 replication.note_mate(&mate, &applied);
-                pushes.heard_from(&mate, true);
+                // A mate that could not take them in (it lacks earlier writes: restarted
+                // empty, it waits for a refill) is not one writes can wait for yet.
+                pushes.heard_from(&mate, applied.get(replica.name()) >= upto);
             }
             _ => pushes.heard_from(&mate, false),
         }
