@@ -289,13 +289,29 @@ impl Replica {
     /// which the tombstone must still beat when it arrives. Returns how many tombstones
     /// were dropped.
     pub fn forget(&self, others: &[VersionVector]) -> Result<usize, ReplicaError> {
+        self.forget_before(others, u64::MAX)
+    }
+
+    /// [`Replica::forget`], keeping in the log every write versioned at `before` or later
+    /// (a hybrid-clock time): a peer's pull that was sent before it confirmed a write, and
+    /// arrives after, still finds that write in the log instead of being told to refill.
+    pub fn forget_before(
+        &self,
+        others: &[VersionVector],
+        before: u64,
+    ) -> Result<usize, ReplicaError> {
         let mut state = self.state.lock();
         let state = &mut *state;
         let everyone = others
             .iter()
             .fold(state.applied.clone(), |all, v| all.meet(v));
         for (origin, writes) in state.log.iter_mut() {
-            let upto = everyone.get(origin);
+            // An origin's writes are numbered in the order of their versions.
+            let recent = writes
+                .range(..=everyone.get(origin))
+                .find(|(_, w)| w.record.version.time >= before)
+                .map(|(counter, _)| *counter);
+            let upto = recent.map_or(everyone.get(origin), |c| c - 1);
             let kept = writes.split_off(&upto.saturating_add(1));
             let done = std::mem::replace(writes, kept);
             if let Some(last) = done.keys().next_back() {
@@ -652,6 +668,22 @@ mod tests {
                 "a replica that lacks forgotten writes needs a refill"
             );
         }
+    }
+
+    #[test]
+    fn writes_newer_than_the_cutoff_stay_logged_after_every_replica_has_them() {
+        let all = replicas();
+        let (a, b) = (&all[0], &all[1]);
+        let none = Context::at(0);
+        run(a, "k", put("x"), &none);
+        sync(a, b);
+        // A pull from before b had the write (its vector then was empty) still finds it.
+        a.forget_before(&[b.applied()], 0).unwrap();
+        let stale = VersionVector::default();
+        assert_eq!(a.since(&stale, usize::MAX).map(|w| w.len()), Some(1));
+        // Past the cutoff it leaves the log: the stale pull is told to refill.
+        a.forget_before(&[b.applied()], u64::MAX).unwrap();
+        assert_eq!(a.since(&stale, usize::MAX), None);
     }
 
     #[test]

@@ -43,6 +43,11 @@ fn wall() -> u64 {
         << LOGICAL_BITS
 }
 
+/// The hybrid-clock time `ago` before now (what a version taken then would at least be).
+pub fn time_ago(ago: std::time::Duration) -> u64 {
+    wall().saturating_sub((ago.as_millis() as u64) << LOGICAL_BITS)
+}
+
 impl Clock {
     /// A time greater than every time this clock gave or saw.
     pub fn tick(&self) -> u64 {

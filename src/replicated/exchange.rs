@@ -16,6 +16,10 @@ use crate::rpc::{Refusal, Request, Response};
 /// How often a replica pulls from its shard-mates.
 pub const GOSSIP_EVERY: Duration = Duration::from_millis(200);
 
+/// How long a write stays in the log after every mate has it: a pull sent before a mate
+/// confirmed a write, and read after, still finds it there.
+pub const KEEP_LOGGED: Duration = Duration::from_secs(2);
+
 /// Slices a refill compares.
 pub const REFILL_BUCKETS: usize = 256;
 
@@ -176,7 +180,8 @@ pub async fn run(node: Arc<Node>) {
             refill(replica, &mates, &exchange).await;
         }
         if let Some(vectors) = replication.mate_vectors() {
-            if let Err(error) = replica.forget(&vectors) {
+            let before = crate::version::time_ago(KEEP_LOGGED);
+            if let Err(error) = replica.forget_before(&vectors, before) {
                 tracing::error!(%error, "trimming the replica's log failed");
             }
         }
