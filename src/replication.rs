@@ -8,8 +8,9 @@
 //! (`10.0.0.1:13800~3fa2c1d0`): a node that restarts empty numbers its writes from 1 again,
 //! under a new name, so its new writes are never mistaken for ones peers already applied.
 //!
-//! Lock order: `current` is held only to read or replace the placement (never across
-//! another lock or an await); `mates` is a leaf lock.
+//! Lock order: `switching` (held for a whole switch, never across an await) before
+//! `current` (held only to read or replace the placement) and the replicas' own locks;
+//! `mates` is a leaf lock.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -92,6 +93,8 @@ pub struct Replication {
     current: RwLock<Arc<Placed>>,
     /// Counts the switches, for requests that met a retired replica.
     switches: watch::Sender<u64>,
+    /// Held for the whole of a switch.
+    switching: Mutex<()>,
     /// Per shard-mate: the vector it last pulled with, and when.
     mates: Mutex<BTreeMap<String, (VersionVector, Instant)>>,
     pushes: Pushes,
@@ -187,6 +190,7 @@ impl Replication {
                 unrepaired: AtomicBool::new(false),
             })),
             switches: watch::Sender::new(0),
+            switching: Mutex::new(()),
             mates: Mutex::new(BTreeMap::new()),
             pushes: Pushes::default(),
         })
@@ -237,6 +241,8 @@ impl Replication {
         dropping: &[(u64, u64)],
         staged: impl IntoIterator<Item = (String, Bytes)>,
     ) -> Result<(), ReplicationError> {
+        // One switch at a time (a commit and a layout learned from the log may race).
+        let _switching = self.switching.lock();
         let old = self.placed();
         if old.layout() == layout {
             return Ok(());
