@@ -30,6 +30,10 @@ mod hooks {
         /// Exit the process right after the first participant (other than this node) commits.
         #[serde(default)]
         pub exit_after_first_commit: bool,
+        /// Exit the process right after this node, coordinating, wrote a change's `Begin`
+        /// to the log (before any participant prepared it).
+        #[serde(default)]
+        pub exit_after_begin: bool,
         /// Holds a coordinator after the catch-up (or a failed phase), before it proposes
         /// its decision to the log.
         #[serde(default)]
@@ -99,6 +103,7 @@ mod hooks {
         decide: PausePoint,
         isolated: AtomicBool,
         exit_after_first_commit: AtomicBool,
+        exit_after_begin: AtomicBool,
         skip_voter_change: AtomicBool,
         crashed: watch::Sender<bool>,
     }
@@ -112,6 +117,7 @@ mod hooks {
                 decide: PausePoint::new(),
                 isolated: AtomicBool::new(false),
                 exit_after_first_commit: AtomicBool::new(false),
+                exit_after_begin: AtomicBool::new(false),
                 skip_voter_change: AtomicBool::new(false),
                 crashed: watch::Sender::new(false),
             }
@@ -131,6 +137,8 @@ mod hooks {
             self.isolated.store(settings.isolated, Ordering::SeqCst);
             self.exit_after_first_commit
                 .store(settings.exit_after_first_commit, Ordering::SeqCst);
+            self.exit_after_begin
+                .store(settings.exit_after_begin, Ordering::SeqCst);
             self.skip_voter_change
                 .store(settings.skip_voter_change, Ordering::SeqCst);
         }
@@ -174,6 +182,11 @@ mod hooks {
         /// Whether the coordinator is to crash right after its first participant commits.
         pub fn crash_after_first_commit(&self) -> bool {
             self.enabled && self.exit_after_first_commit.load(Ordering::SeqCst)
+        }
+
+        /// Whether the coordinator is to crash right after it wrote a change's `Begin`.
+        pub fn crash_after_begin(&self) -> bool {
+            self.enabled && self.exit_after_begin.load(Ordering::SeqCst)
         }
 
         /// Whether a coordinator is to leave the log's voters alone after a commit.
@@ -226,6 +239,11 @@ mod off {
 
         #[inline]
         pub fn crash_after_first_commit(&self) -> bool {
+            false
+        }
+
+        #[inline]
+        pub fn crash_after_begin(&self) -> bool {
             false
         }
 

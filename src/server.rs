@@ -42,6 +42,7 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener, shutdown: impl Future
     if node.config().forwarding_address.is_none() {
         crate::join::form_alone(&node).await;
         tokio::spawn(crate::join::settle(node.clone()));
+        tokio::spawn(crate::migrate::orphan_watch(node.clone()));
     }
     if node.replication().is_some() {
         tokio::spawn(crate::replicated::exchange::run(node.clone()));

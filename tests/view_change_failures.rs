@@ -762,3 +762,54 @@ fn a_stopping_owner_keeps_serving_forwards_until_its_waiting_requests_end() {
         .expect("the second node exits");
     assert!(status.success(), "{status:?}");
 }
+
+/// A coordinator that dies between writing a change's `Begin` to the log and sending its
+/// first `Prepare` leaves a change that no participant prepared, so no watchdog settles it,
+/// and the log refuses every other change while it is undecided. The members propose its
+/// abort once it has been pending for twice the phase timeout and its coordinator does not
+/// say it is driving it; the next change then goes through and loses nothing.
+#[test]
+fn a_change_whose_coordinator_died_right_after_begin_is_aborted_and_the_next_goes_through() {
+    let flags = ["--fault-hooks", "--phase-timeout", "1"];
+    let mut cluster = Cluster::start(3, &flags);
+    let client = Client::new();
+    let old = cluster.addresses();
+    let coordinator = cluster.add_node(&old, &flags);
+    let data = sample_data("begun", 200);
+    load(&client, &old, &data);
+
+    client.set_fault(&coordinator, &json!({"exit_after_begin": true}));
+    let grown = strings(&[&old[0], &old[1], &old[2], &coordinator]);
+    let answer = Client::with_timeout(Duration::from_secs(15)).try_send(
+        "PUT",
+        &format!("http://{coordinator}/kvs/view-change"),
+        Some(&json!({"view": grown.join(",")}).to_string()),
+    );
+    assert!(answer.is_err(), "the coordinator answered: {answer:?}");
+    let status = cluster.nodes[3].wait_for_exit(Duration::from_secs(10));
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(17),
+        "the coordinator exited"
+    );
+
+    // Refused (409) while the orphaned change is pending, then carried out.
+    let smaller = strings(&[&old[0], &old[1]]);
+    let answer = poll_until(
+        Duration::from_secs(20),
+        "the next change to go through",
+        || {
+            let answer = client.view_change(&old[0], &smaller.join(","));
+            (answer.status != 409).then_some(answer)
+        },
+    );
+    assert_view_change_ok(&client, &answer, &smaller);
+    assert!(
+        cluster.nodes[..3]
+            .iter()
+            .any(|n| n.log_contains("proposing that it abort")),
+        "a member proposed the orphaned change's abort"
+    );
+    let epoch = common::epoch_of(&client, &old[0]);
+    wait_until_settled(&client, &smaller, epoch, &data);
+}

@@ -394,6 +394,10 @@ async fn coordinate(node: &Arc<Node>, request: Target) -> Result<Changed, Change
             return Err(ChangeError::Unreachable(Vec::new()));
         }
     }
+    if node.faults().crash_after_begin() {
+        tracing::warn!(change = change_id, "fault hook: exiting right after Begin");
+        node.faults().crash().await;
+    }
     node.coordinate(change_id);
     metrics::view_change(ChangeOutcome::Started);
     tracing::info!(

@@ -12,4 +12,4 @@ pub use learn::learn;
 pub mod apply;
 
 pub(crate) use apply::reset;
-pub(crate) use participant::{catch_up, committed, prepare, stage, transfer};
+pub(crate) use participant::{catch_up, committed, orphan_watch, prepare, stage, transfer};

@@ -244,15 +244,7 @@ async fn watchdog(node: Arc<Node>, migration: Arc<Migration>) {
         }
         let Some(meta) = node.meta() else { return };
         let change_id = migration.change_id();
-        let driving = node
-            .peers()
-            .ask(
-                migration.coordinator(),
-                &Request::Driving { change_id },
-                &node.view(),
-            )
-            .await;
-        if let Ok(Response::Outcome(Outcome::Pending)) = driving {
+        if driven(&node, change_id, migration.coordinator()).await {
             tracing::info!(
                 change = change_id,
                 coordinator = %migration.coordinator(),
@@ -292,5 +284,67 @@ async fn watchdog(node: Arc<Node>, migration: Arc<Migration>) {
             }
         }
         migration.touch();
+    }
+}
+
+/// Whether `coordinator` says it is still driving change `change_id`.
+async fn driven(node: &Node, change_id: u64, coordinator: &str) -> bool {
+    let ask = Request::Driving { change_id };
+    let driving = node.peers().ask(coordinator, &ask, &node.view()).await;
+    matches!(driving, Ok(Response::Outcome(Outcome::Pending)))
+}
+
+/// While the node runs: a change the log has begun that this node has not prepared, still
+/// undecided after twice the phase timeout, whose coordinator does not say it is driving
+/// it (it died, or restarted, between writing `Begin` and sending `Prepare`), is proposed
+/// for abort. No participant's watchdog covers it (none prepared it), and until it is
+/// decided the log refuses every other change. The log decides: a commit that got there
+/// first stands.
+pub async fn orphan_watch(node: Arc<Node>) {
+    let timeout = node.config().phase_timeout;
+    let mut seen: Option<(u64, std::time::Instant)> = None;
+    loop {
+        tokio::time::sleep(timeout / 2).await;
+        let Some(meta) = node.meta() else { continue };
+        let pending = meta.state().change.filter(|c| {
+            node.is_log_member()
+                && node
+                    .migration()
+                    .is_none_or(|m| m.change_id() != c.change_id)
+        });
+        let Some(change) = pending else {
+            seen = None;
+            continue;
+        };
+        let since = match seen {
+            Some((id, at)) if id == change.change_id => at,
+            _ => {
+                seen = Some((change.change_id, std::time::Instant::now()));
+                continue;
+            }
+        };
+        if since.elapsed() < timeout * 2
+            || driven(&node, change.change_id, &change.coordinator).await
+        {
+            continue;
+        }
+        tracing::warn!(
+            change = change.change_id,
+            coordinator = %change.coordinator,
+            "a change the log began is undecided, prepared nowhere here and not driven by its \
+             coordinator; proposing that it abort"
+        );
+        let abort = crate::meta::Command::Abort {
+            change_id: change.change_id,
+        };
+        let proposed = meta
+            .submit(
+                crate::meta::LeaderOp::Write(abort),
+                node.peers().timeout(),
+                change.participants.clone(),
+            )
+            .await;
+        tracing::info!(change = change.change_id, ?proposed, "the log's answer");
+        seen = None;
     }
 }
