@@ -227,7 +227,8 @@ pub async fn settle(node: Arc<Node>) {
                 }
                 node.set_restarted(restarted);
                 node.follow(group.epoch, group.view);
-                crate::migrate::apply::follow_layout(&node, group.layout.as_ref());
+                let layout = group.layout.as_ref();
+                crate::migrate::apply::follow_layout(&node, group.epoch, layout);
             }
             Verdict::Bootstrap(ids) => {
                 tracing::info!(members = ?ids, "forming the group of the start view");

@@ -121,6 +121,24 @@ pub struct Replica {
     store: Store,
     clock: Clock,
     state: Mutex<State>,
+    /// Digest scans running (see [`Replica::digests`]): tombstones wait for them.
+    scans: std::sync::atomic::AtomicUsize,
+}
+
+/// Counts a digest scan while it runs.
+struct Scanning<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> Scanning<'a> {
+    fn new(scans: &'a std::sync::atomic::AtomicUsize) -> Self {
+        scans.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Scanning(scans)
+    }
+}
+
+impl Drop for Scanning<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 impl Replica {
@@ -132,6 +150,7 @@ impl Replica {
             store,
             clock: Clock::default(),
             state: Mutex::new(State::default()),
+            scans: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -326,7 +345,8 @@ impl Replica {
         state.log.retain(|_, writes| !writes.is_empty());
         // Not while a view change tracks keys: its catch-up must find a deleted key's
         // tombstone, or the new replicas would keep the value its bulk transfer shipped.
-        if state.tracked.is_some() || !others.iter().all(|v| *v == state.applied) {
+        let scanning = self.scans.load(std::sync::atomic::Ordering::Acquire) > 0;
+        if scanning || state.tracked.is_some() || !others.iter().all(|v| *v == state.applied) {
             return Ok(0);
         }
         let mut dropped = 0;
@@ -393,7 +413,13 @@ impl Replica {
     /// the writes of that vector as applied ([`Replica::refilled`]): every one of them is
     /// in a slice it matched or in a snapshot taken later.
     pub fn digests(&self, buckets: usize) -> Result<(VersionVector, Vec<u64>), ReplicaError> {
-        let state = self.state.lock();
+        // What was applied, taken before the scan: every write it counts is in the store by
+        // then (a write is stored before it is counted, under the state lock). The scan runs
+        // without the lock, so requests go on meanwhile; a record written during it only
+        // makes its slice differ. No tombstone is collected meanwhile: a digest missing one
+        // would let a refill keep an older value it beat.
+        let _scan = Scanning::new(&self.scans);
+        let applied = self.state.lock().applied.clone();
         let mut out = Vec::with_capacity(buckets);
         for (from, to) in slices(buckets) {
             let mut digest = 0u64;
@@ -408,7 +434,7 @@ impl Replica {
             })?;
             out.push(digest);
         }
-        Ok((state.applied.clone(), out))
+        Ok((applied, out))
     }
 
     /// What a refill of slice `bucket` of `buckets` ships: every record there, and what
@@ -485,6 +511,11 @@ impl Replica {
             live: state.live,
             time: self.clock.tick(),
         }
+    }
+
+    /// Undoes [`Replica::retire`]: its successor could not be made.
+    pub fn unretire(&self) {
+        self.state.lock().retired = false;
     }
 
     /// The replica a node holds after a view change, on the store its retired replica

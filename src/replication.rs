@@ -10,10 +10,9 @@
 //!
 //! Lock order: `switching` (held for a whole switch, never across an await) before
 //! `current` (held only to read or replace the placement) and the replicas' own locks;
-//! `mates` is a leaf lock.
+//! `mates` and a placement's `unrepaired` are leaf locks.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -44,15 +43,22 @@ pub enum ReplicationError {
 /// Where this node is in the layout in force: the layout with its ring, and this node's
 /// replica of its shard (`None` for a node that is not in the view).
 pub struct Placed {
+    /// The epoch of the view this placement belongs to: the epoch of the causal contexts
+    /// its replica reads and writes.
+    epoch: u64,
     map: ShardMap,
     replica: Option<Arc<Replica>>,
-    /// Whether this replica still has to compare digests with its shard-mates: it began
-    /// with a view change (or the node's start), and what its mates hold that it lacks
-    /// (writes of the incarnations before it) is in no log.
-    unrepaired: AtomicBool,
+    /// The shard-mates this replica still has to compare digests with: it began with a
+    /// view change, and what each mate holds that it lacks (writes of the incarnations
+    /// before it) is in no log.
+    unrepaired: Mutex<BTreeSet<String>>,
 }
 
 impl Placed {
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
     pub fn layout(&self) -> &Layout {
         self.map.layout()
     }
@@ -71,15 +77,14 @@ impl Placed {
         self.replica.as_ref()
     }
 
-    /// Whether the replica still has to be refilled from a mate's digests (see
-    /// [`Placed::repaired`]).
-    pub fn unrepaired(&self) -> bool {
-        self.unrepaired.load(Ordering::Acquire)
+    /// The shard-mates the replica still has to be refilled from (by digests).
+    pub fn unrepaired(&self) -> Vec<String> {
+        self.unrepaired.lock().iter().cloned().collect()
     }
 
-    /// Notes that the replica compared digests with a mate since it began.
-    pub fn repaired(&self) {
-        self.unrepaired.store(false, Ordering::Release);
+    /// Notes that the replica compared digests with `mate` since it began.
+    pub fn repaired(&self, mate: &str) {
+        self.unrepaired.lock().remove(mate);
     }
 }
 
@@ -185,9 +190,10 @@ impl Replication {
             vnodes,
             store,
             current: RwLock::new(Arc::new(Placed {
+                epoch: 0,
                 map,
                 replica,
-                unrepaired: AtomicBool::new(false),
+                unrepaired: Mutex::new(BTreeSet::new()),
             })),
             switches: watch::Sender::new(0),
             switching: Mutex::new(()),
@@ -237,6 +243,7 @@ impl Replication {
     /// node takes over) join it.
     pub fn switch(
         &self,
+        epoch: u64,
         layout: &Layout,
         dropping: &[(u64, u64)],
         staged: impl IntoIterator<Item = (String, Bytes)>,
@@ -244,7 +251,19 @@ impl Replication {
         // One switch at a time (a commit and a layout learned from the log may race).
         let _switching = self.switching.lock();
         let old = self.placed();
+        if epoch < old.epoch {
+            return Ok(());
+        }
         if old.layout() == layout {
+            // The same place under a newer epoch: the replica stays.
+            if epoch > old.epoch {
+                *self.current.write() = Arc::new(Placed {
+                    epoch,
+                    map: old.map.clone(),
+                    replica: old.replica.clone(),
+                    unrepaired: Mutex::new(old.unrepaired().into_iter().collect()),
+                });
+            }
             return Ok(());
         }
         let map = ShardMap::new(layout.clone(), self.vnodes)?;
@@ -258,17 +277,39 @@ impl Replication {
             retired,
             dropping,
             staged,
-        )?;
+        );
+        let successor = match successor {
+            Ok(successor) => successor,
+            Err(error) => {
+                // The old replica serves on rather than nothing at all.
+                if let Some(replica) = &old.replica {
+                    replica.unretire();
+                }
+                return Err(error.into());
+            }
+        };
         tracing::info!(
             shard = shard.as_deref(),
             replica = %name,
             keys = successor.live_keys(),
             "this node's place in the layout changed"
         );
+        let mates: BTreeSet<String> = map
+            .layout()
+            .shard_of(&self.me)
+            .map(|s| {
+                s.replicas
+                    .iter()
+                    .filter(|r| **r != self.me)
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
         let placed = Placed {
+            epoch,
             map,
             replica: shard.map(|_| Arc::new(successor)),
-            unrepaired: AtomicBool::new(true),
+            unrepaired: Mutex::new(mates),
         };
         *self.current.write() = Arc::new(placed);
         self.mates.lock().clear();
@@ -359,8 +400,9 @@ impl Replication {
     /// The vectors of every shard-mate, when each one pulled recently; `None` otherwise
     /// (the log is trimmed only with every mate's vector in hand).
     pub fn mate_vectors(&self) -> Option<Vec<VersionVector>> {
+        let names = self.mates();
         let mates = self.mates.lock();
-        self.mates()
+        names
             .iter()
             .map(|m| {
                 mates

@@ -74,23 +74,24 @@ fn follow_if_member(node: &Node, state: &MetaState) {
     }
     if member || (node.migration().is_none() && node.store().is_empty()) {
         node.follow(state.epoch, state.view.clone());
-        follow_layout(node, state.layout.as_ref());
+        follow_layout(node, state.epoch, state.layout.as_ref());
     }
 }
 
 /// The replicated mode: takes `layout` as the one in force when this node did not carry
 /// out the change to it (it learned it from the log or a peer), dropping what it no longer
 /// holds. A change this node prepared switches in [`commit_now`].
-pub(crate) fn follow_layout(node: &Node, layout: Option<&crate::shard::Layout>) {
+pub(crate) fn follow_layout(node: &Node, epoch: u64, layout: Option<&crate::shard::Layout>) {
     let (Some(replication), Some(layout)) = (node.replication(), layout) else {
         return;
     };
-    if replication.placed().layout() == layout {
+    let placed = replication.placed();
+    if placed.layout() == layout && placed.epoch() >= epoch {
         return;
     }
     let switched = replication.handover(layout).and_then(|plan| {
         let dropping: Vec<(u64, u64)> = plan.dropping.iter().flat_map(|r| r.segments()).collect();
-        replication.switch(layout, &dropping, std::iter::empty())
+        replication.switch(epoch, layout, &dropping, std::iter::empty())
     });
     if let Err(error) = switched {
         tracing::error!(%error, "taking the layout in force failed");
@@ -185,7 +186,8 @@ pub(crate) fn commit_now(node: &Node, change_id: u64) -> Result<Committed, Chang
             .into_iter()
             .filter_map(|(k, s)| s.value.map(|v| (k, v)));
         node.record_outcome(change_id, Outcome::Committed);
-        let switched = replication.switch(replicated.map.layout(), &dropping, records);
+        let epoch = migration.view().epoch;
+        let switched = replication.switch(epoch, replicated.map.layout(), &dropping, records);
         node.switch_to(&migration);
         let frozen = migration.end_freeze();
         migration.end();
@@ -266,7 +268,8 @@ pub(crate) async fn apply_learned(node: &Arc<Node>, migration: &Arc<Migration>, 
         Outcome::Committed => {
             let _ = commit_now(&node, migration.change_id());
             node.follow(migration.view().epoch, migration.view().members.clone());
-            follow_layout(&node, migration.replicated().map(|r| r.map.layout()));
+            let layout = migration.replicated().map(|r| r.map.layout());
+            follow_layout(&node, migration.view().epoch, layout);
         }
         Outcome::Aborted => abort_now(&node, migration.change_id()),
         Outcome::Pending | Outcome::Unknown => {}

@@ -94,6 +94,6 @@ pub async fn learn(node: &Arc<Node>, epoch: u64, members: Option<Vec<String>>, s
     };
     node.adopt(epoch, members);
     if node.view().epoch == epoch {
-        super::apply::follow_layout(node, layout.as_ref());
+        super::apply::follow_layout(node, epoch, layout.as_ref());
     }
 }

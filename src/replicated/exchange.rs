@@ -20,6 +20,10 @@ pub const GOSSIP_EVERY: Duration = Duration::from_millis(200);
 /// confirmed a write, and read after, still finds it there.
 pub const KEEP_LOGGED: Duration = Duration::from_secs(2);
 
+/// How often (in gossip rounds) a replica that began with a view change asks the mates it
+/// has not compared digests with yet.
+const REPAIR_EVERY_ROUNDS: u64 = 5;
+
 /// Slices a refill compares.
 pub const REFILL_BUCKETS: usize = 256;
 
@@ -148,6 +152,7 @@ pub async fn run(node: Arc<Node>) {
         return;
     };
     let exchange = RpcExchange { node: &node };
+    let mut round_number: u64 = 0;
     let mut ticks = tokio::time::interval(GOSSIP_EVERY);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -158,15 +163,17 @@ pub async fn run(node: Arc<Node>) {
         };
         let mates = replication.mates();
         if mates.is_empty() {
-            placed.repaired();
             continue;
         }
-        if placed.unrepaired() {
-            if refill_from_each(replica, &mates, &exchange).await > 0 {
-                placed.repaired();
+        // After a view change: a refill from each mate (one that does not answer is asked
+        // again a second later), while the pulls go on.
+        let unrepaired = placed.unrepaired();
+        if !unrepaired.is_empty() && round_number % REPAIR_EVERY_ROUNDS == 0 {
+            for mate in refill_from_each(replica, &unrepaired, &exchange).await {
+                placed.repaired(&mate);
             }
-            continue;
         }
+        round_number += 1;
         let round = match gossip::round(replica, &mates, &exchange).await {
             Ok(round) => round,
             Err(crate::replica::ReplicaError::Retired) => continue,
@@ -189,19 +196,19 @@ pub async fn run(node: Arc<Node>) {
 }
 
 /// Refills `replica` from every one of `mates` that answers (after a view change each may
-/// hold writes the others lack); how many did.
+/// hold writes the others lack); the mates that did.
 async fn refill_from_each(
     replica: &Replica,
     mates: &[String],
     exchange: &RpcExchange<'_>,
-) -> usize {
-    let mut answered = 0;
+) -> Vec<String> {
+    let mut answered = Vec::new();
     for mate in mates {
         match gossip::refill(replica, mate, exchange, REFILL_BUCKETS).await {
             Ok(Some(done)) => {
                 tracing::info!(from = %mate, slices = done.slices, records = done.records, "refilled after a view change");
                 crate::metrics::refill(done.slices);
-                answered += 1;
+                answered.push(mate.clone());
             }
             Ok(None) | Err(crate::replica::ReplicaError::Retired) => {}
             Err(error) => tracing::error!(%error, "refill failed"),

@@ -15,7 +15,8 @@ use tokio::task::JoinHandle;
 
 use crate::gossip::PULL_MAX;
 use crate::node::Node;
-use crate::rpc::{Request, Response};
+use crate::peers::PeerError;
+use crate::rpc::{Refusal, Request, Response};
 
 /// How long a push may take before its mate counts as down.
 pub const PUSH_TIMEOUT: Duration = Duration::from_millis(300);
@@ -115,6 +116,12 @@ async fn push_to(node: Arc<Node>, mate: String) {
                 // empty, it waits for a refill) is not one writes can wait for yet.
                 pushes.heard_from(&mate, applied.get(replica.name()) >= upto);
             }
+            // A mate under another view (one side of a change has committed, the other not
+            // yet) is neither down nor holding the writes: the writes wait, bounded.
+            Err(PeerError::Refused {
+                refusal: Refusal::BadView(_),
+                ..
+            }) => {}
             _ => pushes.heard_from(&mate, false),
         }
     }

@@ -234,8 +234,15 @@ pub async fn as_replica(
     body: &[u8],
     give_up: Option<GiveUp>,
 ) -> Result<KeyAnswer, Moved> {
-    let epoch = node.view().epoch;
-    let (value, context) = match read_body(method, body, epoch) {
+    let Some(replication) = node.replication() else {
+        return Ok(rejected(
+            Rejection::Unavailable,
+            Context::at(node.view().epoch),
+        ));
+    };
+    // Contexts are read at the epoch of the placement that serves them.
+    let epoch = replication.placed().epoch();
+    let (value, mut context) = match read_body(method, body, epoch) {
         Ok(read) => read,
         Err(why) => return Ok(rejected(why, Context::at(epoch))),
     };
@@ -246,9 +253,6 @@ pub async fn as_replica(
         (KvMethod::Put, Some(value)) => KvOp::Put(value),
         (KvMethod::Delete, _) => KvOp::Delete,
         _ => KvOp::Get,
-    };
-    let Some(replication) = node.replication() else {
-        return Ok(rejected(Rejection::Unavailable, context));
     };
     let hash = key_hash(key.as_bytes());
     let deadline = Instant::now() + node.peers().timeout();
@@ -261,6 +265,12 @@ pub async fn as_replica(
         let Some(replica) = placed.replica().filter(|_| replication.serves(hash)) else {
             return Err(Moved);
         };
+        if context.epoch() != placed.epoch() {
+            // A view change happened while the request waited: its context, of the epoch
+            // before, is read again at the new one (ignored, as the contract allows).
+            context = read_body(method, body, placed.epoch())
+                .map_or_else(|_| Context::at(placed.epoch()), |(_, c)| c);
+        }
         let attempt = node.in_handover(hash, |moving| match moving {
             Some(migration) if migration.is_frozen() => Attempt::Frozen(migration.ended()),
             _ => Attempt::Served(replica.serve(hash, key, &op, &context)),
