@@ -168,7 +168,7 @@ pub async fn run(node: Arc<Node>) {
         // After a view change: a refill from each mate (one that does not answer is asked
         // again a second later), while the pulls go on.
         let unrepaired = placed.unrepaired();
-        if !unrepaired.is_empty() && round_number % REPAIR_EVERY_ROUNDS == 0 {
+        if !unrepaired.is_empty() && round_number.is_multiple_of(REPAIR_EVERY_ROUNDS) {
             for mate in refill_from_each(replica, &unrepaired, &exchange).await {
                 placed.repaired(&mate);
             }
