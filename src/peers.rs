@@ -158,6 +158,9 @@ impl Peers {
                     _ => unreachable(),
                 }
             })?;
+        if self.is_cut_off() {
+            return Err(unreachable());
+        }
         match response {
             Response::Kv(outcome) => Ok(ForwardReply::Served(outcome)),
             Response::Misdirected(newer) => Ok(ForwardReply::Misdirected(newer)),
@@ -227,7 +230,12 @@ impl Peers {
         let mut retried = false;
         let error = loop {
             let deadline = Instant::now() + timeout;
-            let error = match self.rpc.call(peer, stamp_of(view), request, deadline).await {
+            let answer = self.rpc.call(peer, stamp_of(view), request, deadline).await;
+            if self.is_cut_off() {
+                // Cut off while the call was out (a test's partition): its answer is lost too.
+                return Err(PeerError::Unreachable(peer.to_string()));
+            }
+            let error = match answer {
                 Ok((_, Response::Refused(refusal))) => {
                     return Err(PeerError::Refused {
                         peer: peer.to_string(),

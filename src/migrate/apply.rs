@@ -89,9 +89,14 @@ pub(crate) fn follow_layout(node: &Node, epoch: u64, layout: Option<&crate::shar
     if placed.layout() == layout && placed.epoch() >= epoch {
         return;
     }
-    let switched = replication.handover(layout).and_then(|plan| {
-        let dropping: Vec<(u64, u64)> = plan.dropping.iter().flat_map(|r| r.segments()).collect();
-        replication.switch(epoch, layout, &dropping, std::iter::empty())
+    // Dropping what it no longer holds scans the store: off the runtime's threads when this
+    // runs on one (a layout learned while serving).
+    let switched = crate::gossip::off_runtime(|| {
+        replication.handover(layout).and_then(|plan| {
+            let dropping: Vec<(u64, u64)> =
+                plan.dropping.iter().flat_map(|r| r.segments()).collect();
+            replication.switch(epoch, layout, &dropping, std::iter::empty())
+        })
     });
     if let Err(error) = switched {
         tracing::error!(%error, "taking the layout in force failed");
