@@ -68,6 +68,11 @@ impl Placed {
         self.map.shard_of_hash(hash)
     }
 
+    /// Whether `node` is a replica of the shard of a key hash.
+    pub fn holds(&self, node: &str, hash: u64) -> bool {
+        self.shard_of_hash(hash).replicas.iter().any(|r| r == node)
+    }
+
     pub fn map(&self) -> &ShardMap {
         &self.map
     }
@@ -162,6 +167,14 @@ impl Pushes {
     }
 }
 
+/// The other replicas of `me`'s shard in `layout`.
+fn mates_in(layout: &Layout, me: &str) -> Vec<String> {
+    layout
+        .shard_of(me)
+        .map(|s| s.replicas.iter().filter(|r| **r != me).cloned().collect())
+        .unwrap_or_default()
+}
+
 /// A new incarnation's name: the address and a random tag.
 fn incarnation(address: &str) -> String {
     format!("{address}~{:08x}", crate::consensus::new_id() as u32)
@@ -214,11 +227,7 @@ impl Replication {
 
     /// Whether this node is a replica of the shard of a key hash.
     pub fn serves(&self, hash: u64) -> bool {
-        self.current
-            .read()
-            .shard_of_hash(hash)
-            .replicas
-            .contains(&self.me)
+        self.current.read().holds(&self.me, hash)
     }
 
     /// The layout `members` with `factor` replicas per shard has after the one in force.
@@ -294,17 +303,7 @@ impl Replication {
             keys = successor.live_keys(),
             "this node's place in the layout changed"
         );
-        let mates: BTreeSet<String> = map
-            .layout()
-            .shard_of(&self.me)
-            .map(|s| {
-                s.replicas
-                    .iter()
-                    .filter(|r| **r != self.me)
-                    .cloned()
-                    .collect()
-            })
-            .unwrap_or_default();
+        let mates = mates_in(map.layout(), &self.me).into_iter().collect();
         let placed = Placed {
             epoch,
             map,
@@ -329,18 +328,7 @@ impl Replication {
 
     /// The other replicas of this node's shard.
     pub fn mates(&self) -> Vec<String> {
-        self.current
-            .read()
-            .layout()
-            .shard_of(&self.me)
-            .map(|s| {
-                s.replicas
-                    .iter()
-                    .filter(|r| **r != self.me)
-                    .cloned()
-                    .collect()
-            })
-            .unwrap_or_default()
+        mates_in(self.current.read().layout(), &self.me)
     }
 
     /// This node's replica as it reports itself (see [`crate::wire::ReplicaState`]).
@@ -370,6 +358,15 @@ impl Replication {
     /// The pushing state of this node's replica.
     pub fn pushes(&self) -> &Pushes {
         &self.pushes
+    }
+
+    /// How many writes of replica `origin` shard-mate `peer` had applied when last heard
+    /// of.
+    pub fn mate_has(&self, peer: &str, origin: &str) -> u64 {
+        self.mates
+            .lock()
+            .get(peer)
+            .map_or(0, |(v, _)| v.get(origin))
     }
 
     /// What shard-mate `peer` had applied when last heard of (empty: never).

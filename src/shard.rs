@@ -451,6 +451,23 @@ mod tests {
         assert_eq!(shipped, moved.len() * 4);
     }
 
+    /// A view after a change of `old`: the old nodes `kept` marks stay, new ones fill it
+    /// up to `size`.
+    fn changed_view(old: &[String], kept: &[bool], size: usize) -> Vec<String> {
+        let mut view: Vec<String> = old
+            .iter()
+            .zip(kept.iter().cycle())
+            .filter(|(_, k)| **k)
+            .map(|(n, _)| n.clone())
+            .take(size)
+            .collect();
+        let mut fresh = (100u32..).map(|i| format!("10.0.1.{i}:13800"));
+        while view.len() < size {
+            view.push(fresh.next().unwrap());
+        }
+        view
+    }
+
     proptest! {
         #[test]
         fn regrouping_places_every_node_once_and_moves_only_what_it_must(
@@ -462,18 +479,7 @@ mod tests {
         ) {
             let old_view = nodes(0..(old_nodes * old_factor) as u32);
             let old = Layout::initial(&old_view, old_factor).unwrap();
-            // Some old nodes stay, new ones fill up to the new size.
-            let mut view: Vec<String> = old_view
-                .iter()
-                .zip(kept.iter().cycle())
-                .filter(|(_, k)| **k)
-                .map(|(n, _)| n.clone())
-                .take(new_nodes * new_factor)
-                .collect();
-            let mut fresh = (100u32..).map(|i| format!("10.0.1.{i}:13800"));
-            while view.len() < new_nodes * new_factor {
-                view.push(fresh.next().unwrap());
-            }
+            let view = changed_view(&old_view, &kept, new_nodes * new_factor);
             let new = old.regroup(&view, new_factor).unwrap();
             valid(&new, &view, new_factor)?;
             prop_assert_eq!(&new.regroup(&view, new_factor).unwrap(), &new, "a no-op stays");
@@ -499,17 +505,7 @@ mod tests {
         ) {
             let old_view = nodes(0..(old_nodes * old_factor) as u32);
             let old = Layout::initial(&old_view, old_factor).unwrap();
-            let mut view: Vec<String> = old_view
-                .iter()
-                .zip(kept.iter().cycle())
-                .filter(|(_, k)| **k)
-                .map(|(n, _)| n.clone())
-                .take(new_nodes * new_factor)
-                .collect();
-            let mut fresh = (100u32..).map(|i| format!("10.0.1.{i}:13800"));
-            while view.len() < new_nodes * new_factor {
-                view.push(fresh.next().unwrap());
-            }
+            let view = changed_view(&old_view, &kept, new_nodes * new_factor);
             let new = old.regroup(&view, new_factor).unwrap();
             let (old, new) = (ShardMap::new(old, 64).unwrap(), ShardMap::new(new, 64).unwrap());
             let hashes: Vec<u64> = (0..300u32).map(|i| key_hash(&i.to_le_bytes())).collect();

@@ -204,14 +204,8 @@ async fn refill_from_each(
 ) -> Vec<String> {
     let mut answered = Vec::new();
     for mate in mates {
-        match gossip::refill(replica, mate, exchange, REFILL_BUCKETS).await {
-            Ok(Some(done)) => {
-                tracing::info!(from = %mate, slices = done.slices, records = done.records, "refilled after a view change");
-                crate::metrics::refill(done.slices);
-                answered.push(mate.clone());
-            }
-            Ok(None) | Err(crate::replica::ReplicaError::Retired) => {}
-            Err(error) => tracing::error!(%error, "refill failed"),
+        if refill_from(replica, mate, exchange).await == Some(true) {
+            answered.push(mate.clone());
         }
     }
     answered
@@ -220,17 +214,25 @@ async fn refill_from_each(
 /// Refills `replica` from the first of `mates` that answers.
 async fn refill(replica: &Replica, mates: &[String], exchange: &RpcExchange<'_>) {
     for mate in mates {
-        match gossip::refill(replica, mate, exchange, REFILL_BUCKETS).await {
-            Ok(Some(done)) => {
-                tracing::info!(from = %mate, slices = done.slices, records = done.records, "refilled");
-                crate::metrics::refill(done.slices);
-                return;
-            }
-            Ok(None) => continue,
-            Err(error) => {
-                tracing::error!(%error, "refill failed");
-                return;
-            }
+        if refill_from(replica, mate, exchange).await.is_some() {
+            return;
+        }
+    }
+}
+
+/// One refill of `replica` from `mate`: `Some(true)` done, `Some(false)` failed here (the
+/// store), `None` the mate did not answer (or the replica was replaced meanwhile).
+async fn refill_from(replica: &Replica, mate: &str, exchange: &RpcExchange<'_>) -> Option<bool> {
+    match gossip::refill(replica, mate, exchange, REFILL_BUCKETS).await {
+        Ok(Some(done)) => {
+            tracing::info!(from = %mate, slices = done.slices, records = done.records, "refilled");
+            crate::metrics::refill(done.slices);
+            Some(true)
+        }
+        Ok(None) | Err(crate::replica::ReplicaError::Retired) => None,
+        Err(error) => {
+            tracing::error!(%error, "refill failed");
+            Some(false)
         }
     }
 }

@@ -36,11 +36,11 @@ pub async fn replicated(node: &Node, name: &str, counter: u64) {
     let pushes = replication.pushes();
     let mut heard = pushes.heard();
     pushes.wrote();
+    let mates = replication.mates();
     let everyone = || {
-        replication
-            .mates()
+        mates
             .iter()
-            .all(|mate| pushes.is_down(mate) || replication.mate_vector(mate).get(name) >= counter)
+            .all(|mate| pushes.is_down(mate) || replication.mate_has(mate, name) >= counter)
     };
     let waited = tokio::time::timeout(PUSH_WAIT, async {
         while !everyone() {

@@ -262,7 +262,10 @@ pub async fn as_replica(
             return Ok(rejected(Rejection::Unavailable, context));
         }
         let placed = replication.placed();
-        let Some(replica) = placed.replica().filter(|_| replication.serves(hash)) else {
+        let Some(replica) = placed
+            .replica()
+            .filter(|_| placed.holds(node.address(), hash))
+        else {
             return Err(Moved);
         };
         if context.epoch() != placed.epoch() {
