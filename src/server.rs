@@ -43,6 +43,7 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener, shutdown: impl Future
         crate::join::form_alone(&node).await;
         tokio::spawn(crate::join::settle(node.clone()));
         tokio::spawn(crate::migrate::orphan_watch(node.clone()));
+        tokio::spawn(crate::migrate::follow_while_removed(node.clone()));
     }
     if node.replication().is_some() {
         tokio::spawn(crate::replicated::exchange::run(node.clone()));

@@ -813,3 +813,37 @@ fn a_change_whose_coordinator_died_right_after_begin_is_aborted_and_the_next_goe
     let epoch = common::epoch_of(&client, &old[0]);
     wait_until_settled(&client, &smaller, epoch, &data);
 }
+
+/// A node a change removed is no longer sent the log, so it does not hear of the changes
+/// after: it asks the nodes of the view it was removed in and follows the newer view, as
+/// the members see it (here after a second change it took no part in).
+#[test]
+fn a_removed_node_follows_the_views_of_later_changes() {
+    let mut cluster = Cluster::start(2, HOOKS);
+    let client = Client::new();
+    let old = cluster.addresses();
+    let third = cluster.add_node(&old, HOOKS);
+    let fourth = cluster.add_node(&old, HOOKS);
+    let first = strings(&[&old[1], &third]);
+    assert_view_change_ok(
+        &client,
+        &client.view_change(&old[0], &first.join(",")),
+        &first,
+    );
+    let second = strings(&[&third, &fourth]);
+    assert_view_change_ok(
+        &client,
+        &client.view_change(&third, &second.join(",")),
+        &second,
+    );
+    let epoch = common::epoch_of(&client, &third);
+    poll_until(
+        Duration::from_secs(10),
+        "the removed node on the newest view",
+        || {
+            let state = client.state(&old[0]);
+            (state["epoch"] == json!(epoch)).then_some(())
+        },
+    );
+    assert_states(&client, &[old[0].clone()], epoch, &second);
+}

@@ -97,3 +97,32 @@ pub async fn learn(node: &Arc<Node>, epoch: u64, members: Option<Vec<String>>, s
         super::apply::follow_layout(node, epoch, layout.as_ref());
     }
 }
+
+/// While the node runs: a node that is not a member of the view its log applied (a change
+/// removed it, and the log no longer sends it entries) asks the nodes of that view, every
+/// second, for the view in force, and routes by the newer one a group answers with. Without
+/// this a removed node kept the view it was removed in (and its forwards went to nodes that
+/// may have been removed too) after the next changes.
+pub async fn follow_while_removed(node: Arc<Node>) {
+    loop {
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        let Some(meta) = node.meta() else { continue };
+        if !meta.state().formed() || node.is_log_member() || node.migration().is_some() {
+            continue;
+        }
+        let view = node.view();
+        for peer in view.members.iter().filter(|m| **m != **node.address()) {
+            let Ok(Response::State(state)) = node.peers().ask(peer, &Request::State, &view).await
+            else {
+                continue;
+            };
+            let Some(group) = state.group.filter(|g| g.epoch > view.epoch) else {
+                continue;
+            };
+            tracing::info!(epoch = group.epoch, from = %peer, "a removed node follows the newer view");
+            node.follow(group.epoch, group.view);
+            super::apply::follow_layout(&node, group.epoch, group.layout.as_ref());
+            break;
+        }
+    }
+}

@@ -8,7 +8,7 @@ mod learn;
 mod participant;
 mod transfer;
 
-pub use learn::learn;
+pub use learn::{follow_while_removed, learn};
 pub mod apply;
 
 pub(crate) use apply::reset;
