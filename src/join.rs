@@ -315,6 +315,7 @@ mod tests {
             change: None,
             leader: None,
             voters: Vec::new(),
+            term: 0,
             layout: None,
         }
     }

@@ -454,6 +454,7 @@ impl Node {
                     change: meta.change.map(|c| c.change_id),
                     leader: m.leader(),
                     voters: m.voters(),
+                    term: m.term(),
                     layout: meta.layout,
                 })
             }),

@@ -57,6 +57,8 @@ pub struct GroupState {
     pub leader: Option<String>,
     /// The log's voters, as this node last heard (the view's members once a change settled).
     pub voters: Vec<String>,
+    /// The highest Raft term this incarnation has seen.
+    pub term: u64,
     /// The shard layout in force (the replicated mode).
     pub layout: Option<crate::shard::Layout>,
 }

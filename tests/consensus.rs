@@ -1672,3 +1672,71 @@ fn the_leader_makes_the_views_members_the_logs_voters_when_the_coordinator_did_n
     wait_for_view(&client, &smaller, 2, &smaller);
     assert_model(&client, &smaller, &smaller, &Model::with_data(&data).keys);
 }
+
+// Found by the successive-changes test: a removed node that campaigned alone.
+
+#[test]
+fn a_removed_node_that_campaigned_alone_is_taken_back_at_once() {
+    let cluster = Cluster::start(3, FLAGS);
+    let client = Client::with_timeout(Duration::from_secs(20));
+    let all = cluster.addresses();
+    let _logs = KeepLogs {
+        test: "campaigned-alone",
+        addresses: all.clone(),
+    };
+    let data = sample_data("alone", 200);
+    load(&client, &all, &data);
+    let (kept, removed) = (all[..2].to_vec(), all[2].clone());
+    // The change removes the third node; its coordinator leaves the voters as they were,
+    // and the leader makes the members the voters later, while the removed node is cut
+    // off: its log stops before the membership change that removed it, so it stands for
+    // election, alone, term after term.
+    client.set_fault(&kept[0], &json!({"skip_voter_change": true}));
+    let answer = client.view_change(&kept[0], &kept.join(","));
+    assert_view_change_ok(&client, &answer, &kept);
+    wait_for_view(&client, &all, 1, &kept);
+    client.set_fault(&removed, &json!({"isolated": true}));
+    let want = sorted_view(&kept);
+    poll_until(Duration::from_secs(15), "the members as the voters", || {
+        kept.iter()
+            .all(|m| sorted(&client.state(m)["group"]["voters"]) == want)
+            .then_some(())
+    });
+    let term = |node: &str| client.state(node)["group"]["term"].as_u64().unwrap();
+    let members_term = kept.iter().map(|m| term(m)).max().unwrap();
+    poll_until(
+        Duration::from_secs(20),
+        "the removed node's term ahead",
+        || (term(&removed) > members_term + 3).then_some(()),
+    );
+    eprintln!(
+        "the removed node is at term {}, the members at {members_term}",
+        term(&removed)
+    );
+    client.set_fault(&removed, &json!({}));
+    // Taking it back goes through at once, under the leader the members have: no election.
+    let members_term = kept.iter().map(|m| term(m)).max().unwrap();
+    let started = Instant::now();
+    let answer = client.view_change(&kept[1], &all.join(","));
+    eprintln!(
+        "taking it back answered {} in {:?}: {}",
+        answer.status,
+        started.elapsed(),
+        answer.body
+    );
+    assert_view_change_ok(&client, &answer, &all);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "taking the node back took {:?}",
+        started.elapsed()
+    );
+    wait_for_view(&client, &all, 2, &all);
+    let terms: Vec<u64> = all.iter().map(|m| term(m)).collect();
+    assert_eq!(
+        terms,
+        vec![members_term; 3],
+        "every node follows the leader of the term the members had"
+    );
+    assert!(client.key_count(&removed) > 0);
+    assert_model(&client, &all, &all, &Model::with_data(&data).keys);
+}

@@ -144,6 +144,11 @@ impl Metadata {
             .map(|n| n.addr.clone())
     }
 
+    /// The highest Raft term this incarnation has seen (it only grows).
+    pub fn term(&self) -> u64 {
+        self.raft.metrics().borrow().current_term
+    }
+
     /// The log's voters (addresses) as this node last heard, in address order.
     pub fn voters(&self) -> Vec<String> {
         let metrics = self.raft.metrics().borrow().clone();
@@ -199,9 +204,34 @@ impl Metadata {
                 };
             }
             LeaderOp::AddLearner { id, address } => {
-                self.raft
-                    .add_learner(id, BasicNode { addr: address }, true)
-                    .await
+                // Not openraft's blocking add: it waits without a bound for the learner to
+                // catch up, and one that cannot (a stale incarnation holding a higher term,
+                // say) held the leader's answer, and the change, forever. A learner still
+                // behind after the wait catches up while its participant waits for `Begin`.
+                let added = self
+                    .raft
+                    .add_learner(id, BasicNode { addr: address }, false)
+                    .await;
+                if let Ok(response) = &added {
+                    let index = response.log_id.index;
+                    let caught_up = self
+                        .raft
+                        .wait(Some(LEARNER_CATCH_UP))
+                        .metrics(
+                            |m| {
+                                m.replication
+                                    .as_ref()
+                                    .and_then(|r| r.get(&id).cloned().flatten())
+                                    .is_some_and(|matched| matched.index >= index)
+                            },
+                            "the new learner caught up",
+                        )
+                        .await;
+                    if caught_up.is_err() {
+                        tracing::info!(learner = id, "the new learner is still catching up");
+                    }
+                }
+                added
             }
             LeaderOp::Voters(voters) => {
                 let ids: BTreeSet<RaftId> = voters.keys().copied().collect();
@@ -295,6 +325,10 @@ impl Metadata {
         let _ = self.raft.shutdown().await;
     }
 }
+
+/// How long the leader waits for a learner it added to hold the log (the answer to the
+/// coordinator's call must come well within its one-second hop).
+const LEARNER_CATCH_UP: Duration = Duration::from_millis(500);
 
 /// How often the leader compares the log's voters with the view's members.
 const ALIGN_EVERY: Duration = Duration::from_millis(500);

@@ -282,9 +282,10 @@ pub(crate) async fn apply_learned(node: &Arc<Node>, migration: &Arc<Migration>, 
     .await;
 }
 
-/// Leaves the group this node belongs to, for a change (coordinated by `from`) that merges
-/// it into another: this node comes back as a new Raft node with an empty log, its keys and
-/// its view kept for the handover. Refused while a change is prepared here.
+/// Starts this node's log afresh for a change (coordinated by `from`) that merges it into
+/// another group, or takes it back into the group an earlier change removed it from: it
+/// comes back as a new Raft node with an empty log, its keys and its view kept for the
+/// handover. Refused while a change is prepared here.
 pub(crate) async fn reset(node: &Arc<Node>, from: &str) -> Result<u64, ChangeError> {
     let _serial = node.change_lock().lock().await;
     if node.migration().is_some() {
@@ -298,7 +299,7 @@ pub(crate) async fn reset(node: &Arc<Node>, from: &str) -> Result<u64, ChangeErr
     tracing::warn!(
         coordinator = from,
         raft_id = id,
-        "left this node's group to join another"
+        "started a new incarnation of the log, to join the coordinator's group"
     );
     Ok(id)
 }

@@ -323,10 +323,21 @@ async fn coordinate(node: &Arc<Node>, request: Target) -> Result<Changed, Change
             // A log with entries but no group applied yet: it is forming one of its own.
             None => state.in_log,
         };
+        // A node an earlier change removed from this group, taken back.
+        let removed = !other_log
+            && target.members.contains(&state.address)
+            && state.group.as_ref().is_some_and(|g| g.group == group.group);
         if other_log {
             // Leaves its own group for this one, keeping its keys for the handover.
             id = reset(node, &state.address, &run.view).await?;
             merging.push(state.address.clone());
+        } else if removed {
+            // Comes back as a new incarnation, with an empty log: the old one's log may stop
+            // before the membership change that removed it, and then it stood for election
+            // alone, term after term; added back under that id, its term would unseat the
+            // leader, again at each election it races.
+            id = reset(node, &state.address, &run.view).await?;
+            tracing::info!(node = %state.address, raft_id = id, "a removed node comes back as a new incarnation");
         } else if group.ids.contains_key(&state.address) {
             tracing::warn!(
                 node = %state.address,
