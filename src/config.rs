@@ -8,6 +8,7 @@ use clap::Parser;
 use crate::auth::{ClusterToken, TokenError};
 use crate::ring::{canonical_address, validate_address, DEFAULT_VNODES};
 use crate::shard::{Layout, LayoutError};
+use crate::store::FsyncPolicy;
 use crate::view::{parse_members, ViewError};
 
 /// The largest `--max-body-bytes`: a forwarded PUT carries the value in one RPC frame, so
@@ -95,6 +96,15 @@ pub struct Args {
     /// view's size must be a multiple of it.
     #[arg(long, env = "REPL_FACTOR")]
     pub repl_factor: Option<String>,
+    /// Keep this node's keys, view and metadata log in this directory, so that a restart
+    /// or a crash loses no acknowledged write [default: in memory only].
+    #[arg(long, env = "DATA_DIR")]
+    pub data_dir: Option<std::path::PathBuf>,
+    /// With --data-dir: when the journal is forced to disk. `always`: before each write's
+    /// reply (concurrent writes share an fsync); `everysec`: once a second (a machine
+    /// crash may lose the last second); `no`: when the OS sees fit.
+    #[arg(long, env = "FSYNC", value_enum, default_value_t = FsyncPolicy::Everysec)]
+    pub fsync: FsyncPolicy,
     /// Enable the test-only fault hooks under /internal/fault (builds with the
     /// `fault-hooks` feature only; never in production).
     #[cfg(feature = "fault-hooks")]
@@ -122,6 +132,9 @@ pub struct Config {
     pub connect_window: Duration,
     pub fault_hooks: bool,
     pub cluster_token: Option<ClusterToken>,
+    /// `--data-dir`: `None` keeps everything in memory (the course's default).
+    pub data_dir: Option<std::path::PathBuf>,
+    pub fsync: FsyncPolicy,
 }
 
 fn non_empty(value: Option<String>) -> Option<String> {
@@ -202,6 +215,10 @@ impl Config {
                 .map(|token| ClusterToken::new(&token))
                 .transpose()
                 .map_err(ConfigError::BadToken)?,
+            data_dir: args
+                .data_dir
+                .filter(|d| !d.as_os_str().is_empty()),
+            fsync: args.fsync,
         })
     }
 

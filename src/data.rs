@@ -132,6 +132,13 @@ fn try_local(node: &Node, key: &str, hash: u64, op: &KvOp) -> Local {
     }
 }
 
+/// Waits, after a write, until it is as durable as the node's `--fsync` asks.
+async fn durable(node: &Node, op: &KvOp) {
+    if op.is_write() {
+        node.store().durable().wait().await;
+    }
+}
+
 /// Serves a client's key request from wherever the key lives.
 pub async fn serve_kv(node: &Arc<Node>, key: &str, op: KvOp) -> Result<Served, KvError> {
     node.wait_until_in_force()
@@ -141,10 +148,11 @@ pub async fn serve_kv(node: &Arc<Node>, key: &str, op: KvOp) -> Result<Served, K
     for _ in 0..MAX_ROUTES {
         let view = match try_local(node, key, hash, &op) {
             Local::Done(outcome) => {
+                durable(node, &op).await;
                 return Ok(Served {
                     outcome,
                     address: None,
-                })
+                });
             }
             Local::Wait(ended) => {
                 if !node.wait_for_release(ended).await {
@@ -214,7 +222,10 @@ pub async fn serve_forwarded(
             return Err(NotServed::GaveUp);
         }
         match try_local(node, key, hash, &op) {
-            Local::Done(outcome) => return Ok(outcome),
+            Local::Done(outcome) => {
+                durable(node, &op).await;
+                return Ok(outcome);
+            }
             Local::Wait(ended) => {
                 if !node.wait_for_release(ended).await {
                     return Err(misdirected(&node.view()));

@@ -12,6 +12,7 @@ pub mod change;
 pub mod config;
 pub mod consensus;
 pub mod data;
+pub mod datadir;
 pub mod endpoint;
 pub mod fault;
 pub mod gossip;

@@ -52,11 +52,18 @@ async fn main() -> std::process::ExitCode {
         "ringkv node started"
     );
     let crashed = node.clone();
+    let node_for_exit = node.clone();
     tokio::select! {
         _ = server::serve(node, listener, server::shutdown_signal()) => {}
         _ = crashed.faults().crashed() => {
             // A test's fault hook: end now, as a crash would, with nothing flushed.
             std::process::exit(17);
+        }
+    }
+    if let Some(disk) = node_for_exit.disk() {
+        match disk.flush() {
+            Ok(()) => tracing::info!(data_dir = ?node_for_exit.data_dir().map(|d| d.path()), "the data directory is on disk"),
+            Err(error) => tracing::error!(%error, "could not flush the data directory"),
         }
     }
     tracing::info!("stopped");

@@ -10,7 +10,7 @@ use std::sync::LazyLock;
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Counter, Encoder, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
     Opts, Registry, TextEncoder,
 };
 use warp::http::{Method, StatusCode};
@@ -318,6 +318,17 @@ pub struct NodeGauges {
     pub value_bytes: usize,
     pub waiting_for_handover: usize,
     pub last_change: Option<ChangeReport>,
+    /// With `--data-dir`: the disk's figures.
+    pub disk: Option<DiskGauges>,
+}
+
+/// A durable node's disk, as the metrics report it.
+#[derive(Debug, Clone, Copy)]
+pub struct DiskGauges {
+    pub disk_bytes: u64,
+    pub journal_bytes: u64,
+    pub fsyncs: u64,
+    pub fsync_micros: u64,
 }
 
 /// The gauges that describe a node right now.
@@ -359,6 +370,27 @@ fn node_gauges(node: &NodeGauges) -> prometheus::Result<Registry> {
         "Key requests waiting for a range this node is handing over to commit.",
         node.waiting_for_handover as i64,
     )?;
+    if let Some(disk) = &node.disk {
+        int_gauge(
+            "ringkv_disk_bytes",
+            "Bytes the data directory takes on disk (tables and journal).",
+            disk.disk_bytes as i64,
+        )?;
+        int_gauge(
+            "ringkv_journal_bytes",
+            "Bytes of the write-ahead journal on disk.",
+            disk.journal_bytes as i64,
+        )?;
+        let fsyncs = IntCounter::new("ringkv_fsyncs_total", "fsyncs of the journal.")?;
+        fsyncs.inc_by(disk.fsyncs);
+        registry.register(Box::new(fsyncs))?;
+        let seconds = Counter::new(
+            "ringkv_fsync_seconds_total",
+            "Time spent in fsyncs of the journal (divide by ringkv_fsyncs_total for the mean).",
+        )?;
+        seconds.inc_by(disk.fsync_micros as f64 / 1e6);
+        registry.register(Box::new(seconds))?;
+    }
     if let Some(replica) = &state.replica {
         let lag = IntGaugeVec::new(
             Opts::new(

@@ -22,7 +22,9 @@ use crate::config::Config;
 use crate::consensus::Metadata;
 use crate::fault::Faults;
 use crate::peers::Peers;
+use crate::datadir::{DataDir, DataDirError};
 use crate::replication::{Replication, ReplicationError};
+use crate::store::durable::DurableEngine;
 use crate::rpc::client::Identity;
 use crate::store::Store;
 use crate::view::View;
@@ -98,12 +100,40 @@ pub struct Node {
     restarts: Mutex<std::collections::BTreeSet<String>>,
     /// The replicated mode's state (`--repl-factor`); `None` in the sharded mode.
     replication: Option<Replication>,
+    /// `--data-dir`: where the keys and the metadata log are kept.
+    data_dir: Option<DataDir>,
+    /// The store, as the durable engine it is with a data dir (for its disk's metrics).
+    disk: Option<Arc<DurableEngine>>,
+}
+
+/// Why a node could not be built from its configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Replication(#[from] ReplicationError),
+    #[error(transparent)]
+    DataDir(#[from] DataDirError),
 }
 
 impl Node {
-    pub fn new(config: Config) -> Result<Arc<Node>, ReplicationError> {
-        let view = View::new(0, config.view.clone(), config.vnodes)?;
-        let store = crate::store::memory();
+    pub fn new(config: Config) -> Result<Arc<Node>, NodeError> {
+        let view = View::new(0, config.view.clone(), config.vnodes).map_err(ReplicationError::from)?;
+        let (store, data_dir, disk) = match &config.data_dir {
+            None => (crate::store::memory(), None, None),
+            Some(path) => {
+                let dir = DataDir::open(path, &config.address, config.cluster_token.as_ref())?;
+                let (engine, recovered) = dir.keys(config.fsync)?;
+                tracing::info!(
+                    data_dir = %path.display(),
+                    keys = recovered.keys,
+                    millis = recovered.millis,
+                    fsync = %config.fsync,
+                    "recovered the keys on disk"
+                );
+                let engine = Arc::new(engine);
+                (engine.clone() as Store, Some(dir), Some(engine))
+            }
+        };
         let replication = match config.repl_factor {
             Some(factor) => Some(Replication::new(
                 &config.address,
@@ -157,8 +187,20 @@ impl Node {
             restarted: AtomicBool::new(false),
             restarts: Mutex::new(Default::default()),
             replication,
+            data_dir,
+            disk,
             config,
         }))
+    }
+
+    /// The durable engine, when the node keeps its keys on disk (`--data-dir`).
+    pub fn disk(&self) -> Option<&DurableEngine> {
+        self.disk.as_deref()
+    }
+
+    /// The data directory (`--data-dir`), if any.
+    pub fn data_dir(&self) -> Option<&DataDir> {
+        self.data_dir.as_ref()
     }
 
     /// Starts this node's part of the metadata log; done once, before serving.
@@ -428,6 +470,15 @@ impl Node {
             value_bytes: self.store.value_bytes(),
             waiting_for_handover: self.waiting_for_handover.load(Ordering::Relaxed),
             last_change: self.last_change.lock().clone(),
+            disk: self.disk().map(|disk| {
+                let synced = disk.sync_stats();
+                crate::metrics::DiskGauges {
+                    disk_bytes: disk.disk_bytes(),
+                    journal_bytes: disk.journal_bytes(),
+                    fsyncs: synced.fsyncs,
+                    fsync_micros: synced.fsync_micros,
+                }
+            }),
         }
     }
 

@@ -28,10 +28,12 @@ pub const PUSH_WAIT: Duration = Duration::from_millis(500);
 const RETRY_EVERY: Duration = Duration::from_millis(200);
 
 /// Waits (up to [`PUSH_WAIT`]) until every shard-mate that answers pushes holds the first
-/// `counter` writes of replica `name` (this node's), pushing them now.
+/// `counter` writes of replica `name` (this node's), pushing them now; and until they are
+/// as durable here as `--fsync` asks (the fsync runs meanwhile, on its own thread).
 pub async fn replicated(node: &Node, name: &str, counter: u64) {
+    let local = node.store().durable();
     let Some(replication) = node.replication() else {
-        return;
+        return local.wait().await;
     };
     let pushes = replication.pushes();
     let mut heard = pushes.heard();
@@ -53,6 +55,7 @@ pub async fn replicated(node: &Node, name: &str, counter: u64) {
     if waited.is_err() {
         tracing::debug!(name, counter, "a write's mates did not confirm it in time");
     }
+    local.wait().await;
 }
 
 /// The push task of a replicated node: one pusher per shard-mate (so a mate that does not

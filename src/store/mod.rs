@@ -4,11 +4,15 @@
 //! same [`conformance`] suite. Every method that touches data can fail, so a durable engine
 //! can report an I/O error instead of panicking.
 
+pub mod durable;
 pub mod memory;
+pub mod sync;
 
 use std::sync::Arc;
 
 use bytes::Bytes;
+
+pub use sync::{Durable, FsyncPolicy};
 
 /// One key and its value, or `None` for a deletion (a tombstone in a transfer).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -80,6 +84,12 @@ pub trait Engine: Send + Sync + 'static {
 
     /// Drops every key of the non-wrapping segment `start..=end`; returns how many.
     fn remove_segment(&self, start: u64, end: u64) -> Result<usize, StoreError>;
+
+    /// What a writer awaits before acknowledging the writes it made: resolves once they
+    /// are as durable as the node's `--fsync` policy asks (at once in memory).
+    fn durable(&self) -> Durable {
+        Durable::now()
+    }
 }
 
 /// The engine a node stores in, shared by the request path and the view change.

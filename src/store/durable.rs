@@ -1,0 +1,249 @@
+//! The durable engine (`--data-dir`): every key is served from memory, as by the memory
+//! engine (the request path's reads and the view change's range scans cost the same), and
+//! kept on disk in fjall, an LSM tree with its own journal, under `hash ‖ key` (8-byte
+//! big-endian ring hash, then the key) so that a hash range is one ordered scan and a
+//! handed-over range one run of removals. A write reaches fjall's journal (the OS's buffers)
+//! before the memory; [`super::sync`] decides when the journal reaches the disk. On open,
+//! the keys on disk are loaded into memory.
+//!
+//! Lock order: a write stripe here, then fjall's journal, then the memory engine's stripe
+//! (a key's disk and memory copies change together, in the same order).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+
+use super::memory::MemoryEngine;
+use super::sync::{Durable, FsyncPolicy, SyncStats, Syncer};
+use super::{Batch, Engine, StoreError};
+
+const WRITE_STRIPES: usize = 256;
+
+/// Removals of a handed-over range go to the journal in batches of this many keys.
+const REMOVE_BATCH: usize = 4096;
+
+/// The durable engine: memory in front, fjall behind.
+pub struct DurableEngine {
+    memory: MemoryEngine,
+    db: fjall::Database,
+    keys: fjall::Keyspace,
+    syncer: Arc<Syncer>,
+    writes: Box<[Mutex<()>]>,
+}
+
+/// What opening a durable store found.
+#[derive(Debug, Clone, Copy)]
+pub struct Recovered {
+    pub keys: usize,
+    pub millis: u64,
+}
+
+fn disk_key(hash: u64, key: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(8 + key.len());
+    out.extend_from_slice(&hash.to_be_bytes());
+    out.extend_from_slice(key.as_bytes());
+    out
+}
+
+fn hash_bound(hash: u64) -> [u8; 8] {
+    hash.to_be_bytes()
+}
+
+fn failed(error: impl std::fmt::Display) -> StoreError {
+    StoreError(error.to_string())
+}
+
+/// Splits a key as stored on disk into its hash and key; `None` for one this version did
+/// not write (it is skipped, with a warning).
+fn split_disk_key(raw: &[u8]) -> Option<(u64, &str)> {
+    let (hash, key) = raw.split_first_chunk::<8>()?;
+    Some((u64::from_be_bytes(*hash), std::str::from_utf8(key).ok()?))
+}
+
+impl DurableEngine {
+    /// Opens (or creates) the keys of `db` and loads them into memory.
+    pub fn open(
+        db: fjall::Database,
+        policy: FsyncPolicy,
+    ) -> Result<(DurableEngine, Recovered), StoreError> {
+        let started = Instant::now();
+        let keys = db
+            .keyspace("kv", fjall::KeyspaceCreateOptions::default)
+            .map_err(failed)?;
+        let memory = MemoryEngine::new();
+        let mut skipped = 0usize;
+        for item in keys.iter() {
+            let (raw, value) = item.into_inner().map_err(failed)?;
+            match split_disk_key(&raw) {
+                Some((hash, key)) => {
+                    memory.put(hash, key, Bytes::copy_from_slice(&value))?;
+                }
+                None => skipped += 1,
+            }
+        }
+        if skipped > 0 {
+            tracing::warn!(skipped, "skipped keys on disk that are not hash ‖ key");
+        }
+        let syncing = db.clone();
+        let syncer = Syncer::start(policy, move || {
+            syncing
+                .persist(fjall::PersistMode::SyncData)
+                .map_err(std::io::Error::other)
+        });
+        let recovered = Recovered {
+            keys: memory.len(),
+            millis: started.elapsed().as_millis() as u64,
+        };
+        let engine = DurableEngine {
+            memory,
+            db,
+            keys,
+            syncer,
+            writes: (0..WRITE_STRIPES).map(|_| Mutex::new(())).collect(),
+        };
+        Ok((engine, recovered))
+    }
+
+    fn stripe(&self, hash: u64) -> &Mutex<()> {
+        &self.writes[(hash >> 56) as usize % WRITE_STRIPES]
+    }
+
+    /// Bytes on disk (tables and journal).
+    pub fn disk_bytes(&self) -> u64 {
+        self.db.disk_space().unwrap_or(0)
+    }
+
+    /// Bytes of the journal on disk.
+    pub fn journal_bytes(&self) -> u64 {
+        self.db.journal_disk_space().unwrap_or(0)
+    }
+
+    pub fn sync_stats(&self) -> SyncStats {
+        self.syncer.stats()
+    }
+
+    pub fn policy(&self) -> FsyncPolicy {
+        self.syncer.policy()
+    }
+
+    /// Forces everything written so far to disk (a node stopping cleanly).
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.db.persist(fjall::PersistMode::SyncAll).map_err(failed)
+    }
+}
+
+impl Drop for DurableEngine {
+    fn drop(&mut self) {
+        self.syncer.stop();
+    }
+}
+
+impl Engine for DurableEngine {
+    fn len(&self) -> usize {
+        self.memory.len()
+    }
+
+    fn value_bytes(&self) -> usize {
+        self.memory.value_bytes()
+    }
+
+    fn get(&self, hash: u64, key: &str) -> Result<Option<Bytes>, StoreError> {
+        self.memory.get(hash, key)
+    }
+
+    fn put(&self, hash: u64, key: &str, value: Bytes) -> Result<bool, StoreError> {
+        let _write = self.stripe(hash).lock();
+        self.keys
+            .insert(disk_key(hash, key), value.as_ref())
+            .map_err(failed)?;
+        self.syncer.wrote();
+        self.memory.put(hash, key, value)
+    }
+
+    fn delete(&self, hash: u64, key: &str) -> Result<bool, StoreError> {
+        let _write = self.stripe(hash).lock();
+        if self.memory.get(hash, key)?.is_none() {
+            return Ok(false);
+        }
+        self.keys.remove(disk_key(hash, key)).map_err(failed)?;
+        self.syncer.wrote();
+        self.memory.delete(hash, key)
+    }
+
+    fn read_batch(
+        &self,
+        from: u64,
+        end: u64,
+        max_keys: usize,
+        max_bytes: usize,
+    ) -> Result<Batch, StoreError> {
+        self.memory.read_batch(from, end, max_keys, max_bytes)
+    }
+
+    fn remove_segment(&self, start: u64, end: u64) -> Result<usize, StoreError> {
+        if start > end {
+            return Ok(0);
+        }
+        // Off disk first: a crash half-way leaves keys in neither or only on disk (the
+        // memory copy goes last), never a key served that the disk no longer has.
+        let upper = end.checked_add(1).map(hash_bound);
+        let doomed: Vec<fjall::UserKey> = match upper {
+            Some(upper) => self.keys.range(hash_bound(start)..upper),
+            None => self.keys.range(hash_bound(start)..),
+        }
+        .map(|item| item.key().map_err(failed))
+        .collect::<Result<_, _>>()?;
+        for chunk in doomed.chunks(REMOVE_BATCH) {
+            let mut batch = self.db.batch();
+            for key in chunk {
+                batch.remove(&self.keys, key.clone());
+            }
+            batch.commit().map_err(failed)?;
+            self.syncer.wrote();
+        }
+        self.memory.remove_segment(start, end)
+    }
+
+    fn durable(&self) -> Durable {
+        self.syncer.durable()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open(dir: &std::path::Path, policy: FsyncPolicy) -> DurableEngine {
+        let db = fjall::Database::builder(dir).open().unwrap();
+        DurableEngine::open(db, policy).unwrap().0
+    }
+
+    #[test]
+    fn the_durable_engine_passes_the_engine_suite() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::store::conformance::run(&open(dir.path(), FsyncPolicy::No));
+    }
+
+    #[test]
+    fn keys_written_are_there_when_the_store_is_opened_again() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = open(dir.path(), FsyncPolicy::Everysec);
+            for i in 0..1000u64 {
+                store
+                    .put(i << 50, &format!("k{i}"), Bytes::from(format!("{i}")))
+                    .unwrap();
+            }
+            store.delete(7 << 50, "k7").unwrap();
+            assert_eq!(store.remove_segment(100 << 50, (200 << 50) - 1).unwrap(), 100);
+        }
+        let store = open(dir.path(), FsyncPolicy::Everysec);
+        assert_eq!(store.len(), 1000 - 1 - 100);
+        assert_eq!(store.get(8 << 50, "k8").unwrap().unwrap(), "8");
+        assert_eq!(store.get(7 << 50, "k7").unwrap(), None);
+        assert_eq!(store.get(150 << 50, "k150").unwrap(), None);
+        assert_eq!(store.get(999 << 50, "k999").unwrap().unwrap(), "999");
+    }
+}
