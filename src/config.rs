@@ -215,9 +215,7 @@ impl Config {
                 .map(|token| ClusterToken::new(&token))
                 .transpose()
                 .map_err(ConfigError::BadToken)?,
-            data_dir: args
-                .data_dir
-                .filter(|d| !d.as_os_str().is_empty()),
+            data_dir: args.data_dir.filter(|d| !d.as_os_str().is_empty()),
             fsync: args.fsync,
         })
     }

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::auth::ClusterToken;
+use crate::consensus::LogDisk;
 use crate::store::durable::{DurableEngine, Recovered};
 use crate::store::FsyncPolicy;
 
@@ -48,7 +49,6 @@ const IDENTITY_KEY: &str = "identity";
 pub struct DataDir {
     path: PathBuf,
     db: fjall::Database,
-    meta: fjall::Keyspace,
 }
 
 fn fingerprint(token: &ClusterToken) -> String {
@@ -74,7 +74,9 @@ impl DataDir {
             .cache_size(8 << 20)
             .open()
             .map_err(|e| match e {
-                fjall::Error::Locked => DataDirError::InUse { path: shown.clone() },
+                fjall::Error::Locked => DataDirError::InUse {
+                    path: shown.clone(),
+                },
                 other => open_error(other.to_string()),
             })?;
         let meta = db
@@ -112,7 +114,6 @@ impl DataDir {
         Ok(DataDir {
             path: path.to_path_buf(),
             db,
-            meta,
         })
     }
 
@@ -128,14 +129,19 @@ impl DataDir {
         })
     }
 
-    /// The database, for the metadata log's own keyspace.
-    pub fn database(&self) -> &fjall::Database {
-        &self.db
-    }
-
-    /// Small records of the node's own (the identity, the metadata log's id).
-    pub fn meta(&self) -> &fjall::Keyspace {
-        &self.meta
+    /// Where the metadata log is kept.
+    pub fn log(&self) -> Result<LogDisk, DataDirError> {
+        let keyspace = self
+            .db
+            .keyspace("raft", fjall::KeyspaceCreateOptions::default)
+            .map_err(|e| DataDirError::Open {
+                path: self.path.display().to_string(),
+                error: e.to_string(),
+            })?;
+        Ok(LogDisk {
+            db: self.db.clone(),
+            keyspace,
+        })
     }
 }
 

@@ -62,7 +62,9 @@ async fn main() -> std::process::ExitCode {
     }
     if let Some(disk) = node_for_exit.disk() {
         match disk.flush() {
-            Ok(()) => tracing::info!(data_dir = ?node_for_exit.data_dir().map(|d| d.path()), "the data directory is on disk"),
+            Ok(()) => {
+                tracing::info!(data_dir = ?node_for_exit.data_dir().map(|d| d.path()), "the data directory is on disk")
+            }
             Err(error) => tracing::error!(%error, "could not flush the data directory"),
         }
     }

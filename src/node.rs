@@ -20,12 +20,12 @@ use tokio::sync::watch;
 use crate::change::Migration;
 use crate::config::Config;
 use crate::consensus::Metadata;
+use crate::datadir::{DataDir, DataDirError};
 use crate::fault::Faults;
 use crate::peers::Peers;
-use crate::datadir::{DataDir, DataDirError};
 use crate::replication::{Replication, ReplicationError};
-use crate::store::durable::DurableEngine;
 use crate::rpc::client::Identity;
+use crate::store::durable::DurableEngine;
 use crate::store::Store;
 use crate::view::View;
 use crate::wire::{ChangeReport, NodeState, Outcome};
@@ -117,7 +117,8 @@ pub enum NodeError {
 
 impl Node {
     pub fn new(config: Config) -> Result<Arc<Node>, NodeError> {
-        let view = View::new(0, config.view.clone(), config.vnodes).map_err(ReplicationError::from)?;
+        let view =
+            View::new(0, config.view.clone(), config.vnodes).map_err(ReplicationError::from)?;
         let (store, data_dir, disk) = match &config.data_dir {
             None => (crate::store::memory(), None, None),
             Some(path) => {
@@ -203,13 +204,20 @@ impl Node {
         self.data_dir.as_ref()
     }
 
-    /// Starts this node's part of the metadata log; done once, before serving.
+    /// Starts this node's part of the metadata log: before serving (with a data dir, the
+    /// log and incarnation kept there), and again as a new incarnation (`fresh`) when the
+    /// node leaves its group's log.
     pub async fn start_log(
         &self,
         effects: Arc<dyn crate::consensus::Effects>,
         transport: Arc<dyn crate::consensus::Transport>,
+        fresh: bool,
     ) -> Result<(), String> {
-        let meta = Metadata::start(effects, transport).await?;
+        let disk = match &self.data_dir {
+            Some(dir) => Some(dir.log().map_err(|e| e.to_string())?),
+            None => None,
+        };
+        let meta = Metadata::start(effects, transport, disk, fresh).await?;
         tracing::info!(raft_id = meta.id(), "metadata log started");
         let old = self.meta.write().replace(Arc::new(meta));
         if let Some(old) = old {

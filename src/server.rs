@@ -34,7 +34,7 @@ pub async fn bind(node: &Node) -> std::io::Result<TcpListener> {
 pub async fn serve(node: Arc<Node>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
     if node.meta().is_none() {
         let link = crate::migrate::apply::Link::new(&node);
-        if let Err(error) = node.start_log(link.clone(), link).await {
+        if let Err(error) = node.start_log(link.clone(), link, false).await {
             tracing::error!(%error, "cannot start the metadata log");
             return;
         }

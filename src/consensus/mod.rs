@@ -21,6 +21,7 @@ use openraft::error::{ClientWriteError, RaftError};
 use openraft::{BasicNode, Raft, Snapshot};
 use tokio::sync::watch;
 
+pub use log::LogDisk;
 pub use machine::{Effects, Published};
 pub use network::Transport;
 
@@ -57,12 +58,29 @@ fn raft_config() -> openraft::Config {
 }
 
 impl Metadata {
-    /// Starts this node's Raft instance (a new incarnation, with an empty log).
+    /// Starts this node's Raft instance: in memory, a new incarnation with an empty log;
+    /// on `disk`, the incarnation and log kept there, unless `fresh` asks for a new
+    /// incarnation (the node leaves its group's log).
     pub async fn start(
         effects: Arc<dyn Effects>,
         transport: Arc<dyn Transport>,
+        disk: Option<LogDisk>,
+        fresh: bool,
     ) -> Result<Metadata, String> {
-        let id = new_id();
+        let kept = match &disk {
+            Some(disk) if !fresh => disk.id()?,
+            _ => None,
+        };
+        let id = match (kept, &disk) {
+            (Some(id), _) => id,
+            (None, Some(disk)) => {
+                let id = new_id();
+                disk.start_over(id)?;
+                id
+            }
+            (None, None) => new_id(),
+        };
+        let log = log::MemLog::open(disk)?;
         let config = raft_config().validate().map_err(|e| e.to_string())?;
         let (publish, published) = watch::channel(Arc::new(Published::default()));
         let (effect, effected) = watch::channel(0);
@@ -70,15 +88,9 @@ impl Metadata {
         let network = network::Network {
             transport: transport.clone(),
         };
-        let raft = Raft::new(
-            id,
-            Arc::new(config),
-            network,
-            log::MemLog::default(),
-            machine,
-        )
-        .await
-        .map_err(|e| e.to_string())?;
+        let raft = Raft::new(id, Arc::new(config), network, log, machine)
+            .await
+            .map_err(|e| e.to_string())?;
         tokio::spawn(keep_voters_aligned(raft.clone(), id, published.clone()));
         Ok(Metadata {
             id,

@@ -292,7 +292,7 @@ pub(crate) async fn reset(node: &Arc<Node>, from: &str) -> Result<u64, ChangeErr
         return Err(ChangeError::InProgress);
     }
     let link = Link::new(node);
-    node.start_log(link.clone(), link)
+    node.start_log(link.clone(), link, true)
         .await
         .map_err(|_| ChangeError::OtherGroup(node.address().to_string()))?;
     let id = node.meta().map_or(0, |m| m.id());

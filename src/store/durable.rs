@@ -237,7 +237,10 @@ mod tests {
                     .unwrap();
             }
             store.delete(7 << 50, "k7").unwrap();
-            assert_eq!(store.remove_segment(100 << 50, (200 << 50) - 1).unwrap(), 100);
+            assert_eq!(
+                store.remove_segment(100 << 50, (200 << 50) - 1).unwrap(),
+                100
+            );
         }
         let store = open(dir.path(), FsyncPolicy::Everysec);
         assert_eq!(store.len(), 1000 - 1 - 100);
