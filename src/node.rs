@@ -217,11 +217,17 @@ impl Node {
             Some(dir) => Some(dir.log().map_err(|e| e.to_string())?),
             None => None,
         };
-        let meta = Metadata::start(effects, transport, disk, fresh).await?;
+        let meta = Metadata::start(effects.clone(), transport, disk, fresh).await?;
         tracing::info!(raft_id = meta.id(), "metadata log started");
         let old = self.meta.write().replace(Arc::new(meta));
         if let Some(old) = old {
             old.shutdown().await;
+        }
+        // A log replayed from the data dir applied its entries before this node knew its
+        // Raft id, so it could not tell whether it is a member of the view they hold: it
+        // is told the state again now that it can.
+        if let Some(state) = self.meta().map(|m| m.state()) {
+            let _ = tokio::task::spawn_blocking(move || effects.installed(&state)).await;
         }
         Ok(())
     }

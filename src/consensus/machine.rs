@@ -21,7 +21,8 @@ use crate::meta::{Applied, Command, MetaState, RaftId, TypeConfig};
 pub trait Effects: Send + Sync + 'static {
     /// `command` was applied with `applied`; `state` is the state after it.
     fn applied(&self, command: &Command, applied: &Applied, state: &MetaState);
-    /// The state jumped to `state` (a snapshot from the leader replaced the log before it).
+    /// The state jumped to `state` (a snapshot from the leader replaced the log before it,
+    /// or the node learned its Raft id after replaying a log from its data dir).
     fn installed(&self, state: &MetaState);
 }
 
