@@ -58,8 +58,9 @@ pub enum ChangeError {
     Storage(#[from] StoreError),
 }
 
-/// A key received for a range this node takes over.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A key received for a range this node takes over (a durable node also keeps it in its
+/// data dir, in this shape, until the change ends).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Staged {
     /// `None` is a deletion.
     pub value: Option<Bytes>,
@@ -216,13 +217,17 @@ impl Migration {
 
     /// Takes a batch from `from`, a participant, if this node owns every key of it under
     /// the new view. (Not "under the sender's ring": nodes started with different views
-    /// converge through a change, and each ships what its own ring says it held.)
+    /// converge through a change, and each ships what its own ring says it held.) In the
+    /// sharded mode, `keep` is given the keys whose staged copy the batch replaced, with
+    /// that copy, before any other batch can stage (a durable node writes them to disk, in
+    /// the order they were taken).
     pub(crate) fn stage(
         &self,
         me: &str,
         from: &str,
         round: u8,
         entries: Vec<Entry>,
+        keep: impl FnOnce(&[(String, Staged)]) -> Result<(), ChangeError>,
     ) -> Result<(), ChangeError> {
         if !self.participants.iter().any(|p| p == from) {
             return Err(ChangeError::NotParticipant(from.to_string()));
@@ -290,8 +295,13 @@ impl Migration {
         }
         let foreign = self.merging.iter().any(|m| m == from);
         let mut staged = self.staged.lock();
+        let mut taken = Vec::with_capacity(entries.len());
         for entry in entries {
-            let value = entry.value;
+            let copy = Staged {
+                value: entry.value,
+                foreign,
+                round,
+            };
             match staged.entry(entry.key) {
                 std::collections::hash_map::Entry::Occupied(mut held) => {
                     // This group's copy wins over a merged group's; a merged node's later
@@ -300,23 +310,17 @@ impl Migration {
                     if (!foreign || held_foreign)
                         && (held_foreign != foreign || round >= held_round)
                     {
-                        held.insert(Staged {
-                            value,
-                            foreign,
-                            round,
-                        });
+                        taken.push((held.key().clone(), copy.clone()));
+                        held.insert(copy);
                     }
                 }
                 std::collections::hash_map::Entry::Vacant(slot) => {
-                    slot.insert(Staged {
-                        value,
-                        foreign,
-                        round,
-                    });
+                    taken.push((slot.key().clone(), copy.clone()));
+                    slot.insert(copy);
                 }
             }
         }
-        Ok(())
+        keep(&taken)
     }
 
     /// Whether `sender` is this change's coordinator.

@@ -79,7 +79,7 @@ impl Handler for Node {
                 round,
                 entries,
             } => reply(
-                migrate::stage(&self, &from, change_id, round, entries),
+                migrate::stage(&self, &from, change_id, round, entries).await,
                 |()| Response::Done,
             ),
             Request::CatchUp { change_id } => reply(

@@ -13,11 +13,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{
-    assert_contents, assert_view_change_ok, fresh_address, fresh_addresses, load, poll_until,
-    sample_data, Client, TestNode,
+    assert_contents, assert_view_change_ok, fresh_address, fresh_addresses, gauge, load,
+    poll_until, sample_data, Client, TestNode,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use ringkv::ring::{HashRing, DEFAULT_VNODES};
 use serde_json::{json, Value};
 
 /// A data directory of its own for each node of a test, removed when the test ends.
@@ -275,4 +276,174 @@ fn walk(dir: &std::path::Path) -> Vec<PathBuf> {
         }
     }
     found
+}
+
+/// Where in a view change a node is killed.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Phase {
+    /// The coordinator, right after it wrote the change's start to the log.
+    Begin,
+    /// While a sender's transfer is held: the victim may have staged some keys.
+    Transfer,
+    /// Once every key is staged and every catch-up done, before the coordinator decides.
+    Decide,
+    /// Once the log decided the commit, before the victim carried it out.
+    Commit,
+}
+
+/// A cluster of three durable nodes grows to four; `victim` (an index into the four) is
+/// killed with `kill -9` at `phase` and started again on its data dir. The change then
+/// ends with the others (committed or aborted), and the view the cluster ends in holds
+/// every key loaded before it, each once: nothing staged lost, nothing handed over kept.
+/// A change aborted this way can be made again.
+fn killed_during_a_change(victim: usize, phase: Phase) {
+    let dirs = DataDirs::new();
+    let all = fresh_addresses(4);
+    let first: Vec<String> = all[..3].to_vec();
+    let flags = |a: &str| {
+        let mut flags = dirs.flags(a, "always");
+        flags.extend(["--fault-hooks", "--phase-timeout", "1"].map(String::from));
+        flags
+    };
+    let mut nodes: Vec<TestNode> = first.iter().map(|a| start(a, &first, &flags(a))).collect();
+    nodes.push(start(&all[3], &first, &flags(&all[3])));
+    let client = Client::with_timeout(Duration::from_secs(20));
+    let data = sample_data("phase", 400);
+    load(&client, &first, &data);
+    // The held node: a sender (its transfer), or the victim itself (its commit).
+    let held = match phase {
+        Phase::Begin => 0,
+        Phase::Transfer => 1,
+        Phase::Decide => 0,
+        Phase::Commit => victim,
+    };
+    let (pause, waiting) = match phase {
+        Phase::Begin => ("exit_after_begin", ""),
+        Phase::Transfer => ("pause_transfer", "waiting_in_transfer"),
+        Phase::Decide => ("pause_decide", "waiting_to_decide"),
+        Phase::Commit => ("pause_commit", "waiting_in_commit"),
+    };
+    client.set_fault(&all[held], &json!({ pause: true }));
+    // Its answer, if the coordinator lived to give one (it is not checked: the cluster's
+    // final state is).
+    let change = {
+        let url = format!("http://{}/kvs/view-change", all[0]);
+        let body = json!({ "view": all.join(",") }).to_string();
+        std::thread::spawn(move || {
+            Client::with_timeout(Duration::from_secs(30))
+                .try_send("PUT", &url, Some(&body))
+                .map(|a| a.text)
+        })
+    };
+    if phase == Phase::Begin {
+        let exited = nodes[victim].wait_for_exit(Duration::from_secs(15));
+        assert_eq!(
+            exited.and_then(|e| e.code()),
+            Some(17),
+            "the coordinator crashed"
+        );
+    } else {
+        poll_until(Duration::from_secs(15), "the held phase", || {
+            (client.fault_status(&all[held])[waiting] == json!(true)).then_some(())
+        });
+    }
+    if phase == Phase::Transfer {
+        // Every other sender's transfer is done: the receiver has staged their keys.
+        let (before, after) = (
+            HashRing::new(&first, DEFAULT_VNODES).unwrap(),
+            HashRing::new(&all, DEFAULT_VNODES).unwrap(),
+        );
+        let staged = data
+            .keys()
+            .filter(|k| {
+                let from = before.owner(k.as_bytes());
+                **from != *all[1] && **after.owner(k.as_bytes()) == *all[3]
+            })
+            .count();
+        assert!(staged > 0);
+        poll_until(Duration::from_secs(15), "the other transfers", || {
+            let received = gauge(&client, &all[3], "ringkv_transfer_keys_received_total");
+            (received == staged as f64).then_some(())
+        });
+    }
+    nodes[victim].kill();
+    nodes[victim] = start(&all[victim], &first, &flags(&all[victim]));
+    if held != victim && phase != Phase::Begin {
+        client.set_fault(&all[held], &json!({ pause: false }));
+    }
+    let answer = change.join().unwrap();
+    // The change ends on every node, in the view the log decided.
+    let settled = poll_until(
+        Duration::from_secs(30),
+        "the change to end everywhere",
+        || {
+            let states: Vec<Value> = all.iter().map(|a| client.state(a)).collect();
+            let first = &states[0];
+            let view = first["view"].as_array()?.clone();
+            let members: Vec<&Value> = states
+                .iter()
+                .filter(|s| view.contains(&s["address"]))
+                .collect();
+            (members.len() == view.len()
+                && states.iter().all(|s| s["pending"].is_null())
+                && members
+                    .iter()
+                    .all(|s| s["epoch"] == first["epoch"] && s["view"] == first["view"]))
+            .then(|| {
+                view.iter()
+                    .map(|m| m.as_str().unwrap().to_string())
+                    .collect::<Vec<String>>()
+            })
+        },
+    );
+    if matches!(phase, Phase::Decide | Phase::Commit) {
+        assert_eq!(
+            settled, all,
+            "a change all staged ends committed ({answer:?})"
+        );
+    }
+    assert_contents(&client, &settled, &settled, &data);
+    let counts: Vec<u64> = all.iter().map(|a| client.key_count(a)).collect();
+    assert_eq!(
+        counts.iter().sum::<u64>(),
+        data.len() as u64,
+        "key counts {counts:?} in view {settled:?}"
+    );
+    if settled != all {
+        // Aborted: the change can be made again (refused while the log still holds the
+        // one begun, until a member's watch aborts it).
+        let answer = poll_until(Duration::from_secs(20), "the change made again", || {
+            let answer = client.view_change(&all[0], &all.join(","));
+            (answer.status != 409).then_some(answer)
+        });
+        assert_view_change_ok(&client, &answer, &all);
+        assert_contents(&client, &all, &all, &data);
+    }
+    drop(nodes);
+}
+
+#[test]
+fn a_receiver_killed_during_the_transfer_keeps_nothing_it_staged_and_the_change_can_be_made_again()
+{
+    killed_during_a_change(3, Phase::Transfer);
+}
+
+#[test]
+fn a_receiver_killed_after_the_commit_was_decided_applies_what_it_staged_when_restarted() {
+    killed_during_a_change(3, Phase::Commit);
+}
+
+#[test]
+fn a_sender_killed_after_the_commit_was_decided_drops_what_it_handed_over_when_restarted() {
+    killed_during_a_change(1, Phase::Commit);
+}
+
+#[test]
+fn a_coordinator_killed_after_it_began_a_change_comes_back_to_a_cluster_that_ended_it() {
+    killed_during_a_change(0, Phase::Begin);
+}
+
+#[test]
+fn a_receiver_killed_after_it_staged_everything_applies_it_when_the_change_commits() {
+    killed_during_a_change(3, Phase::Decide);
 }

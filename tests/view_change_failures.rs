@@ -7,8 +7,8 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    assert_contents, assert_states, assert_view_change_ok, load, poll_until, sample_data, Answer,
-    Client, Cluster, TestNode,
+    assert_contents, assert_states, assert_view_change_ok, gauge, load, poll_until, sample_data,
+    Answer, Client, Cluster, TestNode,
 };
 use ringkv::ring::{HashRing, DEFAULT_VNODES};
 use serde_json::json;
@@ -552,18 +552,6 @@ fn an_operator_can_drop_a_dead_member_at_the_cost_of_its_keys() {
     assert_states(&client, &survivors, 1, &survivors);
     assert_contents(&client, &survivors, &survivors, &kept);
     common::assert_absent(&client, &survivors, lost.iter().map(|(k, _)| *k));
-}
-
-/// The value of an unlabelled gauge in `node`'s `/metrics`.
-fn gauge(client: &Client, node: &str, name: &str) -> f64 {
-    let answer = client
-        .try_send("GET", &format!("http://{node}/metrics"), None)
-        .expect("/metrics answers");
-    answer
-        .text
-        .lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in the metrics of {node}"))
 }
 
 /// A change from two nodes to three held at its commit on both old nodes: the second node's

@@ -15,7 +15,6 @@ use crate::consensus::{Effects, Transport};
 use crate::meta::{Applied, Command, MetaState};
 use crate::node::Node;
 use crate::peers::PeerError;
-use crate::ring::key_hash;
 use crate::rpc::{Request, Response};
 use crate::wire::{Committed, Outcome};
 
@@ -50,6 +49,7 @@ impl Effects for Link {
 
     fn installed(&self, state: &MetaState) {
         let Some(node) = self.0.upgrade() else { return };
+        super::journal::settle(&node, state);
         if let Some(migration) = node.migration() {
             let outcome = state.outcome(migration.change_id());
             if matches!(outcome, Outcome::Committed | Outcome::Aborted) {
@@ -159,6 +159,8 @@ pub(crate) fn commit_now(node: &Node, change_id: u64) -> Result<Committed, Chang
         Ok(migration) => migration,
         Err(error) => {
             return if node.outcome(change_id) == Outcome::Committed {
+                // A durable node killed during the change finishes it from its data dir.
+                super::journal::recover(node, change_id, Outcome::Committed);
                 Ok(Committed {
                     key_count: node.key_count(),
                 })
@@ -211,14 +213,7 @@ pub(crate) fn commit_now(node: &Node, change_id: u64) -> Result<Committed, Chang
             key_count: node.key_count(),
         });
     }
-    for (key, staged) in staged {
-        let hash = key_hash(key.as_bytes());
-        if staged.foreign && (staged.value.is_none() || node.store().get(hash, &key)?.is_some()) {
-            // A merged group's key never overwrites (or deletes) one this group holds.
-            continue;
-        }
-        node.store().apply(hash, &key, staged.value)?;
-    }
+    super::journal::apply(node, change_id, staged)?;
     // The outcome first: a peer asking about the change between the switch and the record
     // would hear "unknown" and refuse to commit.
     node.record_outcome(change_id, Outcome::Committed);
@@ -230,6 +225,7 @@ pub(crate) fn commit_now(node: &Node, change_id: u64) -> Result<Committed, Chang
     for (start, end) in handed_over.flat_map(|r| r.range.segments()) {
         dropped += node.store().remove_segment(start, end)?;
     }
+    super::journal::end(node, change_id);
     tracing::info!(
         change = change_id,
         epoch = migration.view().epoch,
@@ -250,10 +246,12 @@ pub(crate) fn commit_now(node: &Node, change_id: u64) -> Result<Committed, Chang
 pub(crate) fn abort_now(node: &Node, change_id: u64) {
     let _serial = node.change_lock().blocking_lock();
     let Ok(migration) = prepared(node, change_id) else {
+        super::journal::recover(node, change_id, Outcome::Aborted);
         return;
     };
     node.record_outcome(change_id, Outcome::Aborted);
     node.drop_migration(&migration);
+    super::journal::end(node, change_id);
     if let Some(replica) = node.replication().and_then(|r| r.replica()) {
         replica.untrack();
     }

@@ -116,6 +116,7 @@ pub(crate) async fn prepare(
     if let Some(replica) = node.replication().and_then(|r| r.replica()) {
         replica.track();
     }
+    super::journal::begin(node, &migration).await?;
     node.install_migration(migration.clone());
     tokio::spawn(watchdog(node.clone(), migration));
     Ok(())
@@ -146,7 +147,7 @@ pub(crate) async fn transfer(
 }
 
 /// A batch of entries from `from` for ranges it hands to this node.
-pub(crate) fn stage(
+pub(crate) async fn stage(
     node: &Node,
     from: &str,
     change_id: u64,
@@ -155,7 +156,7 @@ pub(crate) fn stage(
 ) -> Result<(), ChangeError> {
     let migration = prepared(node, change_id)?;
     let (keys, bytes) = (entries.len(), entries.iter().map(Entry::size).sum());
-    migration.stage(node.address(), from, round, entries)?;
+    super::journal::stage(node, &migration, from, round, entries).await?;
     // Only a batch that was taken counts as progress (a refused one must not keep a dead
     // change alive past its watchdog).
     migration.touch();

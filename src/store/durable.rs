@@ -15,6 +15,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use parking_lot::Mutex;
 
+use super::changes::{self, failed, ChangeRecord};
 use super::memory::MemoryEngine;
 use super::sync::{Durable, FsyncPolicy, SyncStats, Syncer};
 use super::{Batch, Engine, StoreError};
@@ -29,6 +30,8 @@ pub struct DurableEngine {
     memory: MemoryEngine,
     db: fjall::Database,
     keys: fjall::Keyspace,
+    /// The view change in progress ([`super::changes`]).
+    changes: fjall::Keyspace,
     syncer: Arc<Syncer>,
     writes: Box<[Mutex<()>]>,
 }
@@ -51,10 +54,6 @@ fn hash_bound(hash: u64) -> [u8; 8] {
     hash.to_be_bytes()
 }
 
-fn failed(error: impl std::fmt::Display) -> StoreError {
-    StoreError(error.to_string())
-}
-
 /// Splits a key as stored on disk into its hash and key; `None` for one this version did
 /// not write (it is skipped, with a warning).
 fn split_disk_key(raw: &[u8]) -> Option<(u64, &str)> {
@@ -71,6 +70,9 @@ impl DurableEngine {
         let started = Instant::now();
         let keys = db
             .keyspace("kv", fjall::KeyspaceCreateOptions::default)
+            .map_err(failed)?;
+        let changes = db
+            .keyspace("changes", fjall::KeyspaceCreateOptions::default)
             .map_err(failed)?;
         let memory = MemoryEngine::new();
         let mut skipped = 0usize;
@@ -100,6 +102,7 @@ impl DurableEngine {
             memory,
             db,
             keys,
+            changes,
             syncer,
             writes: (0..WRITE_STRIPES).map(|_| Mutex::new(())).collect(),
         };
@@ -126,6 +129,104 @@ impl DurableEngine {
 
     pub fn policy(&self) -> FsyncPolicy {
         self.syncer.policy()
+    }
+
+    /// Records that this node prepared `change_id`, handing over `dropping`; the caller
+    /// awaits the [`Durable`] before it says it prepared.
+    pub fn begin_change(
+        &self,
+        change_id: u64,
+        dropping: Vec<(u64, u64)>,
+    ) -> Result<Durable, StoreError> {
+        let record = ChangeRecord {
+            change_id,
+            dropping,
+            applied: false,
+        };
+        self.changes
+            .insert(changes::record_key(change_id), changes::encode(&record)?)
+            .map_err(failed)?;
+        self.syncer.wrote();
+        Ok(self.syncer.durable())
+    }
+
+    /// Stages keys received for `change_id` (each value encoded by the change module); the
+    /// caller awaits the [`Durable`] before it acknowledges them.
+    pub fn stage<'a>(
+        &self,
+        change_id: u64,
+        entries: impl IntoIterator<Item = (&'a str, Vec<u8>)>,
+    ) -> Result<Durable, StoreError> {
+        let mut batch = self.db.batch();
+        for (key, value) in entries {
+            batch.insert(&self.changes, changes::staged_key(change_id, key), value);
+        }
+        batch.commit().map_err(failed)?;
+        self.syncer.wrote();
+        Ok(self.syncer.durable())
+    }
+
+    /// The changes this node prepared and did not finish, as recorded on disk.
+    pub fn changes(&self) -> Result<Vec<ChangeRecord>, StoreError> {
+        changes::records(&self.changes)
+    }
+
+    /// The keys staged for `change_id`, with their encoded values.
+    pub fn staged(&self, change_id: u64) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        changes::staged(&self.changes, change_id)
+    }
+
+    /// Applies a committed change's staged keys (`writes`: puts, and `None` deletes) in one
+    /// atomic batch that also forgets the staged copies and marks the change applied: a
+    /// crash leaves either all of it or none, and a change applied once is never applied
+    /// again over the writes that followed it.
+    pub fn apply_staged(
+        &self,
+        change_id: u64,
+        writes: &[(u64, String, Option<Bytes>)],
+    ) -> Result<(), StoreError> {
+        let Some(mut record) = self
+            .changes()?
+            .into_iter()
+            .find(|r| r.change_id == change_id)
+        else {
+            return Err(StoreError(format!("no record of change {change_id}")));
+        };
+        record.applied = true;
+        let mut batch = self.db.batch();
+        for (hash, key, value) in writes {
+            match value {
+                Some(value) => batch.insert(&self.keys, disk_key(*hash, key), value.as_ref()),
+                None => batch.remove(&self.keys, disk_key(*hash, key)),
+            }
+        }
+        for key in changes::staged_keys(&self.changes, change_id)? {
+            batch.remove(&self.changes, key);
+        }
+        batch.insert(
+            &self.changes,
+            changes::record_key(change_id),
+            changes::encode(&record)?,
+        );
+        batch.commit().map_err(failed)?;
+        self.syncer.wrote();
+        for (hash, key, value) in writes {
+            self.memory.apply(*hash, key, value.clone())?;
+        }
+        Ok(())
+    }
+
+    /// Forgets `change_id`: its record and anything still staged for it (the change ended,
+    /// or was aborted).
+    pub fn end_change(&self, change_id: u64) -> Result<(), StoreError> {
+        let mut batch = self.db.batch();
+        for key in changes::staged_keys(&self.changes, change_id)? {
+            batch.remove(&self.changes, key);
+        }
+        batch.remove(&self.changes, changes::record_key(change_id));
+        batch.commit().map_err(failed)?;
+        self.syncer.wrote();
+        Ok(())
     }
 
     /// Forces everything written so far to disk (a node stopping cleanly).
@@ -248,5 +349,59 @@ mod tests {
         assert_eq!(store.get(7 << 50, "k7").unwrap(), None);
         assert_eq!(store.get(150 << 50, "k150").unwrap(), None);
         assert_eq!(store.get(999 << 50, "k999").unwrap().unwrap(), "999");
+    }
+
+    #[test]
+    fn a_change_on_disk_is_found_again_and_applied_once() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = open(dir.path(), FsyncPolicy::Always);
+            store.put(1, "kept", Bytes::from_static(b"1")).unwrap();
+            let _ = store.begin_change(9, vec![(0, 10)]).unwrap();
+            let _ = store.begin_change(10, vec![]).unwrap();
+            let staged = [("a", b"x".to_vec()), ("b", b"y".to_vec())];
+            let _ = store
+                .stage(9, staged.iter().map(|(k, v)| (*k, v.clone())))
+                .unwrap();
+            let _ = store.stage(10, [("c", b"z".to_vec())]).unwrap();
+        }
+        let store = open(dir.path(), FsyncPolicy::Always);
+        let ids: Vec<u64> = store
+            .changes()
+            .unwrap()
+            .iter()
+            .map(|r| r.change_id)
+            .collect();
+        assert_eq!(ids, [9, 10]);
+        let staged = store.staged(9).unwrap();
+        assert_eq!(
+            staged,
+            [
+                ("a".to_string(), b"x".to_vec()),
+                ("b".to_string(), b"y".to_vec())
+            ]
+        );
+        let writes = [
+            (5, "a".to_string(), Some(Bytes::from_static(b"x"))),
+            (1, "kept".to_string(), None),
+        ];
+        store.apply_staged(9, &writes).unwrap();
+        let record = store.changes().unwrap().remove(0);
+        assert_eq!(
+            (record.change_id, record.applied, record.dropping),
+            (9, true, vec![(0, 10)])
+        );
+        assert!(store.staged(9).unwrap().is_empty());
+        assert_eq!(store.staged(10).unwrap().len(), 1);
+        store.end_change(9).unwrap();
+        store.end_change(10).unwrap();
+        assert!(store.changes().unwrap().is_empty());
+        assert!(store.staged(10).unwrap().is_empty());
+        assert!(store.apply_staged(9, &writes).is_err());
+        drop(store);
+        let store = open(dir.path(), FsyncPolicy::Always);
+        assert_eq!(store.get(5, "a").unwrap().unwrap(), "x");
+        assert_eq!(store.get(1, "kept").unwrap(), None);
+        assert!(store.changes().unwrap().is_empty());
     }
 }

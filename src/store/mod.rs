@@ -4,6 +4,7 @@
 //! same [`conformance`] suite. Every method that touches data can fail, so a durable engine
 //! can report an I/O error instead of panicking.
 
+pub mod changes;
 pub mod durable;
 pub mod memory;
 pub mod sync;

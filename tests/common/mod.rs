@@ -595,3 +595,15 @@ pub fn assert_absent<'a>(
         }
     }
 }
+
+/// The value of the metric `name` (no labels) on `node`.
+pub fn gauge(client: &Client, node: &str, name: &str) -> f64 {
+    let answer = client
+        .try_send("GET", &format!("http://{node}/metrics"), None)
+        .expect("/metrics answers");
+    answer
+        .text
+        .lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in the metrics of {node}"))
+}
