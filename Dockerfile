@@ -49,15 +49,20 @@ RUN cargo-stubs >/dev/null \
     && if readelf -lW "$bin" | grep -q 'program interpreter'; then \
         echo "$bin is dynamically linked" >&2; exit 1; fi \
     && if [ "$STRIP" = 1 ]; then strip -o /ringkv "$bin"; else cp "$bin" /ringkv; fi \
-    && /ringkv --version
+    && /ringkv --version \
+    && mkdir -p /data
 
 FROM scratch
 COPY --from=build /ringkv /ringkv
+# Where a durable node keeps its data (`-v NAME:/data -e DATA_DIR=/data`): an empty
+# directory owned by the user below, so a named volume mounted there starts writable.
+# Without DATA_DIR the node stays in memory, as the course runs it.
+COPY --from=build --chown=65534:65534 /data /data
 
 # Plain log lines in `docker logs` (no ANSI colours).
 ENV NO_COLOR=1
 
-# The port is above 1024 and the store lives in memory: no root needed.
+# The port is above 1024 and /data belongs to this user: no root needed.
 USER 65534:65534
 EXPOSE 13800
 
