@@ -56,6 +56,9 @@ enum Command {
         /// Write every key once before measuring (so GETs hit).
         #[arg(long)]
         preload: bool,
+        /// Delete every key once after measuring (as many connections).
+        #[arg(long)]
+        unload: bool,
         /// Use /kvs/<key> instead of /kvs/keys/<key> (or a fixed path for the ceiling).
         #[arg(long)]
         path_prefix: Option<String>,
@@ -88,6 +91,7 @@ async fn main() {
             keys,
             value_size,
             preload,
+            unload,
             path_prefix,
         } => {
             let load = Load {
@@ -98,7 +102,7 @@ async fn main() {
                 prefix: path_prefix.unwrap_or_else(|| "/kvs/keys/".into()),
             };
             if preload {
-                load.preload(connections).await;
+                load.every_key(connections, false).await;
             }
             let limit = match requests {
                 Some(n) => Limit::Requests(n),
@@ -106,6 +110,9 @@ async fn main() {
             };
             let report = load.run(connections, limit).await;
             report.print(&load, connections);
+            if unload {
+                load.every_key(connections, true).await;
+            }
         }
     }
 }
@@ -145,7 +152,8 @@ impl Load {
         format!("http://{target}{}key{key}", self.prefix)
     }
 
-    async fn preload(&self, connections: usize) {
+    /// Writes (or deletes) every key once.
+    async fn every_key(&self, connections: usize, delete: bool) {
         let client = reqwest::Client::new();
         let next = AtomicU64::new(0);
         let workers = (0..connections).map(|c| {
@@ -156,12 +164,14 @@ impl Load {
                     if key >= self.keys {
                         break;
                     }
-                    let _ = client
-                        .put(self.url(c, key))
-                        .header("content-type", "application/json")
-                        .body(self.body.clone())
-                        .send()
-                        .await;
+                    let request = match delete {
+                        true => client.delete(self.url(c, key)),
+                        false => client
+                            .put(self.url(c, key))
+                            .header("content-type", "application/json")
+                            .body(self.body.clone()),
+                    };
+                    let _ = request.send().await;
                 }
             }
         });
