@@ -72,6 +72,9 @@ impl DataDir {
         let db = fjall::Database::builder(path)
             // Keys are served from memory: the disk is read once, at start-up.
             .cache_size(8 << 20)
+            // What a restart after a crash replays (the journal not yet in tables) stays
+            // small: fjall flushes memtables once its journals pass this.
+            .max_journaling_size(64 << 20)
             .open()
             .map_err(|e| match e {
                 fjall::Error::Locked => DataDirError::InUse {
@@ -123,7 +126,7 @@ impl DataDir {
 
     /// The node's keys, loaded into memory.
     pub fn keys(&self, policy: FsyncPolicy) -> Result<(DurableEngine, Recovered), DataDirError> {
-        DurableEngine::open(self.db.clone(), policy).map_err(|e| DataDirError::Open {
+        DurableEngine::open(self.db.clone(), &self.path, policy).map_err(|e| DataDirError::Open {
             path: self.path.display().to_string(),
             error: e.to_string(),
         })

@@ -9,6 +9,7 @@
 //! Lock order: a write stripe here, then fjall's journal, then the memory engine's stripe
 //! (a key's disk and memory copies change together, in the same order).
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -61,10 +62,109 @@ fn split_disk_key(raw: &[u8]) -> Option<(u64, &str)> {
     Some((u64::from_be_bytes(*hash), std::str::from_utf8(key).ok()?))
 }
 
+/// Forces fjall's journal to disk without holding its writer lock for the fsync (fjall's
+/// own `persist` holds it, and every writer waits for the disk): the journal's buffer goes
+/// to the OS under the lock, which is quick, then the active journal file is fsynced
+/// through a handle of this syncer's own while writers go on appending, so the next fsync
+/// covers every write that came meanwhile. The active journal is the highest-numbered
+/// `N.jnl` in the data dir; fjall fsyncs a journal when it seals it, so a write made
+/// before a rotation is on disk either way. Where no journal file is found, fjall's own
+/// `persist` does it all.
+struct JournalSync {
+    db: fjall::Database,
+    dir: PathBuf,
+    active: Option<(u64, std::fs::File)>,
+}
+
+impl JournalSync {
+    fn sync(&mut self) -> std::io::Result<()> {
+        self.db
+            .persist(fjall::PersistMode::Buffer)
+            .map_err(std::io::Error::other)?;
+        let Some(newest) = newest_journal(&self.dir)? else {
+            return self
+                .db
+                .persist(fjall::PersistMode::SyncData)
+                .map_err(std::io::Error::other);
+        };
+        if self.active.as_ref().is_none_or(|(n, _)| *n != newest) {
+            let file = std::fs::File::open(self.dir.join(format!("{newest}.jnl")))?;
+            self.active = Some((newest, file));
+        }
+        match &self.active {
+            Some((_, file)) => file.sync_data(),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Loads every key on disk into `memory` (empty), on as many threads as there are cores,
+/// each over its own share of the hash space; returns how many disk keys were not
+/// `hash ‖ key` (skipped).
+fn load(keys: &fjall::Keyspace, memory: &MemoryEngine) -> Result<usize, StoreError> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8)) as u64;
+    let share = u64::MAX / threads;
+    let skipped = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|scope| {
+        let loaders: Vec<_> = (0..threads)
+            .map(|t| {
+                let skipped = &skipped;
+                scope.spawn(move || {
+                    let start = hash_bound(t * share);
+                    let items = match t + 1 == threads {
+                        true => keys.range(start..),
+                        false => keys.range(start..hash_bound((t + 1) * share)),
+                    };
+                    let entries = items.filter_map(|item| {
+                        let (raw, value) = match item.into_inner() {
+                            Ok(pair) => pair,
+                            Err(error) => return Some(Err(failed(error))),
+                        };
+                        match split_disk_key(&raw) {
+                            Some((hash, key)) => {
+                                Some(Ok((hash, key.to_string(), Bytes::copy_from_slice(&value))))
+                            }
+                            None => {
+                                skipped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                None
+                            }
+                        }
+                    });
+                    memory.load_sorted(entries)
+                })
+            })
+            .collect();
+        loaders
+            .into_iter()
+            .map(|loader| {
+                loader
+                    .join()
+                    .unwrap_or_else(|_| Err(failed("a loader panicked")))
+            })
+            .collect::<Result<Vec<usize>, StoreError>>()
+    })?;
+    Ok(skipped.into_inner())
+}
+
+/// The number of the newest journal file (`N.jnl`) in `dir`, if there is one.
+fn newest_journal(dir: &Path) -> std::io::Result<Option<u64>> {
+    let mut newest = None;
+    for entry in std::fs::read_dir(dir)? {
+        let name = entry?.file_name();
+        let number = name
+            .to_str()
+            .and_then(|n| n.strip_suffix(".jnl"))
+            .and_then(|n| n.parse::<u64>().ok());
+        newest = newest.max(number);
+    }
+    Ok(newest)
+}
+
 impl DurableEngine {
-    /// Opens (or creates) the keys of `db` and loads them into memory.
+    /// Opens (or creates) the keys of `db` (in `dir`) and loads them into memory.
     pub fn open(
         db: fjall::Database,
+        dir: &Path,
         policy: FsyncPolicy,
     ) -> Result<(DurableEngine, Recovered), StoreError> {
         let started = Instant::now();
@@ -75,25 +175,16 @@ impl DurableEngine {
             .keyspace("changes", fjall::KeyspaceCreateOptions::default)
             .map_err(failed)?;
         let memory = MemoryEngine::new();
-        let mut skipped = 0usize;
-        for item in keys.iter() {
-            let (raw, value) = item.into_inner().map_err(failed)?;
-            match split_disk_key(&raw) {
-                Some((hash, key)) => {
-                    memory.put(hash, key, Bytes::copy_from_slice(&value))?;
-                }
-                None => skipped += 1,
-            }
-        }
+        let skipped = load(&keys, &memory)?;
         if skipped > 0 {
             tracing::warn!(skipped, "skipped keys on disk that are not hash ‖ key");
         }
-        let syncing = db.clone();
-        let syncer = Syncer::start(policy, move || {
-            syncing
-                .persist(fjall::PersistMode::SyncData)
-                .map_err(std::io::Error::other)
-        });
+        let mut journal = JournalSync {
+            db: db.clone(),
+            dir: dir.to_path_buf(),
+            active: None,
+        };
+        let syncer = Syncer::start(policy, move || journal.sync());
         let recovered = Recovered {
             keys: memory.len(),
             millis: started.elapsed().as_millis() as u64,
@@ -318,7 +409,7 @@ mod tests {
 
     fn open(dir: &std::path::Path, policy: FsyncPolicy) -> DurableEngine {
         let db = fjall::Database::builder(dir).open().unwrap();
-        DurableEngine::open(db, policy).unwrap().0
+        DurableEngine::open(db, dir, policy).unwrap().0
     }
 
     #[test]
@@ -403,5 +494,49 @@ mod tests {
         assert_eq!(store.get(5, "a").unwrap().unwrap(), "x");
         assert_eq!(store.get(1, "kept").unwrap(), None);
         assert!(store.changes().unwrap().is_empty());
+    }
+
+    #[test]
+    fn the_fsync_finds_the_active_journal_of_the_data_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), FsyncPolicy::Always);
+        store.put(1, "a", Bytes::from_static(b"1")).unwrap();
+        assert!(newest_journal(dir.path()).unwrap().is_some());
+        let mut journal = JournalSync {
+            db: store.db.clone(),
+            dir: dir.path().to_path_buf(),
+            active: None,
+        };
+        journal.sync().unwrap();
+        assert!(journal.active.is_some(), "synced through its own handle");
+    }
+
+    #[test]
+    fn keys_load_in_hash_order_on_every_thread() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = open(dir.path(), FsyncPolicy::No);
+            for i in 0..5000u64 {
+                let hash = i.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                store
+                    .put(hash, &format!("k{i}"), Bytes::from(format!("{i}")))
+                    .unwrap();
+            }
+            // Colliding hashes, either side of the middle of the ring.
+            for hash in [u64::MAX / 2, u64::MAX / 2 + 1] {
+                store.put(hash, "x", Bytes::from_static(b"1")).unwrap();
+                store.put(hash, "y", Bytes::from_static(b"2")).unwrap();
+            }
+        }
+        let store = open(dir.path(), FsyncPolicy::No);
+        assert_eq!(store.len(), 5004);
+        assert_eq!(store.get(u64::MAX / 2 + 1, "y").unwrap().unwrap(), "2");
+        assert_eq!(store.get(u64::MAX / 2, "x").unwrap().unwrap(), "1");
+        let hash = 77u64.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        assert_eq!(store.get(hash, "k77").unwrap().unwrap(), "77");
+        let all = store
+            .read_batch(0, u64::MAX, usize::MAX, usize::MAX)
+            .unwrap();
+        assert_eq!(all.entries.len(), 5004);
     }
 }

@@ -80,7 +80,7 @@ impl Syncer {
     /// as `policy` asks.
     pub fn start(
         policy: FsyncPolicy,
-        fsync: impl Fn() -> std::io::Result<()> + Send + 'static,
+        mut fsync: impl FnMut() -> std::io::Result<()> + Send + 'static,
     ) -> Arc<Syncer> {
         let syncer = Arc::new(Syncer {
             policy,
@@ -96,7 +96,7 @@ impl Syncer {
             let running = syncer.clone();
             std::thread::Builder::new()
                 .name("ringkv-fsync".into())
-                .spawn(move || running.run(fsync))
+                .spawn(move || running.run(&mut fsync))
                 .expect("the OS starts a thread");
         }
         syncer
@@ -140,7 +140,7 @@ impl Syncer {
         self.wake.notify_one();
     }
 
-    fn run(&self, fsync: impl Fn() -> std::io::Result<()>) {
+    fn run(&self, fsync: &mut impl FnMut() -> std::io::Result<()>) {
         loop {
             match self.policy {
                 FsyncPolicy::Always => {
