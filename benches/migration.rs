@@ -1,6 +1,8 @@
 //! Online view-change benchmark: 1,000,000 keys (~100-byte values) on 3 nodes, change to 4
 //! and back to 3 while clients keep reading; then, as the baseline a naive reshard pays,
-//! a change to 3 fresh nodes that ships every key. Prints one table.
+//! a change to 3 fresh nodes that ships every key. Prints two tables: what moved and how
+//! fast (beside this machine's loopback TCP throughput, same run), and what readers saw
+//! (p99 the second before the change, p99 and max during it, the longest freeze).
 //!
 //! `cargo bench --bench migration` runs the full size; under `cargo test --benches` it runs
 //! a small one so the suite stays quick.
@@ -34,8 +36,43 @@ struct Step {
     owner_changed: usize,
     report: ChangeReport,
     get_p99_ms: f64,
+    get_max_ms: f64,
+    before_p99_ms: f64,
     gets: usize,
     get_errors: usize,
+}
+
+/// The `q` quantile of sorted latencies, in ms.
+fn quantile_ms(sorted: &[Duration], q: f64) -> f64 {
+    let at = ((sorted.len().saturating_sub(1)) as f64 * q).round() as usize;
+    sorted.get(at).map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+}
+
+/// This machine's loopback TCP throughput (MB/s): one connection, 64 KiB writes, 1 s.
+async fn loopback_mb_per_s() -> f64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let reader = tokio::spawn(async move {
+        let (mut socket, _) = listener.accept().await.unwrap();
+        let (mut buffer, mut total) = (vec![0u8; 1 << 16], 0u64);
+        while let Ok(n) = socket.read(&mut buffer).await {
+            if n == 0 {
+                break;
+            }
+            total += n as u64;
+        }
+        total
+    });
+    let mut socket = tokio::net::TcpStream::connect(address).await.unwrap();
+    let chunk = vec![7u8; 1 << 16];
+    let begun = Instant::now();
+    while begun.elapsed() < Duration::from_secs(1) {
+        socket.write_all(&chunk).await.unwrap();
+    }
+    drop(socket);
+    let total = reader.await.unwrap();
+    total as f64 / begun.elapsed().as_secs_f64() / 1e6
 }
 
 /// Keys whose owner differs between the two views.
@@ -60,13 +97,17 @@ async fn change(
     let client = reqwest::Client::new();
     // Readers keep GETting random keys through every node of the old view during the change.
     let running = Arc::new(AtomicBool::new(true));
+    // Readers time their GETs for a second before the change, then during it.
+    let changing = Arc::new(AtomicBool::new(false));
     let readers: Vec<_> = (0..4)
         .map(|r| {
             let (client, running) = (client.clone(), running.clone());
+            let changing = changing.clone();
             let targets = from.to_vec();
             let keys: Vec<String> = keys.iter().step_by(97).cloned().collect();
             tokio::spawn(async move {
                 let (mut latencies, mut errors, mut i) = (Vec::new(), 0usize, r * 7919);
+                let mut before = Vec::new();
                 while running.load(Ordering::Relaxed) {
                     let key = &keys[i % keys.len()];
                     let target = &targets[i % targets.len()];
@@ -77,7 +118,10 @@ async fn change(
                         .send()
                         .await
                     {
-                        Ok(r) if r.status() == 200 => latencies.push(begun.elapsed()),
+                        Ok(r) if r.status() == 200 => match changing.load(Ordering::Relaxed) {
+                            true => latencies.push(begun.elapsed()),
+                            false => before.push(begun.elapsed()),
+                        },
                         Ok(r) => {
                             errors += 1;
                             eprintln!(
@@ -92,10 +136,12 @@ async fn change(
                         }
                     }
                 }
-                (latencies, errors)
+                (latencies, before, errors)
             })
         })
         .collect();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    changing.store(true, Ordering::Relaxed);
     let begun = Instant::now();
     let answer = client
         .put(format!("http://{coordinator}/kvs/view-change"))
@@ -106,18 +152,16 @@ async fn change(
     let wall = begun.elapsed();
     assert_eq!(answer.status(), 200, "{}", answer.text().await.unwrap());
     running.store(false, Ordering::Relaxed);
-    let mut latencies = Vec::new();
+    let (mut latencies, mut before) = (Vec::new(), Vec::new());
     let mut get_errors = 0;
     for reader in readers {
-        let (l, e) = reader.await.unwrap();
+        let (l, b, e) = reader.await.unwrap();
         latencies.extend(l);
+        before.extend(b);
         get_errors += e;
     }
     latencies.sort();
-    let p99 = latencies
-        .get(latencies.len().saturating_sub(1) * 99 / 100)
-        .copied()
-        .unwrap_or_default();
+    before.sort();
     let coordinator_node = nodes
         .iter()
         .find(|n| **n.address() == *coordinator)
@@ -128,7 +172,9 @@ async fn change(
         wall,
         owner_changed,
         report,
-        get_p99_ms: p99.as_secs_f64() * 1000.0,
+        get_p99_ms: quantile_ms(&latencies, 0.99),
+        get_max_ms: quantile_ms(&latencies, 1.0),
+        before_p99_ms: quantile_ms(&before, 0.99),
         gets: latencies.len(),
         get_errors,
     }
@@ -198,24 +244,25 @@ fn main() {
         let baseline_rate = baseline.report.keys_shipped as f64 / baseline.wall.as_secs_f64();
         println!("\nview-change benchmark: {key_count} keys, ~100-byte values, loopback");
         println!("(the 16 -> 17 row: a separate 16-node cluster holding {big_count} keys)");
+        let loopback = loopback_mb_per_s().await;
         println!(
-            "{:<24} {:>9} {:>10} {:>10} {:>9} {:>10} {:>8} {:>10} {:>9} {:>8} {:>8} {:>7}",
-            "change", "wall ms", "shipped", "moved", "caught", "keys/s", "MB/s", "vs all", "GET p99", "GETs", "log ms", "log ops"
+            "{:<24} {:>9} {:>10} {:>10} {:>9} {:>10} {:>8} {:>9} {:>10} {:>8} {:>7}",
+            "change", "wall ms", "shipped", "moved", "caught", "keys/s", "MB/s", "loopback", "vs all", "log ms", "log ops"
         );
         for step in &steps {
             let secs = step.wall.as_secs_f64();
+            let mb_per_s = step.report.bytes_shipped as f64 / secs / 1e6;
             println!(
-                "{:<24} {:>9.0} {:>10} {:>10} {:>9} {:>10.0} {:>8.1} {:>9.2}x {:>7.1}ms {:>8} {:>8.1} {:>7}",
+                "{:<24} {:>9.0} {:>10} {:>10} {:>9} {:>10.0} {:>8.1} {:>8.1}% {:>9.2}x {:>8.1} {:>7}",
                 step.name,
                 secs * 1000.0,
                 step.report.keys_shipped,
                 step.owner_changed,
                 step.report.keys_caught_up,
                 step.report.keys_shipped as f64 / secs,
-                step.report.bytes_shipped as f64 / secs / 1e6,
+                mb_per_s,
+                mb_per_s / loopback * 100.0,
                 baseline.wall.as_secs_f64() / secs,
-                step.get_p99_ms,
-                step.gets,
                 step.report.log_millis,
                 step.report.log_ops
             );
@@ -226,10 +273,28 @@ fn main() {
             );
             assert_eq!(step.get_errors, 0, "{}: GETs failed during the change", step.name);
         }
+        println!("(loopback: one TCP connection on this machine, same run: {loopback:.0} MB/s)");
+        println!(
+            "\n{:<24} {:>10} {:>12} {:>12} {:>8} {:>10} {:>8}",
+            "readers (4, keep-alive)", "freeze ms", "p99 before", "p99 during", "ratio", "max", "GETs"
+        );
+        for step in &steps {
+            println!(
+                "{:<24} {:>10.1} {:>10.2}ms {:>10.2}ms {:>7.2}x {:>8.1}ms {:>8}",
+                step.name,
+                step.report.freeze_ms,
+                step.before_p99_ms,
+                step.get_p99_ms,
+                step.get_p99_ms / step.before_p99_ms.max(f64::MIN_POSITIVE),
+                step.get_max_ms,
+                step.gets
+            );
+        }
         println!(
             "(shipped = distinct keys of the bulk transfer, moved = keys whose owner changed; \
              'vs all' = wall time of shipping every key / this change's; baseline rate {baseline_rate:.0} keys/s; \
-             log ms = time in the metadata log's operations, within wall ms)"
+             log ms = time in the metadata log's operations, within wall ms; freeze = the longest a \
+             node's outgoing ranges waited for the commit; p99 before = the second before the change)"
         );
     });
 }

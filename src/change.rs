@@ -96,7 +96,18 @@ pub struct Migration {
     frozen: AtomicBool,
     /// When the catch-up froze the outgoing ranges.
     frozen_at: Mutex<Option<Instant>>,
-    /// Keys received for ranges this node takes over; `None` is a deletion.
+    /// The ranges this node takes over (owned under the new view, not the current one)
+    /// whose keys go straight into the store as they arrive: nothing routes a request
+    /// to this node for them until the commit, which then has nothing to apply, and an
+    /// abort drops them. Empty in the replicated mode and when another group merges in.
+    incoming: RangeSet,
+    /// Keys of `incoming` the catch-up wrote: a late copy of the bulk transfer never
+    /// undoes them. Locked before `staged`; held while a batch goes into the store.
+    caught: Mutex<HashSet<String>>,
+    /// Keys taken into the store for `incoming`.
+    taken_in: std::sync::atomic::AtomicUsize,
+    /// Keys received for other ranges this node takes over, applied at the commit;
+    /// `None` is a deletion.
     staged: Mutex<HashMap<String, Staged>>,
     /// Participants from another group: their keys never overwrite this group's.
     merging: Vec<String>,
@@ -153,10 +164,14 @@ impl Migration {
         participants: Vec<String>,
         view: Arc<View>,
         outgoing: Vec<MovedRange>,
+        incoming: RangeSet,
         merging: Vec<String>,
         replicated: Option<Replicated>,
     ) -> Self {
         Migration {
+            incoming,
+            caught: Mutex::new(HashSet::new()),
+            taken_in: std::sync::atomic::AtomicUsize::new(0),
             merging,
             replicated,
             change_id,
@@ -173,6 +188,16 @@ impl Migration {
             ended: watch::Sender::new(false),
             last_heard: Mutex::new(Instant::now()),
         }
+    }
+
+    /// The segments whose keys go into the store as they arrive (dropped on abort).
+    pub fn incoming(&self) -> &[(u64, u64)] {
+        self.incoming.segments()
+    }
+
+    /// How many keys went into the store as they arrived.
+    pub fn taken_in(&self) -> usize {
+        self.taken_in.load(Ordering::Relaxed)
     }
 
     /// Whether a key with this hash is in a range this node hands over.
@@ -218,15 +243,17 @@ impl Migration {
     /// Takes a batch from `from`, a participant, if this node owns every key of it under
     /// the new view. (Not "under the sender's ring": nodes started with different views
     /// converge through a change, and each ships what its own ring says it held.) In the
-    /// sharded mode, `keep` is given the keys whose staged copy the batch replaced, with
-    /// that copy, before any other batch can stage (a durable node writes them to disk, in
-    /// the order they were taken).
+    /// sharded mode, a key of the incoming ranges goes to `store` at once (unless the
+    /// catch-up already wrote it and this is the bulk transfer's copy), and `keep` is given
+    /// the other keys whose staged copy the batch replaced, with that copy, before any other
+    /// batch can stage (a durable node writes them to disk, in the order they were taken).
     pub(crate) fn stage(
         &self,
         me: &str,
         from: &str,
         round: u8,
         entries: Vec<Entry>,
+        mut store: impl FnMut(u64, &str, Option<Bytes>) -> Result<(), ChangeError>,
         keep: impl FnOnce(&[(String, Staged)]) -> Result<(), ChangeError>,
     ) -> Result<(), ChangeError> {
         if !self.participants.iter().any(|p| p == from) {
@@ -294,9 +321,21 @@ impl Migration {
             return Ok(());
         }
         let foreign = self.merging.iter().any(|m| m == from);
+        let mut caught = self.caught.lock();
         let mut staged = self.staged.lock();
         let mut taken = Vec::with_capacity(entries.len());
         for entry in entries {
+            let hash = crate::ring::key_hash(entry.key.as_bytes());
+            if !foreign && self.incoming.contains(hash) {
+                if round > 0 {
+                    caught.insert(entry.key.clone());
+                } else if caught.contains(&entry.key) {
+                    continue;
+                }
+                store(hash, &entry.key, entry.value)?;
+                self.taken_in.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
             let copy = Staged {
                 value: entry.value,
                 foreign,

@@ -82,6 +82,8 @@ pub struct Node {
     /// even when this node takes no part in it (it is in neither view).
     undecided: Mutex<Option<u64>>,
     outcomes: Mutex<VecDeque<(u64, Outcome)>>,
+    /// The last change this node froze ranges for, and for how long (microseconds).
+    last_freeze: Mutex<Option<(u64, u64)>>,
     /// The last view change this node coordinated.
     last_change: Mutex<Option<ChangeReport>>,
     /// Key requests waiting right now for a range being handed over.
@@ -180,6 +182,7 @@ impl Node {
             coordinating: tokio::sync::Mutex::new(()),
             undecided: Mutex::new(None),
             outcomes: Mutex::new(VecDeque::new()),
+            last_freeze: Mutex::new(None),
             last_change: Mutex::new(None),
             waiting_for_handover: AtomicUsize::new(0),
             in_force: AtomicBool::new(standing == Standing::InForce),
@@ -612,6 +615,23 @@ impl Node {
         let mut undecided = self.undecided.lock();
         if *undecided == Some(change_id) {
             *undecided = None;
+        }
+    }
+
+    /// Notes how long change `change_id` froze this node's outgoing ranges.
+    pub(crate) fn record_freeze(&self, change_id: u64, frozen: Option<std::time::Duration>) {
+        if let Some(frozen) = frozen {
+            *self.last_freeze.lock() = Some((change_id, frozen.as_micros() as u64));
+        }
+    }
+
+    /// How this node reports having applied change `change_id`: its key count now, and how
+    /// long the change froze its outgoing ranges.
+    pub(crate) fn committed_report(&self, change_id: u64) -> crate::wire::Committed {
+        let freeze = *self.last_freeze.lock();
+        crate::wire::Committed {
+            key_count: self.key_count(),
+            freeze_micros: freeze.filter(|(id, _)| *id == change_id).map(|(_, us)| us),
         }
     }
 

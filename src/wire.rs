@@ -111,12 +111,20 @@ pub struct ChangeReport {
     pub log_ops: usize,
     #[serde(default)]
     pub log_millis: f64,
+    /// The longest freeze of a node's outgoing ranges (requests on them wait meanwhile), as
+    /// the nodes that confirmed the commit reported it.
+    #[serde(default)]
+    pub freeze_ms: f64,
 }
 
 /// What a committed node holds afterwards.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Committed {
     pub key_count: usize,
+    /// How long this node's outgoing ranges were frozen for the change (the catch-up to
+    /// the commit), if it handed any over.
+    #[serde(default)]
+    pub freeze_micros: Option<u64>,
 }
 
 /// What a node knows of a change, for a participant that lost its coordinator.

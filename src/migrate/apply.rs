@@ -161,9 +161,7 @@ pub(crate) fn commit_now(node: &Node, change_id: u64) -> Result<Committed, Chang
             return if node.outcome(change_id) == Outcome::Committed {
                 // A durable node killed during the change finishes it from its data dir.
                 super::journal::recover(node, change_id, Outcome::Committed);
-                Ok(Committed {
-                    key_count: node.key_count(),
-                })
+                Ok(node.committed_report(change_id))
             } else {
                 Err(error)
             };
@@ -177,7 +175,7 @@ pub(crate) fn commit_now(node: &Node, change_id: u64) -> Result<Committed, Chang
         );
     }
     let staged = migration.take_staged();
-    let received = staged.len();
+    let received = staged.len() + migration.taken_in();
     if let (Some(replicated), Some(replication)) = (migration.replicated(), node.replication()) {
         // The replicated mode: the replica retires and its successor (if this node is in
         // the new layout) takes in what was staged, without what this node hands over.
@@ -197,6 +195,7 @@ pub(crate) fn commit_now(node: &Node, change_id: u64) -> Result<Committed, Chang
         let switched = replication.switch(epoch, replicated.map.layout(), &dropping, records);
         node.switch_to(&migration);
         let frozen = migration.end_freeze();
+        node.record_freeze(change_id, frozen);
         migration.end();
         switched.map_err(|e| ChangeError::Storage(crate::store::StoreError(e.to_string())))?;
         tracing::info!(
@@ -209,9 +208,7 @@ pub(crate) fn commit_now(node: &Node, change_id: u64) -> Result<Committed, Chang
             keys = node.key_count(),
             "committed view change"
         );
-        return Ok(Committed {
-            key_count: node.key_count(),
-        });
+        return Ok(node.committed_report(change_id));
     }
     super::journal::apply(node, change_id, staged)?;
     // The outcome first: a peer asking about the change between the switch and the record
@@ -219,6 +216,7 @@ pub(crate) fn commit_now(node: &Node, change_id: u64) -> Result<Committed, Chang
     node.record_outcome(change_id, Outcome::Committed);
     node.switch_to(&migration);
     let frozen = migration.end_freeze();
+    node.record_freeze(change_id, frozen);
     migration.end();
     let mut dropped = 0;
     let handed_over = migration.outgoing().iter().filter(|_| may_drop);
@@ -236,9 +234,7 @@ pub(crate) fn commit_now(node: &Node, change_id: u64) -> Result<Committed, Chang
         keys = node.store().len(),
         "committed view change"
     );
-    Ok(Committed {
-        key_count: node.store().len(),
-    })
+    Ok(node.committed_report(change_id))
 }
 
 /// Abandons a prepared change as the log decided: received keys are discarded, the old
@@ -251,6 +247,9 @@ pub(crate) fn abort_now(node: &Node, change_id: u64) {
     };
     node.record_outcome(change_id, Outcome::Aborted);
     node.drop_migration(&migration);
+    if let Err(error) = super::journal::drop_incoming(node, migration.incoming()) {
+        tracing::error!(change = change_id, %error, "dropping the keys taken in failed");
+    }
     super::journal::end(node, change_id);
     if let Some(replica) = node.replication().and_then(|r| r.replica()) {
         replica.untrack();

@@ -513,6 +513,11 @@ async fn coordinate(node: &Arc<Node>, request: Target) -> Result<Changed, Change
         millis: started.elapsed().as_millis() as u64,
         log_ops: used.ops.load(std::sync::atomic::Ordering::Relaxed),
         log_millis: used.micros.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1000.0,
+        freeze_ms: committed
+            .values()
+            .filter_map(|c| c.freeze_micros)
+            .max()
+            .map_or(0.0, |us| us as f64 / 1000.0),
     };
     tracing::info!(change = change_id, ?report, "view change committed");
     node.set_last_change(report);
@@ -526,7 +531,7 @@ async fn coordinate(node: &Arc<Node>, request: Target) -> Result<Changed, Change
         return Err(ChangeError::Unreachable(unconfirmed));
     }
     Ok(Changed {
-        shards: shards(&target, |a| committed.get(a).copied()),
+        shards: shards(&target, |a| committed.get(a).map(|c| c.key_count)),
         layout,
         left_out,
     })
@@ -621,7 +626,10 @@ async fn reset(node: &Node, peer: &str, view: &View) -> Result<u64, ChangeError>
 
 /// Asks every participant to confirm it applied the commit the log holds (and its key
 /// count); one that does not confirm in time applies it when its log has it.
-async fn commit_everywhere(run: &Run<'_>, change_id: u64) -> (HashMap<String, usize>, Vec<String>) {
+async fn commit_everywhere(
+    run: &Run<'_>,
+    change_id: u64,
+) -> (HashMap<String, Committed>, Vec<String>) {
     let node = run.node;
     if node.faults().crash_after_first_commit() {
         for peer in run.participants.iter().filter(|p| ***p != **node.address()) {
@@ -641,7 +649,7 @@ async fn commit_everywhere(run: &Run<'_>, change_id: u64) -> (HashMap<String, us
             let asked = Instant::now();
             let answer = run.commit_on(peer, change_id).await;
             match answer {
-                Ok(done) => return Ok((peer.clone(), done.key_count)),
+                Ok(done) => return Ok((peer.clone(), done)),
                 // A call that began before the deadline and failed after it (this node was
                 // paused meanwhile) is tried once more.
                 Err(error) if Instant::now() + pause < deadline || asked < deadline => {
@@ -657,8 +665,8 @@ async fn commit_everywhere(run: &Run<'_>, change_id: u64) -> (HashMap<String, us
     let mut unconfirmed = Vec::new();
     for answer in join_all(calls).await {
         match answer {
-            Ok((peer, count)) => {
-                counts.insert(peer, count);
+            Ok((peer, done)) => {
+                counts.insert(peer, done);
             }
             Err(peer) => unconfirmed.push(peer),
         }

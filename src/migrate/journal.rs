@@ -38,7 +38,8 @@ pub(crate) async fn begin(node: &Node, migration: &Migration) -> Result<(), Chan
         .iter()
         .flat_map(|r| r.range.segments())
         .collect();
-    disk.begin_change(migration.change_id(), dropping)?
+    let incoming = migration.incoming().to_vec();
+    disk.begin_change(migration.change_id(), dropping, incoming)?
         .wait()
         .await;
     Ok(())
@@ -55,7 +56,8 @@ pub(crate) async fn stage(
 ) -> Result<(), ChangeError> {
     let disk = disk(node);
     let mut durable = None;
-    migration.stage(node.address(), from, round, entries, |taken| {
+    let store = |hash, key: &str, value| Ok(node.store().apply(hash, key, value)?);
+    migration.stage(node.address(), from, round, entries, store, |taken| {
         let Some(disk) = disk else { return Ok(()) };
         let encoded = taken
             .iter()
@@ -67,6 +69,8 @@ pub(crate) async fn stage(
     if let Some(durable) = durable {
         durable.wait().await;
     }
+    // And the keys that went into the store.
+    node.store().durable().wait().await;
     Ok(())
 }
 
@@ -97,6 +101,14 @@ pub(crate) fn apply(
     Ok(received)
 }
 
+/// An aborted change's keys taken into the store as they arrived leave it.
+pub(crate) fn drop_incoming(node: &Node, incoming: &[(u64, u64)]) -> Result<(), ChangeError> {
+    for &(start, end) in incoming {
+        node.store().remove_segment(start, end)?;
+    }
+    Ok(())
+}
+
 /// The change is over here (committed and its ranges dropped, or aborted): forgotten.
 pub(crate) fn end(node: &Node, change_id: u64) {
     if let Some(disk) = disk(node) {
@@ -120,7 +132,9 @@ pub(crate) fn recover(node: &Node, change_id: u64, outcome: Outcome) -> bool {
     let Some(record) = record else { return false };
     let finished = match outcome {
         Outcome::Committed => finish_commit(node, disk, &record),
-        Outcome::Aborted => disk.end_change(change_id).map_err(ChangeError::from),
+        Outcome::Aborted => {
+            drop_incoming(node, &record.incoming).and_then(|()| Ok(disk.end_change(change_id)?))
+        }
         Outcome::Pending | Outcome::Unknown => return false,
     };
     match finished {

@@ -7,7 +7,7 @@ use super::apply::prepared;
 use super::transfer::{ship_entries, ship_ranges};
 use crate::change::{ChangeError, Migration};
 use crate::node::Node;
-use crate::ring::{key_hash, HashRing, MovedRange};
+use crate::ring::{key_hash, HashRing, MovedRange, RangeSet};
 use crate::rpc::{Request, Response};
 use crate::store::Entry;
 use crate::view::{View, ViewError};
@@ -67,7 +67,7 @@ pub(crate) async fn prepare(
         crate::view::parse_members(&request.view.join(",")).map_err(ChangeError::BadView)?;
     let view = View::new(request.epoch, members, node.config().vnodes)
         .map_err(|e| ChangeError::BadView(ViewError::BadEntry(e.to_string())))?;
-    let (outgoing, incoming, replicated) = match (node.replication(), &request.layout) {
+    let (outgoing, incoming, taken_in, replicated) = match (node.replication(), &request.layout) {
         (Some(replication), Some(layout)) => {
             let plan = replication
                 .handover(layout)
@@ -78,14 +78,27 @@ pub(crate) async fn prepare(
                 map,
                 dropping: plan.dropping,
             };
-            (plan.outgoing, plan.incoming.len(), Some(replicated))
+            let incoming = plan.incoming.len();
+            (
+                plan.outgoing,
+                incoming,
+                RangeSet::default(),
+                Some(replicated),
+            )
         }
         (None, None) => {
             let moved = HashRing::diff(&current.ring, &view.ring);
             let (outgoing, others): (Vec<MovedRange>, Vec<MovedRange>) =
                 moved.into_iter().partition(|r| r.from == *node.address());
-            let incoming = others.iter().filter(|r| r.to == *node.address()).count();
-            (outgoing, incoming, None)
+            let incoming: Vec<&MovedRange> =
+                others.iter().filter(|r| r.to == *node.address()).collect();
+            // Keys of the incoming ranges go into the store as they arrive, except when
+            // another group merges in (its keys must not overwrite this group's).
+            let taken_in = match request.merging.is_empty() {
+                true => RangeSet::new(incoming.iter().map(|r| &r.range)),
+                false => RangeSet::default(),
+            };
+            (outgoing, incoming.len(), taken_in, None)
         }
         _ => {
             return Err(ChangeError::BadView(ViewError::BadEntry(
@@ -108,9 +121,13 @@ pub(crate) async fn prepare(
         request.participants,
         view,
         outgoing,
+        taken_in,
         request.merging,
         replicated,
     ));
+    // What the store holds in the incoming ranges is left over from an earlier change (no
+    // request routes here for them): gone, so only what this change ships is there.
+    super::journal::drop_incoming(node, migration.incoming())?;
     // The replicated mode: every key this node's replica stores from now on (a client's,
     // a mate's, a refill's) is noted for the catch-up.
     if let Some(replica) = node.replication().and_then(|r| r.replica()) {
@@ -219,9 +236,7 @@ pub(crate) async fn committed(node: &Arc<Node>, change_id: u64) -> Result<Commit
     }
     match meta.state().outcome(change_id) {
         Outcome::Committed if node.migration().is_none_or(|m| m.change_id() != change_id) => {
-            Ok(Committed {
-                key_count: node.key_count(),
-            })
+            Ok(node.committed_report(change_id))
         }
         Outcome::Aborted => Err(ChangeError::Aborted(change_id)),
         _ => Err(ChangeError::UnknownChange(change_id)),

@@ -21,6 +21,9 @@ pub struct ChangeRecord {
     pub dropping: Vec<(u64, u64)>,
     /// The staged keys are in the store (the commit got that far): only the drop is left.
     pub applied: bool,
+    /// The hash segments whose keys went into the store as they arrived: dropped if the
+    /// change aborts.
+    pub incoming: Vec<(u64, u64)>,
 }
 
 const RECORD: u8 = b'r';

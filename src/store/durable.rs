@@ -222,17 +222,20 @@ impl DurableEngine {
         self.syncer.policy()
     }
 
-    /// Records that this node prepared `change_id`, handing over `dropping`; the caller
+    /// Records that this node prepared `change_id`, handing over `dropping` and taking in
+    /// `incoming` as it arrives; the caller
     /// awaits the [`Durable`] before it says it prepared.
     pub fn begin_change(
         &self,
         change_id: u64,
         dropping: Vec<(u64, u64)>,
+        incoming: Vec<(u64, u64)>,
     ) -> Result<Durable, StoreError> {
         let record = ChangeRecord {
             change_id,
             dropping,
             applied: false,
+            incoming,
         };
         self.changes
             .insert(changes::record_key(change_id), changes::encode(&record)?)
@@ -448,8 +451,8 @@ mod tests {
         {
             let store = open(dir.path(), FsyncPolicy::Always);
             store.put(1, "kept", Bytes::from_static(b"1")).unwrap();
-            let _ = store.begin_change(9, vec![(0, 10)]).unwrap();
-            let _ = store.begin_change(10, vec![]).unwrap();
+            let _ = store.begin_change(9, vec![(0, 10)], vec![]).unwrap();
+            let _ = store.begin_change(10, vec![], vec![(20, 30)]).unwrap();
             let staged = [("a", b"x".to_vec()), ("b", b"y".to_vec())];
             let _ = store
                 .stage(9, staged.iter().map(|(k, v)| (*k, v.clone())))
