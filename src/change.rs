@@ -71,6 +71,13 @@ pub struct Staged {
     pub round: u8,
 }
 
+/// What a change moves on one node: the ranges it hands over, each with its new owner,
+/// and those whose keys it takes into its store as they arrive.
+pub struct Moves {
+    pub outgoing: Vec<MovedRange>,
+    pub incoming: RangeSet,
+}
+
 /// A replicated change's part of a [`Migration`].
 pub struct Replicated {
     pub map: ShardMap,
@@ -163,11 +170,11 @@ impl Migration {
         coordinator: String,
         participants: Vec<String>,
         view: Arc<View>,
-        outgoing: Vec<MovedRange>,
-        incoming: RangeSet,
+        moves: Moves,
         merging: Vec<String>,
         replicated: Option<Replicated>,
     ) -> Self {
+        let Moves { outgoing, incoming } = moves;
         Migration {
             incoming,
             caught: Mutex::new(HashSet::new()),

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use super::apply::prepared;
 use super::transfer::{ship_entries, ship_ranges};
-use crate::change::{ChangeError, Migration};
+use crate::change::{ChangeError, Migration, Moves};
 use crate::node::Node;
 use crate::ring::{key_hash, HashRing, MovedRange, RangeSet};
 use crate::rpc::{Request, Response};
@@ -120,8 +120,10 @@ pub(crate) async fn prepare(
         request.coordinator,
         request.participants,
         view,
-        outgoing,
-        taken_in,
+        Moves {
+            outgoing,
+            incoming: taken_in,
+        },
         request.merging,
         replicated,
     ));
