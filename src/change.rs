@@ -111,8 +111,9 @@ pub struct Migration {
     /// Keys of `incoming` the catch-up wrote: a late copy of the bulk transfer never
     /// undoes them. Locked before `staged`; held while a batch goes into the store.
     caught: Mutex<HashSet<String>>,
-    /// Keys taken into the store for `incoming`.
+    /// Entries taken into the store for `incoming`, and the keys that added there.
     taken_in: std::sync::atomic::AtomicUsize,
+    keys_taken_in: std::sync::atomic::AtomicIsize,
     /// Keys received for other ranges this node takes over, applied at the commit;
     /// `None` is a deletion.
     staged: Mutex<HashMap<String, Staged>>,
@@ -179,6 +180,7 @@ impl Migration {
             incoming,
             caught: Mutex::new(HashSet::new()),
             taken_in: std::sync::atomic::AtomicUsize::new(0),
+            keys_taken_in: std::sync::atomic::AtomicIsize::new(0),
             merging,
             replicated,
             change_id,
@@ -202,9 +204,15 @@ impl Migration {
         self.incoming.segments()
     }
 
-    /// How many keys went into the store as they arrived.
+    /// How many entries went into the store as they arrived.
     pub fn taken_in(&self) -> usize {
         self.taken_in.load(Ordering::Relaxed)
+    }
+
+    /// How many keys the store holds in the incoming ranges (they became this node's at
+    /// the commit): what its key count leaves out while the change runs.
+    pub fn keys_taken_in(&self) -> usize {
+        self.keys_taken_in.load(Ordering::Relaxed).max(0) as usize
     }
 
     /// Whether a key with this hash is in a range this node hands over.
@@ -251,7 +259,8 @@ impl Migration {
     /// the new view. (Not "under the sender's ring": nodes started with different views
     /// converge through a change, and each ships what its own ring says it held.) In the
     /// sharded mode, a key of the incoming ranges goes to `store` at once (unless the
-    /// catch-up already wrote it and this is the bulk transfer's copy), and `keep` is given
+    /// catch-up already wrote it and this is the bulk transfer's copy; `store` answers how
+    /// many keys that added: 1, 0, or -1 for a deletion), and `keep` is given
     /// the other keys whose staged copy the batch replaced, with that copy, before any other
     /// batch can stage (a durable node writes them to disk, in the order they were taken).
     pub(crate) fn stage(
@@ -260,7 +269,7 @@ impl Migration {
         from: &str,
         round: u8,
         entries: Vec<Entry>,
-        mut store: impl FnMut(u64, &str, Option<Bytes>) -> Result<(), ChangeError>,
+        mut store: impl FnMut(u64, &str, Option<Bytes>) -> Result<isize, ChangeError>,
         keep: impl FnOnce(&[(String, Staged)]) -> Result<(), ChangeError>,
     ) -> Result<(), ChangeError> {
         if !self.participants.iter().any(|p| p == from) {
@@ -339,8 +348,9 @@ impl Migration {
                 } else if caught.contains(&entry.key) {
                     continue;
                 }
-                store(hash, &entry.key, entry.value)?;
+                let added = store(hash, &entry.key, entry.value)?;
                 self.taken_in.fetch_add(1, Ordering::Relaxed);
+                self.keys_taken_in.fetch_add(added, Ordering::Relaxed);
                 continue;
             }
             let copy = Staged {

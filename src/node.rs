@@ -320,7 +320,11 @@ impl Node {
         match self.replication.as_ref().and_then(|r| r.replica()) {
             Some(replica) => replica.live_keys(),
             None if self.replication.is_some() => 0,
-            None => self.store.len(),
+            // Not the keys a change in progress is taking in: they are not this node's yet.
+            None => self
+                .store
+                .len()
+                .saturating_sub(self.migration().map_or(0, |m| m.keys_taken_in())),
         }
     }
 

@@ -366,6 +366,11 @@ fn killed_during_a_change(victim: usize, phase: Phase) {
             (received == staged as f64).then_some(())
         });
     }
+    if (phase, victim) == (Phase::Commit, 3) {
+        // The new node holds what it takes in, but none of it is its own before it commits.
+        assert_eq!(client.key_count(&all[3]), 0);
+        assert!(gauge(&client, &all[3], "ringkv_transfer_keys_received_total") > 0.0);
+    }
     nodes[victim].kill();
     nodes[victim] = start(&all[victim], &first, &flags(&all[victim]));
     if held != victim && phase != Phase::Begin {

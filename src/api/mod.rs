@@ -154,7 +154,7 @@ where
             Some(kv_method) => course::key(&node, kv_method, raw_key, body).await.into(),
             None => not_allowed(),
         },
-        Route::KeyCount if method == Method::GET => reply::key_count_reply(node.store().len()),
+        Route::KeyCount if method == Method::GET => reply::key_count_reply(node.key_count()),
         Route::ViewChange if method == Method::PUT => {
             course::view_change(&node, body, false).await.into()
         }

@@ -56,7 +56,12 @@ pub(crate) async fn stage(
 ) -> Result<(), ChangeError> {
     let disk = disk(node);
     let mut durable = None;
-    let store = |hash, key: &str, value| Ok(node.store().apply(hash, key, value)?);
+    let store = |hash, key: &str, value: Option<bytes::Bytes>| -> Result<isize, ChangeError> {
+        Ok(match value {
+            Some(value) => isize::from(!node.store().put(hash, key, value)?),
+            None => -isize::from(node.store().delete(hash, key)?),
+        })
+    };
     migration.stage(node.address(), from, round, entries, store, |taken| {
         let Some(disk) = disk else { return Ok(()) };
         let encoded = taken
