@@ -247,7 +247,7 @@ pub(crate) fn abort_now(node: &Node, change_id: u64) {
     };
     node.record_outcome(change_id, Outcome::Aborted);
     node.drop_migration(&migration);
-    if let Err(error) = super::journal::drop_incoming(node, migration.incoming()) {
+    if let Err(error) = super::journal::drop_segments(node, migration.incoming()) {
         tracing::error!(change = change_id, %error, "dropping the keys taken in failed");
     }
     super::journal::end(node, change_id);

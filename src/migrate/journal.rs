@@ -55,7 +55,6 @@ pub(crate) async fn stage(
     entries: Vec<crate::store::Entry>,
 ) -> Result<(), ChangeError> {
     let disk = disk(node);
-    let mut durable = None;
     let store = |hash, key: &str, value: Option<bytes::Bytes>| -> Result<isize, ChangeError> {
         Ok(match value {
             Some(value) => isize::from(!node.store().put(hash, key, value)?),
@@ -68,13 +67,9 @@ pub(crate) async fn stage(
             .iter()
             .map(|(key, staged)| Ok((key.as_str(), postcard::to_stdvec(staged).map_err(broken)?)))
             .collect::<Result<Vec<_>, ChangeError>>()?;
-        durable = Some(disk.stage(migration.change_id(), encoded)?);
-        Ok(())
+        Ok(disk.stage(migration.change_id(), encoded)?)
     })?;
-    if let Some(durable) = durable {
-        durable.wait().await;
-    }
-    // And the keys that went into the store.
+    // What was staged on disk and what went into the store share the store's journal.
     node.store().durable().wait().await;
     Ok(())
 }
@@ -106,9 +101,10 @@ pub(crate) fn apply(
     Ok(received)
 }
 
-/// An aborted change's keys taken into the store as they arrived leave it.
-pub(crate) fn drop_incoming(node: &Node, incoming: &[(u64, u64)]) -> Result<(), ChangeError> {
-    for &(start, end) in incoming {
+/// The keys of `segments` leave the store (an aborted change's incoming ranges, or a
+/// committed one's outgoing ranges).
+pub(crate) fn drop_segments(node: &Node, segments: &[(u64, u64)]) -> Result<(), ChangeError> {
+    for &(start, end) in segments {
         node.store().remove_segment(start, end)?;
     }
     Ok(())
@@ -127,8 +123,8 @@ pub(crate) fn end(node: &Node, change_id: u64) {
 /// has in memory (it was killed during the change). Returns whether there was one.
 pub(crate) fn recover(node: &Node, change_id: u64, outcome: Outcome) -> bool {
     let Some(disk) = disk(node) else { return false };
-    let record = match disk.changes() {
-        Ok(records) => records.into_iter().find(|r| r.change_id == change_id),
+    let record = match disk.change(change_id) {
+        Ok(record) => record,
         Err(error) => {
             tracing::error!(change = change_id, %error, "reading the changes on disk failed");
             return false;
@@ -138,7 +134,7 @@ pub(crate) fn recover(node: &Node, change_id: u64, outcome: Outcome) -> bool {
     let finished = match outcome {
         Outcome::Committed => finish_commit(node, disk, &record),
         Outcome::Aborted => {
-            drop_incoming(node, &record.incoming).and_then(|()| Ok(disk.end_change(change_id)?))
+            drop_segments(node, &record.incoming).and_then(|()| Ok(disk.end_change(change_id)?))
         }
         Outcome::Pending | Outcome::Unknown => return false,
     };
@@ -169,9 +165,7 @@ fn finish_commit(
             .collect::<Result<HashMap<String, Staged>, ChangeError>>()?;
         apply(node, record.change_id, staged)?;
     }
-    for &(start, end) in &record.dropping {
-        node.store().remove_segment(start, end)?;
-    }
+    drop_segments(node, &record.dropping)?;
     disk.end_change(record.change_id)?;
     Ok(())
 }

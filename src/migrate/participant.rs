@@ -129,7 +129,7 @@ pub(crate) async fn prepare(
     ));
     // What the store holds in the incoming ranges is left over from an earlier change (no
     // request routes here for them): gone, so only what this change ships is there.
-    super::journal::drop_incoming(node, migration.incoming())?;
+    super::journal::drop_segments(node, migration.incoming())?;
     // The replicated mode: every key this node's replica stores from now on (a client's,
     // a mate's, a refill's) is noted for the catch-up.
     if let Some(replica) = node.replication().and_then(|r| r.replica()) {

@@ -66,6 +66,18 @@ pub(super) fn records(keyspace: &fjall::Keyspace) -> Result<Vec<ChangeRecord>, S
     Ok(out)
 }
 
+/// The record of `change_id`, if this node has one.
+pub(super) fn record(
+    keyspace: &fjall::Keyspace,
+    change_id: u64,
+) -> Result<Option<ChangeRecord>, StoreError> {
+    keyspace
+        .get(record_key(change_id))
+        .map_err(failed)?
+        .map(|raw| postcard::from_bytes(&raw).map_err(failed))
+        .transpose()
+}
+
 /// The keys staged for `change_id`, each with its encoded value.
 pub(super) fn staged(
     keyspace: &fjall::Keyspace,

@@ -245,24 +245,29 @@ impl DurableEngine {
     }
 
     /// Stages keys received for `change_id` (each value encoded by the change module); the
-    /// caller awaits the [`Durable`] before it acknowledges them.
+    /// caller awaits [`Engine::durable`] before it acknowledges them.
     pub fn stage<'a>(
         &self,
         change_id: u64,
         entries: impl IntoIterator<Item = (&'a str, Vec<u8>)>,
-    ) -> Result<Durable, StoreError> {
+    ) -> Result<(), StoreError> {
         let mut batch = self.db.batch();
         for (key, value) in entries {
             batch.insert(&self.changes, changes::staged_key(change_id, key), value);
         }
         batch.commit().map_err(failed)?;
         self.syncer.wrote();
-        Ok(self.syncer.durable())
+        Ok(())
     }
 
     /// The changes this node prepared and did not finish, as recorded on disk.
     pub fn changes(&self) -> Result<Vec<ChangeRecord>, StoreError> {
         changes::records(&self.changes)
+    }
+
+    /// The record of `change_id`, if this node prepared it and did not finish it.
+    pub fn change(&self, change_id: u64) -> Result<Option<ChangeRecord>, StoreError> {
+        changes::record(&self.changes, change_id)
     }
 
     /// The keys staged for `change_id`, with their encoded values.
@@ -279,11 +284,7 @@ impl DurableEngine {
         change_id: u64,
         writes: &[(u64, String, Option<Bytes>)],
     ) -> Result<(), StoreError> {
-        let Some(mut record) = self
-            .changes()?
-            .into_iter()
-            .find(|r| r.change_id == change_id)
-        else {
+        let Some(mut record) = self.change(change_id)? else {
             return Err(StoreError(format!("no record of change {change_id}")));
         };
         record.applied = true;
@@ -454,10 +455,10 @@ mod tests {
             let _ = store.begin_change(9, vec![(0, 10)], vec![]).unwrap();
             let _ = store.begin_change(10, vec![], vec![(20, 30)]).unwrap();
             let staged = [("a", b"x".to_vec()), ("b", b"y".to_vec())];
-            let _ = store
+            store
                 .stage(9, staged.iter().map(|(k, v)| (*k, v.clone())))
                 .unwrap();
-            let _ = store.stage(10, [("c", b"z".to_vec())]).unwrap();
+            store.stage(10, [("c", b"z".to_vec())]).unwrap();
         }
         let store = open(dir.path(), FsyncPolicy::Always);
         let ids: Vec<u64> = store
