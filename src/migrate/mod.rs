@@ -1,7 +1,8 @@
 //! Online view change. [`coordinator`] drives prepare → transfer → catch-up → commit across
 //! the nodes of the old and new view; [`participant`] is what each phase does on one node,
 //! [`transfer`] ships key ranges, [`journal`] keeps a durable node's change on disk, and
-//! [`learn`] catches a node up with a view change it heard of. The state of a change in progress is [`crate::change::Migration`].
+//! [`learn`] catches a node up with a view change it heard of. The state of a change in
+//! progress is [`crate::change::Migration`].
 
 pub mod coordinator;
 mod journal;
