@@ -7,6 +7,8 @@
 //! `cargo bench --bench migration` runs the full size; under `cargo test --benches` it runs
 //! a small one so the suite stays quick.
 
+mod common;
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,6 +19,8 @@ use ringkv::node::Node;
 use ringkv::ring::{key_hash, HashRing};
 use ringkv::server;
 use ringkv::wire::ChangeReport;
+
+use common::{loopback_mb_per_s, quantile_ms};
 
 async fn start(address: &str, view: &[String]) -> Arc<Node> {
     let view: Vec<&str> = view.iter().map(String::as_str).collect();
@@ -40,39 +44,6 @@ struct Step {
     before_p99_ms: f64,
     gets: usize,
     get_errors: usize,
-}
-
-/// The `q` quantile of sorted latencies, in ms.
-fn quantile_ms(sorted: &[Duration], q: f64) -> f64 {
-    let at = ((sorted.len().saturating_sub(1)) as f64 * q).round() as usize;
-    sorted.get(at).map_or(0.0, |d| d.as_secs_f64() * 1000.0)
-}
-
-/// This machine's loopback TCP throughput (MB/s): one connection, 64 KiB writes, 1 s.
-async fn loopback_mb_per_s() -> f64 {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
-    let reader = tokio::spawn(async move {
-        let (mut socket, _) = listener.accept().await.unwrap();
-        let (mut buffer, mut total) = (vec![0u8; 1 << 16], 0u64);
-        while let Ok(n) = socket.read(&mut buffer).await {
-            if n == 0 {
-                break;
-            }
-            total += n as u64;
-        }
-        total
-    });
-    let mut socket = tokio::net::TcpStream::connect(address).await.unwrap();
-    let chunk = vec![7u8; 1 << 16];
-    let begun = Instant::now();
-    while begun.elapsed() < Duration::from_secs(1) {
-        socket.write_all(&chunk).await.unwrap();
-    }
-    drop(socket);
-    let total = reader.await.unwrap();
-    total as f64 / begun.elapsed().as_secs_f64() / 1e6
 }
 
 /// Keys whose owner differs between the two views.
