@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::causal::VersionVector;
-use crate::replica::{Replica, ReplicaError, Snapshot, Write};
+use crate::replica::{Digest, Replica, ReplicaError, Snapshot, Write};
 
 /// Most writes one pull brings.
 pub const PULL_MAX: usize = 4096;
@@ -31,6 +31,7 @@ pub trait Exchange {
         &self,
         peer: &str,
         buckets: usize,
+        kind: Digest,
     ) -> impl std::future::Future<Output = Option<(VersionVector, Vec<u64>)>> + Send;
 
     /// `peer`'s records of slice `bucket` of `buckets`.
@@ -60,10 +61,10 @@ pub async fn refill<E: Exchange>(
     exchange: &E,
     buckets: usize,
 ) -> Result<Option<Refilled>, ReplicaError> {
-    let Some((applied, theirs)) = exchange.digests(peer, buckets).await else {
+    let Some((applied, theirs)) = exchange.digests(peer, buckets, Digest::All).await else {
         return Ok(None);
     };
-    let (_, mine) = off_runtime(|| replica.digests(buckets))?;
+    let (_, mine) = off_runtime(|| replica.digests(buckets, Digest::All))?;
     let mut done = Refilled::default();
     for (bucket, (a, b)) in mine.iter().zip(&theirs).enumerate() {
         if a == b {
@@ -77,6 +78,68 @@ pub async fn refill<E: Exchange>(
     }
     replica.refilled(&applied);
     Ok(Some(done))
+}
+
+/// Most tombstones one sweep lists (a sweep that found more is due again).
+pub const SWEEP_MAX: usize = 100_000;
+
+/// What a sweep did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Swept {
+    /// Slices every replica held alike (whose tombstones could go).
+    pub alike: usize,
+    /// Tombstones dropped.
+    pub dropped: usize,
+}
+
+/// Collects the tombstones no log accounts for (kept through a view change or a restart,
+/// or taken in by a refill; a logged deletion is collected by [`Replica::forget`]): every
+/// one of `mates` is asked for its digests of the values it holds first, then `replica`
+/// scans its own, and where a slice's digest is the same on every replica, and `replica`
+/// has applied every write the mates had then, its tombstones there leave the store. Each
+/// replica sweeps for itself: one that dropped a tombstone another still holds leaves
+/// their digests alike. `None` when a mate did not
+/// answer or had applied writes `replica` had not (a later sweep tries again).
+pub async fn sweep<E: Exchange>(
+    replica: &Replica,
+    mates: &[String],
+    exchange: &E,
+    buckets: usize,
+) -> Result<Option<Swept>, ReplicaError> {
+    let mut theirs = Vec::with_capacity(mates.len());
+    for mate in mates {
+        match exchange.digests(mate, buckets, Digest::Live).await {
+            Some((applied, digests)) if digests.len() == buckets => theirs.push((applied, digests)),
+            _ => return Ok(None),
+        }
+    }
+    let scan = off_runtime(|| replica.tombstone_scan(buckets, SWEEP_MAX))?;
+    if !theirs
+        .iter()
+        .all(|(applied, _)| scan.applied.covers(applied))
+    {
+        return Ok(None);
+    }
+    let alike: Vec<bool> = (0..buckets)
+        .map(|b| {
+            theirs
+                .iter()
+                .all(|(_, digests)| digests[b] == scan.digests[b])
+        })
+        .collect();
+    let collectable = scan
+        .tombstones
+        .iter()
+        .zip(&alike)
+        .filter(|(_, alike)| **alike)
+        .flat_map(|(tombstones, _)| tombstones.iter().cloned())
+        .collect::<Vec<_>>();
+    let all = alike.iter().all(|a| *a);
+    let dropped = replica.drop_tombstones(&scan, collectable, all)?;
+    Ok(Some(Swept {
+        alike: alike.iter().filter(|a| **a).count(),
+        dropped,
+    }))
 }
 
 /// Runs `scan` (a pass over the replica's whole store or a slice of it) so that it does not
@@ -227,8 +290,13 @@ mod tests {
             }
         }
 
-        async fn digests(&self, peer: &str, buckets: usize) -> Option<(VersionVector, Vec<u64>)> {
-            self.replicas[peer].digests(buckets).ok()
+        async fn digests(
+            &self,
+            peer: &str,
+            buckets: usize,
+            kind: Digest,
+        ) -> Option<(VersionVector, Vec<u64>)> {
+            self.replicas[peer].digests(buckets, kind).ok()
         }
 
         async fn snapshot(&self, peer: &str, buckets: usize, bucket: usize) -> Option<Snapshot> {
@@ -359,6 +427,129 @@ mod tests {
             get(&replicas[&names[2]], "k"),
             KvOutcome::Found(Bytes::from("again"))
         );
+    }
+
+    fn delete(r: &Replica, key: &str) {
+        r.serve(
+            key_hash(key.as_bytes()),
+            key,
+            &KvOp::Delete,
+            &Context::at(0),
+        )
+        .unwrap();
+    }
+
+    /// Each replica's successor after a view change that keeps its store (new incarnation
+    /// names, empty logs), as [`Replica::successor`] makes them.
+    fn successors(
+        names: &[String],
+        stores: &Stores,
+        replicas: &BTreeMap<String, Arc<Replica>>,
+    ) -> (Vec<String>, BTreeMap<String, Arc<Replica>>) {
+        let next: Vec<String> = names.iter().map(|n| format!("{n}#2")).collect();
+        let successors = names
+            .iter()
+            .zip(&next)
+            .map(|(old, new)| {
+                let retired = replicas[old].retire();
+                let successor =
+                    Replica::successor(new, "1", stores[old].clone(), Some(retired), &[], [])
+                        .unwrap();
+                (new.clone(), Arc::new(successor))
+            })
+            .collect();
+        (next, successors)
+    }
+
+    type Stores = BTreeMap<String, crate::store::Store>;
+
+    fn cluster_on_stores(n: usize) -> (Vec<String>, Stores, BTreeMap<String, Arc<Replica>>) {
+        let names: Vec<String> = (1..=n).map(|i| format!("10.0.0.{i}:1")).collect();
+        let stores: Stores = names
+            .iter()
+            .map(|n| (n.clone(), crate::store::memory()))
+            .collect();
+        let replicas = names
+            .iter()
+            .map(|n| (n.clone(), Arc::new(Replica::new(n, "1", stores[n].clone()))))
+            .collect();
+        (names, stores, replicas)
+    }
+
+    async fn sweep_at(
+        names: &[String],
+        replicas: &BTreeMap<String, Arc<Replica>>,
+        i: usize,
+    ) -> Swept {
+        let mates: Vec<String> = names.iter().filter(|n| **n != names[i]).cloned().collect();
+        let exchange = exchange_for(&names[i], replicas, &[]);
+        sweep(&replicas[&names[i]], &mates, &exchange, 16)
+            .await
+            .unwrap()
+            .expect("every mate answers")
+    }
+
+    #[tokio::test]
+    async fn tombstones_kept_through_a_view_change_are_swept_once_every_replica_holds_them() {
+        let (names, stores, replicas) = cluster_on_stores(3);
+        let peers = |i: usize| -> Vec<String> {
+            names.iter().filter(|n| **n != names[i]).cloned().collect()
+        };
+        write(&replicas[&names[0]], "k", "1");
+        write(&replicas[&names[0]], "kept", "1");
+        for i in 0..3 {
+            round(
+                &replicas[&names[i]],
+                &peers(i),
+                &exchange_for(&names[i], &replicas, &[]),
+            )
+            .await
+            .unwrap();
+        }
+        delete(&replicas[&names[0]], "k");
+        // Only the second replica takes in the delete before the change: the third keeps
+        // the older value.
+        round(
+            &replicas[&names[1]],
+            &peers(1),
+            &exchange_for(&names[1], &replicas, &[]),
+        )
+        .await
+        .unwrap();
+        let (next, successors) = successors(&names, &stores, &replicas);
+        let counts = |rs: &BTreeMap<String, Arc<Replica>>| -> Vec<usize> {
+            next.iter().map(|n| rs[n].tombstones()).collect()
+        };
+        assert_eq!(counts(&successors), vec![1, 1, 0]);
+        assert!(successors.values().all(|r| r.sweep_due()));
+        // The third holds an older value: no replica may drop the tombstone that beats it.
+        for i in 0..2 {
+            let swept = sweep_at(&next, &successors, i).await;
+            assert_eq!((swept.dropped, swept.alike), (0, 15), "{swept:?}");
+        }
+        assert_eq!(counts(&successors), vec![1, 1, 0]);
+        // A refill brings the third the tombstone; then all hold it alike, and it goes.
+        let third = &successors[&next[2]];
+        refill(
+            third,
+            &next[0],
+            &exchange_for(&next[2], &successors, &[]),
+            16,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        assert_eq!(counts(&successors), vec![1, 1, 1]);
+        for i in 0..3 {
+            let swept = sweep_at(&next, &successors, i).await;
+            assert_eq!(swept.dropped, 1, "replica {i}: {swept:?}");
+            assert!(!successors[&next[i]].sweep_due());
+        }
+        assert_eq!(counts(&successors), vec![0, 0, 0]);
+        for r in successors.values() {
+            assert_eq!(get(r, "k"), KvOutcome::Absent);
+            assert_eq!(get(r, "kept"), KvOutcome::Found(Bytes::from("1")));
+        }
     }
 
     #[tokio::test]

@@ -86,6 +86,7 @@ struct Metrics {
     gossip_silent: IntCounter,
     refills: IntCounter,
     refill_slices: IntCounter,
+    tombstones_swept: IntCounter,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str) -> prometheus::Result<IntCounter> {
@@ -198,6 +199,12 @@ impl Metrics {
                 "ringkv_refill_slices_total",
                 "Ring slices whose digests differed and were shipped in refills.",
             )?,
+            tombstones_swept: counter(
+                &registry,
+                "ringkv_tombstones_swept_total",
+                "Tombstones no log accounted for (kept through a view change or a restart, \
+                 or taken in by a refill) dropped once every replica held the same values.",
+            )?,
             registry,
         })
     }
@@ -282,6 +289,11 @@ pub fn refill(slices: usize) {
         m.refills.inc();
         m.refill_slices.inc_by(slices as u64);
     });
+}
+
+/// Counts tombstones a sweep dropped.
+pub fn tombstones_swept(dropped: usize) {
+    with(|m| m.tombstones_swept.inc_by(dropped as u64));
 }
 
 /// Counts a step of a view change this node coordinates.

@@ -99,6 +99,11 @@ struct State {
     /// Deletions forgotten from the log whose tombstones are still stored, until every
     /// replica holds exactly the same writes.
     graves: Vec<(u64, String, Version)>,
+    /// Bumped whenever a tombstone no log accounts for may have been stored (kept through
+    /// a view change or a restart, or taken in by a refill); `swept` is the value a sweep
+    /// that collected every one of them saw (see [`Replica::tombstone_scan`]).
+    loose: u64,
+    swept: u64,
     /// Keys stored since a view change began (`None`: not tracking): re-sent in its
     /// catch-up.
     tracked: Option<HashSet<String>>,
@@ -143,13 +148,19 @@ impl Drop for Scanning<'_> {
 
 impl Replica {
     pub fn new(me: &str, shard: &str, store: Store) -> Replica {
+        // Records a store already holds (a restart on a data dir, a view change's successor)
+        // may include tombstones this new incarnation's log knows nothing of.
+        let state = State {
+            loose: u64::from(!store.is_empty()),
+            ..State::default()
+        };
         Replica {
             me: me.to_string(),
             origin: xxhash_rust::xxh3::xxh3_64(me.as_bytes()),
             shard: shard.to_string(),
             store,
             clock: Clock::default(),
-            state: Mutex::new(State::default()),
+            state: Mutex::new(state),
             scans: std::sync::atomic::AtomicUsize::new(0),
         }
     }
@@ -171,6 +182,12 @@ impl Replica {
     /// Keys holding a value.
     pub fn live_keys(&self) -> usize {
         self.state.lock().live
+    }
+
+    /// Deleted keys whose tombstones are still stored.
+    pub fn tombstones(&self) -> usize {
+        let state = self.state.lock();
+        self.store.len().saturating_sub(state.live)
     }
 
     fn read(&self, hash: u64, key: &str) -> Result<Option<Record>, ReplicaError> {
@@ -412,7 +429,54 @@ impl Replica {
     /// ships only the slices whose digests differ, and the refilled replica then counts
     /// the writes of that vector as applied ([`Replica::refilled`]): every one of them is
     /// in a slice it matched or in a snapshot taken later.
-    pub fn digests(&self, buckets: usize) -> Result<(VersionVector, Vec<u64>), ReplicaError> {
+    pub fn digests(
+        &self,
+        buckets: usize,
+        kind: Digest,
+    ) -> Result<(VersionVector, Vec<u64>), ReplicaError> {
+        self.scan(buckets, kind, |_, _, _| {})
+    }
+
+    /// The [`Digest::Live`] digests of [`Replica::digests`], and, in the same pass, the
+    /// tombstones of each slice (at most `max` in all): what a sweep may collect where every
+    /// replica's digest of the slice is the same ([`crate::gossip::sweep`]).
+    pub fn tombstone_scan(
+        &self,
+        buckets: usize,
+        max: usize,
+    ) -> Result<TombstoneScan, ReplicaError> {
+        let loose = self.state.lock().loose;
+        let mut tombstones = vec![Vec::new(); buckets];
+        let mut found = 0;
+        let (applied, digests) = self.scan(buckets, Digest::Live, |bucket, key, record| {
+            if record.value.is_none() {
+                found += 1;
+                if found <= max {
+                    tombstones[bucket].push((
+                        key_hash(key.as_bytes()),
+                        key.to_string(),
+                        record.version,
+                    ));
+                }
+            }
+        })?;
+        Ok(TombstoneScan {
+            applied,
+            digests,
+            tombstones,
+            complete: found <= max,
+            loose,
+        })
+    }
+
+    /// One pass over the store: each slice's digest (and `each` called with every record),
+    /// and what this replica had applied before the pass.
+    fn scan(
+        &self,
+        buckets: usize,
+        kind: Digest,
+        mut each: impl FnMut(usize, &str, &Record),
+    ) -> Result<(VersionVector, Vec<u64>), ReplicaError> {
         // What was applied, taken before the scan: every write it counts is in the store by
         // then (a write is stored before it is counted, under the state lock). The scan runs
         // without the lock, so requests go on meanwhile; a record written during it only
@@ -421,9 +485,13 @@ impl Replica {
         let _scan = Scanning::new(&self.scans);
         let applied = self.state.lock().applied.clone();
         let mut out = Vec::with_capacity(buckets);
-        for (from, to) in slices(buckets) {
+        for (bucket, (from, to)) in slices(buckets).into_iter().enumerate() {
             let mut digest = 0u64;
             self.each_record(from, to, |key, record| {
+                each(bucket, &key, &record);
+                if kind == Digest::Live && record.value.is_none() {
+                    return;
+                }
                 let version = record.version;
                 let mut bytes = key.into_bytes();
                 bytes.extend_from_slice(&version.time.to_le_bytes());
@@ -435,6 +503,45 @@ impl Replica {
             out.push(digest);
         }
         Ok((applied, out))
+    }
+
+    /// Whether tombstones no log accounts for may be stored: a sweep is due.
+    pub fn sweep_due(&self) -> bool {
+        let state = self.state.lock();
+        state.loose > state.swept
+    }
+
+    /// Drops `tombstones` of a [`Replica::tombstone_scan`], each still stored with the
+    /// version it was scanned with: the caller saw every replica of the shard hold the same
+    /// values in their slices (equal [`Digest::Live`] digests) and have applied no writes
+    /// this replica had not applied then. No replica then holds a value for those keys, and
+    /// no older write to them can still arrive: every write any replica had applied was
+    /// applied here before the tombstone was scanned, and lost to it. Refused (0) while a
+    /// digest scan or a view change runs, as for [`Replica::forget`]. `all`: these were every tombstone of `scan`, so no sweep is due
+    /// until another loose one may have been stored. Returns how many were dropped.
+    pub fn drop_tombstones(
+        &self,
+        scan: &TombstoneScan,
+        tombstones: impl IntoIterator<Item = (u64, String, Version)>,
+        all: bool,
+    ) -> Result<usize, ReplicaError> {
+        let mut state = self.state.lock();
+        let scanning = self.scans.load(std::sync::atomic::Ordering::Acquire) > 0;
+        if scanning || state.tracked.is_some() || state.retired {
+            return Ok(0);
+        }
+        let mut dropped = 0;
+        for (hash, key, version) in tombstones {
+            let current = self.read(hash, &key)?;
+            if current.is_some_and(|r| r.version == version && r.value.is_none()) {
+                self.store.delete(hash, &key)?;
+                dropped += 1;
+            }
+        }
+        if all && scan.complete && state.loose == scan.loose {
+            state.swept = scan.loose;
+        }
+        Ok(dropped)
     }
 
     /// What a refill of slice `bucket` of `buckets` ships: every record there, and what
@@ -464,6 +571,9 @@ impl Replica {
             if self.store_if_newer(&mut state, hash, &key, &record)? {
                 self.clock.observe(record.version.time);
                 taken += 1;
+                if record.value.is_none() {
+                    state.loose += 1;
+                }
             }
         }
         state.deps.merge(&snapshot.deps);
@@ -522,8 +632,8 @@ impl Replica {
     /// (`before`, if it had one) kept: the records of the `dropping` segments leave the
     /// store, the `staged` records (encoded, as shipped) are taken in where they win, and
     /// its clock goes on past the retired one's. It starts a new incarnation `me` with an
-    /// empty log: what its shard-mates hold that it lacks comes by a refill. (Tombstones
-    /// kept from before are never collected: no log says who else holds them.)
+    /// empty log: what its shard-mates hold that it lacks comes by a refill. (The
+    /// tombstones it keeps or takes in are in no log: a sweep collects them.)
     pub fn successor(
         me: &str,
         shard: &str,
@@ -551,9 +661,34 @@ impl Replica {
                 replica.clock.observe(record.version.time);
             }
         }
+        state.loose = u64::from(!replica.store.is_empty());
         drop(state);
         Ok(replica)
     }
+}
+
+/// What a slice's digest covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Digest {
+    /// Every record, tombstones included (a refill: a replica missing a tombstone must
+    /// take it, or a third replica's older value could come back through it).
+    All,
+    /// Records holding a value (a sweep: a tombstone dropped on one replica and kept on
+    /// another leaves their slices alike).
+    Live,
+}
+
+/// What [`Replica::tombstone_scan`] found.
+#[derive(Debug, Clone)]
+pub struct TombstoneScan {
+    /// What the replica had applied before the scan.
+    pub applied: VersionVector,
+    pub digests: Vec<u64>,
+    /// Per slice, its tombstones: hash, key and version.
+    pub tombstones: Vec<Vec<(u64, String, Version)>>,
+    /// Every tombstone is listed (there were no more than the scan's `max`).
+    pub complete: bool,
+    loose: u64,
 }
 
 /// Records of one slice of the ring, with the dependencies of the replica that read them.
@@ -764,8 +899,8 @@ mod tests {
         a.forget(&[c.applied()]).unwrap();
         run(a, "late3", put("3"), &none);
         let buckets = 64;
-        let (_, ours) = c.digests(buckets).unwrap();
-        let (vector, theirs) = a.digests(buckets).unwrap();
+        let (_, ours) = c.digests(buckets, Digest::All).unwrap();
+        let (vector, theirs) = a.digests(buckets, Digest::All).unwrap();
         // A write after the digests: not part of this refill, pulled (or refilled) later.
         run(a, "later", put("4"), &none);
         let differing: Vec<usize> = (0..buckets).filter(|b| ours[*b] != theirs[*b]).collect();
@@ -780,7 +915,10 @@ mod tests {
         assert_eq!(c.applied(), vector, "what a had when it took its digests");
         // The later write is pulled as usual, and then the two agree.
         sync(a, c);
-        assert_eq!(c.digests(buckets).unwrap(), a.digests(buckets).unwrap());
+        assert_eq!(
+            c.digests(buckets, Digest::All).unwrap(),
+            a.digests(buckets, Digest::All).unwrap()
+        );
         assert_eq!(c.applied(), a.applied());
         assert_eq!(c.live_keys(), a.live_keys());
         assert_eq!(

@@ -352,6 +352,7 @@ impl Replication {
             name: replica.name().to_string(),
             applied: applied.iter().map(|(_, n)| n).sum(),
             mates_lag,
+            tombstones: replica.tombstones() as u64,
         })
     }
 

@@ -41,6 +41,10 @@ pub struct ReplicaState {
     /// Per shard-mate: how many of the writes this replica applied the mate had not, when
     /// it last pulled (a mate cut off since falls further behind with every write here).
     pub mates_lag: std::collections::BTreeMap<String, u64>,
+    /// Deleted keys whose tombstones it still stores (collected once every replica has
+    /// them).
+    #[serde(default)]
+    pub tombstones: u64,
 }
 
 /// A group's metadata as one of its nodes has applied it.

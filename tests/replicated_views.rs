@@ -699,3 +699,102 @@ fn a_node_outside_the_view_routes_by_the_new_layout_right_after_a_change() {
         assert!(view.contains(&address), "{key} served by {address}");
     }
 }
+
+/// Deletions made while a replica is dead stay tombstones on its mate (which cannot know
+/// the dead one has them); a view change that leaves the dead replica out carries them
+/// into the new incarnations, whose logs know nothing of them. Once every replica of each
+/// new shard holds the same values, sweeps collect every one of them: none is left on any
+/// node, the deleted keys stay deleted and every other key keeps its value.
+#[test]
+fn tombstones_carried_through_a_view_change_are_swept_once_every_replica_agrees() {
+    let (mut cluster, layout, loaded) = loaded_cluster(4, 2, "graves");
+    let client = Client::new();
+    let old = cluster.addresses();
+    let (a, b, c, d) = (&old[0], &old[1], &old[2], &old[3]);
+    assert_eq!(layout[0].1, vec![a.clone(), b.clone()]);
+    let shards = key_shards(&client, &old, &layout, &loaded.data);
+    cluster.nodes[1].kill();
+    let mut context = loaded.context.clone();
+    let mut kept = loaded.data.clone();
+    let deleted: Vec<String> = loaded.data.keys().step_by(3).cloned().collect();
+    for (i, key) in deleted.iter().enumerate() {
+        let through = [a, c, d][i % 3];
+        let body = json!({"causal-context": context});
+        let answer = key_request(&client, "DELETE", through, key, &body);
+        assert_eq!(answer.status, 200, "DELETE {key} via {through}: {answer:?}");
+        context = answer.body["causal-context"].clone();
+        kept.remove(key);
+    }
+    let on_a = deleted.iter().filter(|k| shards[*k] == "1").count();
+    assert!(on_a > 0, "some deleted keys are on shard 1");
+    let tombstones = |node: &str| -> Vec<(String, Value)> {
+        let status = client.get(&format!("http://{node}/cluster/status"));
+        status.body["nodes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|n| {
+                (
+                    n["address"].as_str().unwrap_or("").to_string(),
+                    n["tombstones"].clone(),
+                )
+            })
+            .collect()
+    };
+    let held = tombstones(a)
+        .into_iter()
+        .find(|(n, _)| n == a)
+        .map(|(_, t)| t);
+    assert_eq!(
+        held,
+        Some(json!(on_a)),
+        "its mate is dead, so {a} keeps the tombstone of every key of shard 1 deleted"
+    );
+    let e = fresh_address();
+    let view = vec![a.clone(), c.clone(), d.clone(), e.clone()];
+    start_joining(&mut cluster, &view, 2);
+    let change = Change {
+        old: &old,
+        view: &view,
+        factor: 2,
+        left_out: std::slice::from_ref(b),
+    };
+    let answer = view_change(&client, d, &change);
+    assert_eq!(answer.status, 200, "{answer:?}");
+    let layout = answered_layout(&answer);
+    assert_eq!(layout, self::layout(&[("1", &[a, &e]), ("2", &[c, d])]));
+    wait_replicated(&client, &layout, kept.len());
+    poll_until(
+        Duration::from_secs(30),
+        "no tombstone left on any replica",
+        || {
+            let left = tombstones(a);
+            (left.len() == view.len() && left.iter().all(|(_, t)| *t == json!(0))).then_some(())
+        },
+    );
+    let swept: f64 = [a, &e]
+        .iter()
+        .map(|n| gauge(&client, n, "ringkv_tombstones_swept_total"))
+        .sum();
+    assert!(
+        swept >= on_a as f64,
+        "the {on_a} carried tombstones of shard 1 were swept, not collected from a log: {swept}"
+    );
+    for node in &view {
+        for key in &deleted {
+            let answer = get(&client, node, key, &json!({}));
+            assert_eq!(
+                answer.status, 404,
+                "GET deleted {key} via {node}: {answer:?}"
+            );
+        }
+        for (key, value) in &kept {
+            let answer = get(&client, node, key, &json!({}));
+            assert_eq!(
+                (answer.status, &answer.body["value"]),
+                (200, value),
+                "GET {key} via {node}: {answer:?}"
+            );
+        }
+    }
+}

@@ -46,6 +46,9 @@ pub struct NodeStatus {
     pub shard: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lag: Option<u64>,
+    /// The replicated mode: deleted keys whose tombstones the replica still stores.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tombstones: Option<u64>,
 }
 
 /// The view change prepared on the answering node, while it runs.
@@ -158,6 +161,7 @@ pub async fn cluster_status(node: &Arc<Node>) -> ClusterStatus {
                     expected_keys: None,
                     shard: shard_of(address),
                     lag: None,
+                    tombstones: state.replica.as_ref().map(|r| r.tombstones),
                 },
                 Err(error) => NodeStatus {
                     address: address.clone(),
@@ -171,6 +175,7 @@ pub async fn cluster_status(node: &Arc<Node>) -> ClusterStatus {
                     expected_keys: None,
                     shard: shard_of(address),
                     lag: None,
+                    tombstones: None,
                 },
             }
         })

@@ -10,7 +10,7 @@ use std::time::Duration;
 use crate::causal::VersionVector;
 use crate::gossip::{self, Exchange, Pulled, PULL_TIMEOUT};
 use crate::node::Node;
-use crate::replica::{Replica, Snapshot};
+use crate::replica::{Digest, Replica, Snapshot};
 use crate::rpc::{Refusal, Request, Response};
 
 /// How often a replica pulls from its shard-mates.
@@ -23,6 +23,10 @@ pub const KEEP_LOGGED: Duration = Duration::from_secs(2);
 /// How often (in gossip rounds) a replica that began with a view change asks the mates it
 /// has not compared digests with yet.
 const REPAIR_EVERY_ROUNDS: u64 = 5;
+
+/// How often (in gossip rounds) a replica that may hold tombstones no log accounts for
+/// compares digests with its mates to collect them ([`gossip::sweep`]).
+const SWEEP_EVERY_ROUNDS: u64 = 10;
 
 /// Slices a refill compares.
 pub const REFILL_BUCKETS: usize = 256;
@@ -56,9 +60,15 @@ impl Exchange for RpcExchange<'_> {
         }
     }
 
-    async fn digests(&self, peer: &str, buckets: usize) -> Option<(VersionVector, Vec<u64>)> {
+    async fn digests(
+        &self,
+        peer: &str,
+        buckets: usize,
+        kind: Digest,
+    ) -> Option<(VersionVector, Vec<u64>)> {
         let request = Request::Digests {
             buckets: buckets as u32,
+            kind,
         };
         match self.ask(peer, request).await {
             Some(Response::Digests(applied, digests)) if digests.len() == buckets => {
@@ -128,8 +138,8 @@ pub fn answer(node: &Node, from: &str, epoch: u64, request: Request) -> Response
                 Err(error) => storage(error),
             }
         }
-        Request::Digests { buckets } if (1..=4096).contains(&buckets) => {
-            match gossip::off_runtime(|| replica.digests(buckets as usize)) {
+        Request::Digests { buckets, kind } if (1..=4096).contains(&buckets) => {
+            match gossip::off_runtime(|| replica.digests(buckets as usize, kind)) {
                 Ok((applied, digests)) => Response::Digests(applied, digests),
                 Err(error) => storage(error),
             }
@@ -192,6 +202,31 @@ pub async fn run(node: Arc<Node>) {
                 tracing::error!(%error, "trimming the replica's log failed");
             }
         }
+        if replica.sweep_due()
+            && placed.unrepaired().is_empty()
+            && round_number.is_multiple_of(SWEEP_EVERY_ROUNDS)
+        {
+            sweep(replica, &mates, &exchange).await;
+        }
+    }
+}
+
+/// Drops the tombstones of `replica` that no log accounts for, where every mate holds the
+/// same values ([`gossip::sweep`]).
+async fn sweep(replica: &Replica, mates: &[String], exchange: &RpcExchange<'_>) {
+    match gossip::sweep(replica, mates, exchange, REFILL_BUCKETS).await {
+        Ok(Some(swept)) if swept.dropped > 0 => {
+            tracing::info!(
+                dropped = swept.dropped,
+                alike = swept.alike,
+                slices = REFILL_BUCKETS,
+                left = replica.tombstones(),
+                "tombstones swept"
+            );
+            crate::metrics::tombstones_swept(swept.dropped);
+        }
+        Ok(_) | Err(crate::replica::ReplicaError::Retired) => {}
+        Err(error) => tracing::error!(%error, "sweeping tombstones failed"),
     }
 }
 

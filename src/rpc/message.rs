@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::causal::VersionVector;
 use crate::kv::{Invalid, KvMethod, KvOp, KvOutcome};
 use crate::meta::{Applied, LeadError, LeaderOp, RaftId};
-use crate::replica::{KeyAnswer, Snapshot, Write};
+use crate::replica::{Digest, KeyAnswer, Snapshot, Write};
 use crate::store::Entry;
 use crate::wire::{Committed, Misdirected, NodeState, Outcome, Prepare, Shipped};
 
@@ -108,8 +108,8 @@ pub enum Request {
     /// Replicated mode (push): a shard-mate's new writes, each origin's in order, sent as
     /// soon as it accepted them.
     Push { writes: Vec<Write> },
-    /// Replicated mode (refill): digests of `buckets` equal slices of the ring.
-    Digests { buckets: u32 },
+    /// Replicated mode (refill, sweep): digests of `buckets` equal slices of the ring.
+    Digests { buckets: u32, kind: Digest },
     /// Replicated mode (refill): every record of slice `bucket` of `buckets`.
     Snapshot { buckets: u32, bucket: u32 },
 }
