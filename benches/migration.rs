@@ -217,14 +217,15 @@ fn main() {
         println!("(the 16 -> 17 row: a separate 16-node cluster holding {big_count} keys)");
         let loopback = loopback_mb_per_s().await;
         println!(
-            "{:<24} {:>9} {:>10} {:>10} {:>9} {:>10} {:>8} {:>9} {:>10} {:>8} {:>7}",
-            "change", "wall ms", "shipped", "moved", "caught", "keys/s", "MB/s", "loopback", "vs all", "log ms", "log ops"
+            "{:<24} {:>9} {:>10} {:>10} {:>9} {:>10} {:>8} {:>9} {:>9} {:>9} {:>9} {:>10} {:>8} {:>7}",
+            "change", "wall ms", "shipped", "moved", "caught", "keys/s", "MB/s", "loopback", "xfer ms", "xfer MB/s", "loopback", "vs all", "log ms", "log ops"
         );
         for step in &steps {
             let secs = step.wall.as_secs_f64();
             let mb_per_s = step.report.bytes_shipped as f64 / secs / 1e6;
+            let xfer = step.report.bytes_shipped as f64 / step.report.transfer_ms.max(1e-3) / 1e3;
             println!(
-                "{:<24} {:>9.0} {:>10} {:>10} {:>9} {:>10.0} {:>8.1} {:>8.1}% {:>9.2}x {:>8.1} {:>7}",
+                "{:<24} {:>9.0} {:>10} {:>10} {:>9} {:>10.0} {:>8.1} {:>8.1}% {:>9.1} {:>9.1} {:>8.1}% {:>9.2}x {:>8.1} {:>7}",
                 step.name,
                 secs * 1000.0,
                 step.report.keys_shipped,
@@ -233,6 +234,9 @@ fn main() {
                 step.report.keys_shipped as f64 / secs,
                 mb_per_s,
                 mb_per_s / loopback * 100.0,
+                step.report.transfer_ms,
+                xfer,
+                xfer / loopback * 100.0,
                 baseline.wall.as_secs_f64() / secs,
                 step.report.log_millis,
                 step.report.log_ops
@@ -263,6 +267,7 @@ fn main() {
         }
         println!(
             "(shipped = distinct keys of the bulk transfer, moved = keys whose owner changed; \
+             xfer = the bulk transfer phase alone (every sender in parallel); \
              'vs all' = wall time of shipping every key / this change's; baseline rate {baseline_rate:.0} keys/s; \
              log ms = time in the metadata log's operations, within wall ms; freeze = the longest a \
              node's outgoing ranges waited for the commit; p99 before = the second before the change)"

@@ -27,6 +27,9 @@ use tokio::net::TcpStream;
 use common::{loopback_mb_per_s, quantile_ms};
 use ringkv::ring::HashRing;
 
+/// How long after the change RSS is read again.
+const SETTLE: Duration = Duration::from_secs(3);
+
 /// The stored text of every value: a JSON string of 98 characters, 100 bytes.
 fn value_text() -> String {
     format!("\"{}\"", "v".repeat(98))
@@ -128,12 +131,16 @@ struct Figures {
     rss_empty: Vec<u64>,
     rss_loaded: Vec<u64>,
     rss_after: Vec<u64>,
+    /// The same, [`SETTLE`] later: what the allocator gave back meanwhile.
+    rss_settled: Vec<u64>,
     /// Redis's own count of its data (`used_memory` growth), summed over the masters.
     used_memory: Option<u64>,
     load: Duration,
     wall: Duration,
     keys_moved: usize,
     bytes_moved: usize,
+    /// The bulk transfer alone (ringkv: every sender in parallel), within `wall`.
+    transfer: Option<Duration>,
     freeze_ms: Option<f64>,
     samples: Samples,
 }
@@ -307,6 +314,8 @@ async fn ringkv(keys: Arc<Vec<String>>, logs: &Path) -> Figures {
     };
     (figures.wall, figures.samples) = timed_change(readers, keys.clone(), change).await;
     figures.rss_after = pids.iter().map(|&p| rss(p)).collect();
+    tokio::time::sleep(SETTLE).await;
+    figures.rss_settled = pids.iter().map(|&p| rss(p)).collect();
     let status: serde_json::Value = client
         .get(format!("http://{}/cluster/status", three[0]))
         .send()
@@ -319,6 +328,9 @@ async fn ringkv(keys: Arc<Vec<String>>, logs: &Path) -> Figures {
     figures.keys_moved = report["keys_shipped"].as_u64().unwrap() as usize;
     figures.bytes_moved = report["bytes_shipped"].as_u64().unwrap() as usize;
     figures.freeze_ms = report["freeze_ms"].as_f64();
+    figures.transfer = report["transfer_ms"]
+        .as_f64()
+        .map(|ms| Duration::from_secs_f64(ms / 1000.0));
     assert_eq!(
         status["key-count"].as_u64(),
         Some(keys.len() as u64),
@@ -644,6 +656,8 @@ async fn redis_cluster(keys: Arc<Vec<String>>, logs: &Path) -> Figures {
     };
     (figures.wall, figures.samples) = timed_change(readers, keys.clone(), change).await;
     figures.rss_after = pids.iter().map(|&p| rss(p)).collect();
+    tokio::time::sleep(SETTLE).await;
+    figures.rss_settled = pids.iter().map(|&p| rss(p)).collect();
     let count = |port: u16| -> usize {
         redis_cli(&["-p", &port.to_string(), "dbsize"])
             .trim()
@@ -707,7 +721,7 @@ fn main() {
              4 readers, loopback"
         );
         println!("{:<40} {:>12} {:>14} {:>10}", "figure", "ringkv", "Redis Cluster", "ratio");
-        let figures: [(&str, &Figure<'_>, &str); 16] = [
+        let figures: [(&str, &Figure<'_>, &str); 21] = [
             ("RSS per node, empty", &|f| mean_mb(&f.rss_empty), "MB"),
             ("RSS per node after load", &|f| mean_mb(&f.rss_loaded), "MB"),
             ("RSS growth per key", &|f| f.bytes_per_key(key_count), "B"),
@@ -717,6 +731,14 @@ fn main() {
             ("moved", &|f| f.bytes_moved as f64 / f.wall.as_secs_f64() / 1e6, "MB/s"),
             ("moved vs loopback TCP", &|f| {
                 f.bytes_moved as f64 / f.wall.as_secs_f64() / 1e6 / loopback * 100.0
+            }, "%"),
+            ("bulk transfer (Redis: the rebalance)", &|f| f.transfer.unwrap_or(f.wall).as_secs_f64(), "s"),
+            ("moved during the transfer", &|f| {
+                f.bytes_moved as f64 / f.transfer.unwrap_or(f.wall).as_secs_f64() / 1e6
+            }, "MB/s"),
+            ("transfer vs loopback TCP", &|f| {
+                f.bytes_moved as f64 / f.transfer.unwrap_or(f.wall).as_secs_f64() / 1e6 / loopback
+                    * 100.0
             }, "%"),
             ("reader p50 before", &|f| quantile_ms(&f.samples.before, 0.5), "ms"),
             ("reader p99 before", &|f| quantile_ms(&f.samples.before, 0.99), "ms"),
@@ -729,6 +751,8 @@ fn main() {
             }, "x"),
             ("RSS per old node after the change", &|f| mean_mb(&f.rss_after[..3]), "MB"),
             ("RSS of the new node after the change", &|f| mean_mb(&f.rss_after[3..]), "MB"),
+            ("RSS per old node 3 s later", &|f| mean_mb(&f.rss_settled[..3]), "MB"),
+            ("RSS of the new node 3 s later", &|f| mean_mb(&f.rss_settled[3..]), "MB"),
         ];
         for (name, figure, unit) in figures {
             row(name, figure(&ours), redis(figure), unit);

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::blocking::off_runtime;
 use crate::causal::VersionVector;
 use crate::replica::{Digest, Replica, ReplicaError, Snapshot, Write};
 
@@ -140,16 +141,6 @@ pub async fn sweep<E: Exchange>(
         alike: alike.iter().filter(|a| **a).count(),
         dropped,
     }))
-}
-
-/// Runs `scan` (a pass over the replica's whole store or a slice of it) so that it does not
-/// hold up the other tasks of its runtime thread (the log's heartbeats among them): on a
-/// multi-threaded runtime they move to another thread meanwhile.
-pub fn off_runtime<R>(scan: impl FnOnce() -> R) -> R {
-    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
-        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(scan),
-        _ => scan(),
-    }
 }
 
 /// A peer's answer to a pull.

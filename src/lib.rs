@@ -7,6 +7,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod blocking;
 pub mod causal;
 pub mod change;
 pub mod config;

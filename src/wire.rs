@@ -119,6 +119,9 @@ pub struct ChangeReport {
     /// the nodes that confirmed the commit reported it.
     #[serde(default)]
     pub freeze_ms: f64,
+    /// How long the bulk transfer took (every sender, in parallel), within `millis`.
+    #[serde(default)]
+    pub transfer_ms: f64,
 }
 
 /// What a committed node holds afterwards.

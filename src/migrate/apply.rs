@@ -91,7 +91,7 @@ pub(crate) fn follow_layout(node: &Node, epoch: u64, layout: Option<&crate::shar
     }
     // Dropping what it no longer holds scans the store: off the runtime's threads when this
     // runs on one (a layout learned while serving).
-    let switched = crate::gossip::off_runtime(|| {
+    let switched = crate::blocking::off_runtime(|| {
         replication.handover(layout).and_then(|plan| {
             let dropping: Vec<(u64, u64)> =
                 plan.dropping.iter().flat_map(|r| r.segments()).collect();

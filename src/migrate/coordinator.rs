@@ -438,9 +438,11 @@ async fn coordinate(node: &Arc<Node>, request: Target) -> Result<Changed, Change
             millis = phase_started.elapsed().as_millis() as u64,
             "phase prepare done"
         );
+        let transfer_started = Instant::now();
         let shipped = run.shipping_phase(Request::Transfer { change_id }).await?;
+        let transfer_ms = transfer_started.elapsed().as_secs_f64() * 1000.0;
         let caught_up = run.shipping_phase(Request::CatchUp { change_id }).await?;
-        Ok::<_, Vec<PeerError>>((shipped, caught_up))
+        Ok::<_, Vec<PeerError>>((shipped, caught_up, transfer_ms))
     };
     let phases = phases.await;
     node.faults().decide_pause_point().await;
@@ -471,7 +473,7 @@ async fn coordinate(node: &Arc<Node>, request: Target) -> Result<Changed, Change
             _ => Outcome::Pending,
         },
     );
-    let (shipped, caught_up) = match (phases, decided) {
+    let (shipped, caught_up, transfer_ms) = match (phases, decided) {
         (Ok(done), Ok(Applied::Decided(Outcome::Committed))) => done,
         (phases, decided) => {
             let error = match phases {
@@ -518,6 +520,7 @@ async fn coordinate(node: &Arc<Node>, request: Target) -> Result<Changed, Change
             .filter_map(|c| c.freeze_micros)
             .max()
             .map_or(0.0, |us| us as f64 / 1000.0),
+        transfer_ms,
     };
     tracing::info!(change = change_id, ?report, "view change committed");
     node.set_last_change(report);

@@ -61,14 +61,21 @@ pub(crate) async fn stage(
             None => -isize::from(node.store().delete(hash, key)?),
         })
     };
-    migration.stage(node.address(), from, round, entries, store, |taken| {
-        let Some(disk) = disk else { return Ok(()) };
-        let encoded = taken
-            .iter()
-            .map(|(key, staged)| Ok((key.as_str(), postcard::to_stdvec(staged).map_err(broken)?)))
-            .collect::<Result<Vec<_>, ChangeError>>()?;
-        Ok(disk.stage(migration.change_id(), encoded)?)
-    })?;
+    let run = || {
+        migration.stage(node.address(), from, round, entries, store, |taken| {
+            let Some(disk) = disk else { return Ok(()) };
+            let encoded = taken
+                .iter()
+                .map(|(key, staged)| {
+                    Ok((key.as_str(), postcard::to_stdvec(staged).map_err(broken)?))
+                })
+                .collect::<Result<Vec<_>, ChangeError>>()?;
+            Ok(disk.stage(migration.change_id(), encoded)?)
+        })
+    };
+    // Off the runtime thread: checking and storing a batch takes a millisecond or so, which
+    // requests queued behind it on that thread would otherwise wait.
+    crate::blocking::off_runtime(run)?;
     // What was staged on disk and what went into the store share the store's journal.
     node.store().durable().wait().await;
     Ok(())

@@ -139,13 +139,15 @@ pub fn answer(node: &Node, from: &str, epoch: u64, request: Request) -> Response
             }
         }
         Request::Digests { buckets, kind } if (1..=4096).contains(&buckets) => {
-            match gossip::off_runtime(|| replica.digests(buckets as usize, kind)) {
+            match crate::blocking::off_runtime(|| replica.digests(buckets as usize, kind)) {
                 Ok((applied, digests)) => Response::Digests(applied, digests),
                 Err(error) => storage(error),
             }
         }
         Request::Snapshot { buckets, bucket } if bucket < buckets && buckets <= 4096 => {
-            match gossip::off_runtime(|| replica.snapshot(buckets as usize, bucket as usize)) {
+            match crate::blocking::off_runtime(|| {
+                replica.snapshot(buckets as usize, bucket as usize)
+            }) {
                 Ok(snapshot) => Response::Snapshot(snapshot),
                 Err(error) => storage(error),
             }
