@@ -8,7 +8,9 @@
 //! `change_lock` when a catch-up commits; `coordinating` is only ever tried; `undecided` and
 //! `outcomes` are leaf locks taken alone. `meta` (the log handle) is taken after `state`
 //! (a view switch asks whether this node is a member) and never holds another lock;
-//! `restarts` is a leaf.
+//! `restarts` is a leaf. `state` is never read twice on one thread (no method that reads
+//! it is called while its guard is held): parking_lot's lock is fair, so a second read
+//! behind a waiting writer never returns.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -504,6 +506,10 @@ impl Node {
     }
 
     pub fn node_state(&self) -> NodeState {
+        // Before the state lock: `key_count` reads it too, and a second read while a writer
+        // waits for the first never returns (parking_lot's lock is fair). That hung a
+        // node's every status probe: found by the consensus nemesis test.
+        let key_count = self.key_count();
         let state = self.state.read();
         NodeState {
             address: self.address.to_string(),
@@ -511,7 +517,7 @@ impl Node {
             view: state.view.members.clone(),
             view_id: state.view.id,
             vnodes: self.config.vnodes,
-            key_count: self.key_count(),
+            key_count,
             pending: state.migration.as_ref().map(|m| m.change_id()),
             raft_id: self.meta().map_or(0, |m| m.id()),
             in_log: self.meta().is_some_and(|m| m.in_log()),

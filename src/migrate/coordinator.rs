@@ -335,7 +335,9 @@ async fn coordinate(node: &Arc<Node>, request: Target) -> Result<Changed, Change
             // Comes back as a new incarnation, with an empty log: the old one's log may stop
             // before the membership change that removed it, and then it stood for election
             // alone, term after term; added back under that id, its term would unseat the
-            // leader, again at each election it races.
+            // leader, again at each election it races. Not before the log has stopped
+            // counting the old one among its voters, though.
+            until_not_a_voter(node, &group.view, &state.address, &run.view, timeout).await?;
             id = reset(node, &state.address, &run.view).await?;
             tracing::info!(node = %state.address, raft_id = id, "a removed node comes back as a new incarnation");
         } else if group.ids.contains_key(&state.address) {
@@ -615,6 +617,51 @@ async fn submit_op(
 }
 
 /// Asks `peer`, a node of another group, to leave it; its new Raft id.
+/// Waits (up to `timeout`) until no member of the group (`members`) counts `removed`
+/// among the log's voters. The change that removed it then makes the new view's members
+/// the voters, in two steps of joint consensus; while the first is not committed, the old
+/// voters' majority is still needed, the removed node's old incarnation among them. A
+/// reset before that drops a voter the log cannot commit without, for good: the nemesis
+/// test found a 2-voter group stuck in its joint configuration that way, every later
+/// change failing. `InProgress` if the voters did not change in time.
+async fn until_not_a_voter(
+    node: &Node,
+    members: &[String],
+    removed: &str,
+    view: &View,
+    timeout: Duration,
+) -> Result<(), ChangeError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let asked = members
+            .iter()
+            .filter(|m| *m != removed)
+            .map(|member| async move {
+                match node.peers().ask(member, &Request::State, view).await {
+                    Ok(Response::State(state)) => Some(
+                        state
+                            .group
+                            .is_some_and(|g| !g.voters.iter().any(|v| v == removed)),
+                    ),
+                    _ => None,
+                }
+            });
+        // Members that answered (one that is down does not hold this up) all agree.
+        let answers: Vec<bool> = join_all(asked).await.into_iter().flatten().collect();
+        if !answers.is_empty() && answers.iter().all(|gone| *gone) {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            tracing::warn!(
+                node = removed,
+                "the log still counts this removed node among its voters; not taking it back yet"
+            );
+            return Err(ChangeError::InProgress);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 async fn reset(node: &Node, peer: &str, view: &View) -> Result<u64, ChangeError> {
     match node
         .peers()
