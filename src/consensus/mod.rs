@@ -372,7 +372,16 @@ async fn keep_voters_aligned(
         }
         let state = published.borrow_and_update().state.clone();
         let membership = now.membership_config.membership();
-        let settled = membership.get_joint_config().len() == 1;
+        // A joint configuration is left alone while it is being committed; one that is
+        // committed but was never followed by its second step (the caller of that change
+        // gave up, a member being paused) would stay for good, counting removed nodes as
+        // voters: it is finished like any other difference.
+        let applied = |index: u64| now.last_applied.is_some_and(|a| a.index >= index);
+        let settled = membership.get_joint_config().len() == 1
+            || now
+                .membership_config
+                .log_id()
+                .is_some_and(|l| applied(l.index));
         let voters: BTreeSet<RaftId> = membership.voter_ids().collect();
         let members: BTreeSet<RaftId> = state.ids.values().copied().collect();
         let complete = state.formed() && members.len() == state.view.len();

@@ -467,6 +467,21 @@ async fn coordinate(node: &Arc<Node>, request: Target) -> Result<Changed, Change
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
+    // No leader took the proposal in time (a voter paused, an election under way): what
+    // was proposed may still be decided once the log has a quorum again. Waiting one more
+    // phase timeout for this node's log to apply a decision turns most of those into a
+    // definite answer instead of a 503 whose change commits later.
+    let decided = match decided {
+        Err(error) => {
+            let known = |s: &crate::meta::MetaState| s.outcome(change_id) != Outcome::Pending;
+            if meta.wait_for(timeout, known).await {
+                Ok(Applied::Decided(meta.state().outcome(change_id)))
+            } else {
+                Err(error)
+            }
+        }
+        decided => decided,
+    };
     let log_millis = log_started.elapsed().as_secs_f64() * 1000.0;
     node.decide(
         change_id,
@@ -478,11 +493,16 @@ async fn coordinate(node: &Arc<Node>, request: Target) -> Result<Changed, Change
     let (shipped, caught_up, transfer_ms) = match (phases, decided) {
         (Ok(done), Ok(Applied::Decided(Outcome::Committed))) => done,
         (phases, decided) => {
-            let error = match phases {
-                Err(errors) => as_change_error(errors),
-                Ok(_) => ChangeError::Aborted(change_id),
+            let logged = format!("{decided:?}");
+            let error = match (phases, decided) {
+                (Err(errors), _) => as_change_error(errors),
+                // The log did not answer in time: the Commit proposed may still be decided
+                // (once a paused voter is back), so this is not an abort. The answer names
+                // who did not answer, as for any change that could not finish.
+                (Ok(_), Err(error)) => error,
+                (Ok(_), Ok(_)) => ChangeError::Aborted(change_id),
             };
-            tracing::warn!(change = change_id, %error, ?decided, "view change not committed");
+            tracing::warn!(change = change_id, %error, decided = %logged, "view change not committed");
             metrics::view_change(ChangeOutcome::Aborted);
             return Err(error);
         }
