@@ -50,15 +50,14 @@ fn collect_freed_pages() {
     });
 }
 
-/// Every other [`COLLECT_EVERY`], gives each runtime thread a task to run, so that one
-/// that went idle within [`COLLECT_EVERY`] of its last collection parks again and collects.
-async fn wake_threads(threads: usize) {
-    let mut ticks = tokio::time::interval(COLLECT_EVERY * 2);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+/// Every other [`COLLECT_EVERY`], from a thread of its own, hands the runtime a few tasks
+/// per thread: each task from outside the runtime wakes an idle thread to run it, so one
+/// that went idle within [`COLLECT_EVERY`] of its last collection parks again, and collects.
+fn wake_threads(runtime: tokio::runtime::Handle, threads: usize) {
     loop {
-        ticks.tick().await;
-        for _ in 0..threads {
-            tokio::spawn(async {});
+        std::thread::sleep(COLLECT_EVERY * 2);
+        for _ in 0..threads * 2 {
+            runtime.spawn(tokio::task::yield_now());
         }
     }
 }
@@ -71,10 +70,16 @@ fn main() -> std::process::ExitCode {
         .on_thread_park(collect_freed_pages)
         .build();
     match runtime {
-        Ok(runtime) => runtime.block_on(async move {
-            tokio::spawn(wake_threads(threads));
-            run().await
-        }),
+        Ok(runtime) => {
+            let handle = runtime.handle().clone();
+            let waker = std::thread::Builder::new()
+                .name("ringkv-collect".into())
+                .spawn(move || wake_threads(handle, threads));
+            if let Err(error) = waker {
+                tracing::warn!(%error, "no thread to wake idle runtime threads for collection");
+            }
+            runtime.block_on(run())
+        }
         Err(error) => {
             eprintln!("ringkv: cannot start the runtime: {error}");
             std::process::ExitCode::from(1)
