@@ -623,6 +623,11 @@ impl Replica {
         }
     }
 
+    /// Whether [`Replica::retire`] retired it (its successor holds the shard now).
+    pub fn is_retired(&self) -> bool {
+        self.state.lock().retired
+    }
+
     /// Undoes [`Replica::retire`]: its successor could not be made.
     pub fn unretire(&self) {
         self.state.lock().retired = false;

@@ -97,14 +97,22 @@ fn replica_for(node: &Node, from: &str, epoch: u64) -> Result<Arc<Replica>, Refu
     let replication = node
         .replication()
         .ok_or_else(|| Refusal::NotMember(from.to_string()))?;
+    // The placement's epoch, not only the view's: at a commit the view switches first and
+    // the replica a moment later, and a successor that refilled from the retired replica
+    // in between took in keys of ranges its shard had just handed over (CI caught a shard's
+    // replicas reporting 116 and 157 keys).
+    let placed = replication.placed();
     let current = node.view().epoch;
-    if epoch != current {
+    if epoch != current || placed.epoch() != epoch {
         return Err(Refusal::BadView(format!(
-            "a replica exchange at epoch {epoch}, this node is at {current}"
+            "a replica exchange at epoch {epoch}, this node is at {current} (its replica at {})",
+            placed.epoch()
         )));
     }
-    match replication.replica() {
-        Some(replica) if replication.mates().iter().any(|m| m == from) => Ok(replica),
+    match placed.replica() {
+        Some(replica) if !replica.is_retired() && replication.mates().iter().any(|m| m == from) => {
+            Ok(replica.clone())
+        }
         _ => Err(Refusal::NotMember(from.to_string())),
     }
 }
