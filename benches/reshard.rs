@@ -25,6 +25,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
 use common::{loopback_mb_per_s, quantile_ms};
+use ringkv::api::ops::ClusterStatus;
 use ringkv::ring::HashRing;
 
 /// How long after the change RSS is read again.
@@ -316,7 +317,7 @@ async fn ringkv(keys: Arc<Vec<String>>, logs: &Path) -> Figures {
     figures.rss_after = pids.iter().map(|&p| rss(p)).collect();
     tokio::time::sleep(SETTLE).await;
     figures.rss_settled = pids.iter().map(|&p| rss(p)).collect();
-    let status: serde_json::Value = client
+    let status: ClusterStatus = client
         .get(format!("http://{}/cluster/status", three[0]))
         .send()
         .await
@@ -324,18 +325,14 @@ async fn ringkv(keys: Arc<Vec<String>>, logs: &Path) -> Figures {
         .json()
         .await
         .unwrap();
-    let report = &status["last_change"];
-    figures.keys_moved = report["keys_shipped"].as_u64().unwrap() as usize;
-    figures.bytes_moved = report["bytes_shipped"].as_u64().unwrap() as usize;
-    figures.freeze_ms = report["freeze_ms"].as_f64();
-    figures.transfer = report["transfer_ms"]
-        .as_f64()
-        .map(|ms| Duration::from_secs_f64(ms / 1000.0));
-    assert_eq!(
-        status["key-count"].as_u64(),
-        Some(keys.len() as u64),
-        "every key is still there"
-    );
+    let report = status
+        .last_change
+        .expect("the coordinator reports its change");
+    figures.keys_moved = report.keys_shipped;
+    figures.bytes_moved = report.bytes_shipped;
+    figures.freeze_ms = Some(report.freeze_ms);
+    figures.transfer = Some(Duration::from_secs_f64(report.transfer_ms / 1000.0));
+    assert_eq!(status.key_count, keys.len(), "every key is still there");
     figures
 }
 
@@ -372,14 +369,21 @@ fn redis_cli(args: &[&str]) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
-/// `INFO` field `name` of the server on `port`.
-fn redis_info(port: u16, section: &str, name: &str) -> String {
-    let text = redis_cli(&["-p", &port.to_string(), "info", section]);
+/// The value of `name` in `redis-cli` output of `name:value` lines.
+fn field(text: &str, name: &str) -> String {
     text.lines()
-        .find_map(|line| line.strip_prefix(&format!("{name}:")))
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
         .unwrap_or_default()
         .trim()
         .to_string()
+}
+
+/// `INFO` field `name` of the server on `port`.
+fn redis_info(port: u16, section: &str, name: &str) -> String {
+    field(
+        &redis_cli(&["-p", &port.to_string(), "info", section]),
+        name,
+    )
 }
 
 /// Waits until every server agrees on `known` nodes and the cluster is up.
@@ -387,8 +391,9 @@ async fn redis_settled(ports: &[u16], known: usize) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let settled = ports.iter().all(|&port| {
-            redis_info_cluster(port, "cluster_state") == "ok"
-                && redis_info_cluster(port, "cluster_known_nodes") == known.to_string()
+            let info = redis_cli(&["-p", &port.to_string(), "cluster", "info"]);
+            field(&info, "cluster_state") == "ok"
+                && field(&info, "cluster_known_nodes") == known.to_string()
         });
         if settled {
             return;
@@ -399,15 +404,6 @@ async fn redis_settled(ports: &[u16], known: usize) {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-fn redis_info_cluster(port: u16, name: &str) -> String {
-    let text = redis_cli(&["-p", &port.to_string(), "cluster", "info"]);
-    text.lines()
-        .find_map(|line| line.strip_prefix(&format!("{name}:")))
-        .unwrap_or_default()
-        .trim()
-        .to_string()
 }
 
 /// Which master serves each slot, from `CLUSTER NODES`.

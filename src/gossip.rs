@@ -128,15 +128,7 @@ pub async fn sweep<E: Exchange>(
                 .all(|(_, digests)| digests[b] == scan.digests[b])
         })
         .collect();
-    let collectable = scan
-        .tombstones
-        .iter()
-        .zip(&alike)
-        .filter(|(_, alike)| **alike)
-        .flat_map(|(tombstones, _)| tombstones.iter().cloned())
-        .collect::<Vec<_>>();
-    let all = alike.iter().all(|a| *a);
-    let dropped = replica.drop_tombstones(&scan, collectable, all)?;
+    let dropped = replica.drop_tombstones(scan, &alike)?;
     Ok(Some(Swept {
         alike: alike.iter().filter(|a| **a).count(),
         dropped,

@@ -511,19 +511,19 @@ impl Replica {
         state.loose > state.swept
     }
 
-    /// Drops `tombstones` of a [`Replica::tombstone_scan`], each still stored with the
-    /// version it was scanned with: the caller saw every replica of the shard hold the same
-    /// values in their slices (equal [`Digest::Live`] digests) and have applied no writes
+    /// Drops the tombstones `scan` listed in the slices marked `alike`, each still stored
+    /// with the version it was scanned with: the caller saw every replica of the shard hold
+    /// the same values there (equal [`Digest::Live`] digests) and have applied no writes
     /// this replica had not applied then. No replica then holds a value for those keys, and
     /// no older write to them can still arrive: every write any replica had applied was
     /// applied here before the tombstone was scanned, and lost to it. Refused (0) while a
-    /// digest scan or a view change runs, as for [`Replica::forget`]. `all`: these were every tombstone of `scan`, so no sweep is due
-    /// until another loose one may have been stored. Returns how many were dropped.
+    /// digest scan or a view change runs, as for [`Replica::forget`]. When every slice was
+    /// alike and the scan listed every tombstone, no sweep is due until another loose one
+    /// may have been stored. Returns how many were dropped.
     pub fn drop_tombstones(
         &self,
-        scan: &TombstoneScan,
-        tombstones: impl IntoIterator<Item = (u64, String, Version)>,
-        all: bool,
+        scan: TombstoneScan,
+        alike: &[bool],
     ) -> Result<usize, ReplicaError> {
         let mut state = self.state.lock();
         let scanning = self.scans.load(std::sync::atomic::Ordering::Acquire) > 0;
@@ -531,13 +531,15 @@ impl Replica {
             return Ok(0);
         }
         let mut dropped = 0;
-        for (hash, key, version) in tombstones {
+        let slices = scan.tombstones.into_iter().zip(alike).filter(|(_, a)| **a);
+        for (hash, key, version) in slices.flat_map(|(tombstones, _)| tombstones) {
             let current = self.read(hash, &key)?;
             if current.is_some_and(|r| r.version == version && r.value.is_none()) {
                 self.store.delete(hash, &key)?;
                 dropped += 1;
             }
         }
+        let all = alike.len() == scan.digests.len() && alike.iter().all(|a| *a);
         if all && scan.complete && state.loose == scan.loose {
             state.swept = scan.loose;
         }

@@ -14,7 +14,7 @@ use crate::node::Node;
 use crate::peers::PeerError;
 use crate::ring::HashRange;
 use crate::rpc::{Request, Response};
-use crate::store::Entry;
+use crate::store::{Batch, Entry};
 use crate::wire::Shipped;
 
 /// Most keys in one batch of the catch-up (sent while the ranges are frozen: few, large).
@@ -231,7 +231,14 @@ async fn ship_to(
                 let full = std::mem::take(&mut batch);
                 shipped.keys += full.entries.len();
                 shipped.bytes += full.bytes;
-                in_flight.push(send_batch(node, migration, destination, full, &view));
+                in_flight.push(send_batch(
+                    node,
+                    migration,
+                    "transfer",
+                    destination,
+                    full,
+                    &view,
+                ));
             }
             match read.next {
                 Some(next) => {
@@ -246,7 +253,14 @@ async fn ship_to(
     if !batch.entries.is_empty() {
         shipped.keys += batch.entries.len();
         shipped.bytes += batch.bytes;
-        in_flight.push(send_batch(node, migration, destination, batch, &view));
+        in_flight.push(send_batch(
+            node,
+            migration,
+            "transfer",
+            destination,
+            batch,
+            &view,
+        ));
     }
     while let Some(sent) = in_flight.next().await {
         sent?;
@@ -255,18 +269,12 @@ async fn ship_to(
     Ok(shipped)
 }
 
-/// Entries of the bulk transfer on their way to one destination.
-#[derive(Default)]
-struct Batch {
-    entries: Vec<Entry>,
-    bytes: usize,
-}
-
-/// Sends one batch of the bulk transfer; a destination that does not take it fails the
-/// transfer.
+/// Sends one batch of `phase` (`transfer` or `catch-up`) to `destination`; one it does
+/// not take fails the phase.
 async fn send_batch(
     node: &Node,
     migration: &Migration,
+    phase: &str,
     destination: &str,
     batch: Batch,
     view: &crate::view::View,
@@ -285,7 +293,7 @@ async fn send_batch(
             change = migration.change_id(),
             to = destination,
             %error,
-            "transfer batch not accepted"
+            "{phase} batch not accepted"
         );
         return Err(unreachable(error));
     }
@@ -311,27 +319,14 @@ pub async fn ship_entries(
         async move {
             let mut shipped = Shipped::default();
             for chunk in batches(&entries) {
-                let bytes = chunk.iter().map(Entry::size).sum::<usize>();
-                shipped.keys += chunk.len();
-                shipped.bytes += bytes;
-                if let Err(error) = stage(
-                    node,
-                    &destination,
-                    migration.change_id(),
-                    chunk.to_vec(),
-                    &view,
-                )
-                .await
-                {
-                    tracing::warn!(
-                        change = migration.change_id(),
-                        to = %destination,
-                        %error,
-                        "catch-up batch not accepted"
-                    );
-                    return Err(unreachable(error));
-                }
-                metrics::shipped(chunk.len(), bytes);
+                let batch = Batch {
+                    entries: chunk.to_vec(),
+                    bytes: chunk.iter().map(Entry::size).sum(),
+                    next: None,
+                };
+                shipped.keys += batch.entries.len();
+                shipped.bytes += batch.bytes;
+                send_batch(node, migration, "catch-up", &destination, batch, &view).await?;
             }
             Ok(shipped)
         }
