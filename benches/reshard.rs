@@ -10,6 +10,9 @@
 //! (they follow `MOVED` and `ASK`), ringkv's send each GET to any node (it forwards).
 //! Without `redis-server`, and under `cargo test --benches` (a small ringkv-only run that
 //! keeps the harness tested), the Redis column is skipped with a message.
+//!
+//! `cargo bench --bench reshard -- --ringkv-only` skips Redis; `RINGKV_BIN=path` runs that
+//! ringkv binary instead of this tree's (to compare two builds, one run each, interleaved).
 
 mod common;
 
@@ -251,7 +254,11 @@ async fn ringkv(keys: Arc<Vec<String>>, logs: &Path) -> Figures {
     for (i, address) in addresses.iter().enumerate() {
         let (ip, port) = address.rsplit_once(':').unwrap();
         let view = if i < 3 { &three } else { &four };
-        let mut command = Command::new(env!("CARGO_BIN_EXE_ringkv"));
+        let binary = std::env::var_os("RINGKV_BIN").map_or_else(
+            || PathBuf::from(env!("CARGO_BIN_EXE_ringkv")),
+            PathBuf::from,
+        );
+        let mut command = Command::new(binary);
         command
             .args(["--ip", ip, "--port", port, "--address", address])
             .args(["--view", &view.join(",")])
@@ -685,6 +692,7 @@ fn row(name: &str, ringkv: f64, redis: Option<f64>, unit: &str) {
 
 fn main() {
     let full = std::env::args().any(|a| a == "--bench");
+    let ringkv_only = std::env::args().any(|a| a == "--ringkv-only");
     let key_count = if full { 1_000_000 } else { 20_000 };
     let has_redis = Command::new("redis-server")
         .arg("--version")
@@ -701,6 +709,10 @@ fn main() {
         let loopback = loopback_mb_per_s().await;
         let ours = ringkv(keys.clone(), &logs).await;
         let theirs = match (full, has_redis) {
+            _ if ringkv_only => {
+                println!("(--ringkv-only: Redis Cluster skipped)");
+                None
+            }
             (true, true) => Some(redis_cluster(keys.clone(), &logs).await),
             (false, _) => {
                 println!("(Redis Cluster is run by `cargo bench --bench reshard` only)");

@@ -71,6 +71,7 @@ fn main() -> std::process::ExitCode {
         .build();
     match runtime {
         Ok(runtime) => {
+            ringkv::blocking::on_background_idle(collect_freed_pages);
             let handle = runtime.handle().clone();
             let waker = std::thread::Builder::new()
                 .name("ringkv-collect".into())

@@ -10,6 +10,7 @@
 //! shard-mates) records nothing here: its staged keys live in the [`Migration`] only.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use crate::change::{ChangeError, Migration, Staged};
 use crate::meta::MetaState;
@@ -48,21 +49,22 @@ pub(crate) async fn begin(node: &Node, migration: &Migration) -> Result<(), Chan
 /// Stages a batch from `from`: into the migration and, on a durable node, onto disk before
 /// the batch is acknowledged.
 pub(crate) async fn stage(
-    node: &Node,
-    migration: &Migration,
+    node: &Arc<Node>,
+    migration: &Arc<Migration>,
     from: &str,
     round: u8,
     entries: Vec<crate::store::Entry>,
 ) -> Result<(), ChangeError> {
-    let disk = disk(node);
-    let store = |hash, key: &str, value: Option<bytes::Bytes>| -> Result<isize, ChangeError> {
-        Ok(match value {
-            Some(value) => isize::from(!node.store().put(hash, key, value)?),
-            None => -isize::from(node.store().delete(hash, key)?),
-        })
-    };
-    let run = || {
-        migration.stage(node.address(), from, round, entries, store, |taken| {
+    let (node, migration, from) = (node.clone(), migration.clone(), from.to_string());
+    let job = move || {
+        let disk = disk(&node);
+        let store = |hash, key: &str, value: Option<bytes::Bytes>| -> Result<isize, ChangeError> {
+            Ok(match value {
+                Some(value) => isize::from(!node.store().put(hash, key, value)?),
+                None => -isize::from(node.store().delete(hash, key)?),
+            })
+        };
+        migration.stage(node.address(), &from, round, entries, store, |taken| {
             let Some(disk) = disk else { return Ok(()) };
             let encoded = taken
                 .iter()
@@ -71,11 +73,17 @@ pub(crate) async fn stage(
                 })
                 .collect::<Result<Vec<_>, ChangeError>>()?;
             Ok(disk.stage(migration.change_id(), encoded)?)
-        })
+        })?;
+        Ok::<_, ChangeError>(node)
     };
-    // Off the runtime thread: checking and storing a batch takes a millisecond or so, which
-    // requests queued behind it on that thread would otherwise wait.
-    crate::blocking::off_runtime(run)?;
+    // Checking and storing a batch takes a millisecond or so, which requests would
+    // otherwise wait for: the bulk transfer's (round 0) on the background threads, which
+    // yield to requests; the catch-up's beside the runtime at once (requests on the
+    // frozen ranges wait for it).
+    let node = match round {
+        0 => crate::blocking::in_background(job).await?,
+        _ => crate::blocking::off_runtime(job)?,
+    };
     // What was staged on disk and what went into the store share the store's journal.
     node.store().durable().wait().await;
     Ok(())

@@ -167,7 +167,7 @@ pub(crate) async fn transfer(
 
 /// A batch of entries from `from` for ranges it hands to this node.
 pub(crate) async fn stage(
-    node: &Node,
+    node: &Arc<Node>,
     from: &str,
     change_id: u64,
     round: u8,

@@ -14,7 +14,7 @@ use crate::node::Node;
 use crate::peers::PeerError;
 use crate::ring::HashRange;
 use crate::rpc::{Request, Response};
-use crate::store::{Batch, Entry};
+use crate::store::{Batch, Engine, Entry, StoreError};
 use crate::wire::Shipped;
 
 /// Most keys in one batch of the catch-up (sent while the ranges are frozen: few, large).
@@ -36,38 +36,49 @@ const BATCH_TIMEOUT: Duration = Duration::from_secs(30);
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
 /// One destination's bulk transfer, for the progress log: what share of the hash space of
-/// its ranges is done, what went out, and since when.
+/// its segments is done, what went out, and since when.
 struct Progress<'a> {
     change_id: u64,
     destination: &'a str,
-    /// Hashes in all the destination's ranges.
+    /// Hashes in all the destination's segments.
     total: u128,
-    /// Hashes in the segments already shipped.
-    done: u128,
     started: Instant,
     logged: Instant,
 }
 
 impl<'a> Progress<'a> {
-    fn new(change_id: u64, destination: &'a str, ranges: &[HashRange]) -> Self {
+    fn new(change_id: u64, destination: &'a str, segments: &[(u64, u64)]) -> Self {
         let now = Instant::now();
         Progress {
             change_id,
             destination,
-            total: ranges.iter().map(HashRange::len).sum::<u128>().max(1),
-            done: 0,
+            total: segments
+                .iter()
+                .map(|&(s, e)| segment_len(s, e))
+                .sum::<u128>()
+                .max(1),
             started: now,
             logged: now,
         }
     }
 
-    fn percent(&self, within_segment: u128) -> f64 {
-        (self.done + within_segment) as f64 * 100.0 / self.total as f64
+    /// The share done when the next hash to read is `cursor` (`None`: all).
+    fn percent(&self, segments: &[(u64, u64)], cursor: Option<Cursor>) -> f64 {
+        let done = match cursor {
+            None => self.total,
+            Some(Cursor { segment, from }) => {
+                let before: u128 = segments[..segment]
+                    .iter()
+                    .map(|&(s, e)| segment_len(s, e))
+                    .sum();
+                before + u128::from(from - segments[segment].0)
+            }
+        };
+        done as f64 * 100.0 / self.total as f64
     }
 
-    /// Logs at most one line per [`PROGRESS_EVERY`]; `within_segment` hashes of the
-    /// current segment are done.
-    fn tick(&mut self, shipped: &Shipped, within_segment: u128) {
+    /// Logs at most one line per [`PROGRESS_EVERY`].
+    fn tick(&mut self, shipped: &Shipped, segments: &[(u64, u64)], cursor: Option<Cursor>) {
         if self.logged.elapsed() < PROGRESS_EVERY {
             return;
         }
@@ -77,7 +88,7 @@ impl<'a> Progress<'a> {
             to = self.destination,
             keys = shipped.keys,
             bytes = shipped.bytes,
-            percent = format_args!("{:.1}", self.percent(within_segment)),
+            percent = format_args!("{:.1}", self.percent(segments, cursor)),
             elapsed_ms = self.started.elapsed().as_millis() as u64,
             "transfer progress"
         );
@@ -93,6 +104,58 @@ impl<'a> Progress<'a> {
             elapsed_ms = self.started.elapsed().as_millis() as u64,
             "transfer to destination done"
         );
+    }
+}
+
+/// Hashes in the inclusive segment `start..=end`.
+fn segment_len(start: u64, end: u64) -> u128 {
+    u128::from(end - start) + 1
+}
+
+/// Where the bulk transfer to one destination goes on: the next hash to read, in which of
+/// its segments.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Cursor {
+    segment: usize,
+    from: u64,
+}
+
+/// Reads from `at` on, across `segments`, until a transfer batch is full
+/// ([`TRANSFER_BATCH_KEYS`] or [`BATCH_BYTES`]) or the segments end: a batch carries
+/// several ranges (a range holds a few hundred keys at 1M keys on 3 nodes). Returns it and
+/// where the next one starts.
+fn fill(
+    store: &dyn Engine,
+    segments: &[(u64, u64)],
+    at: Cursor,
+) -> Result<(Batch, Option<Cursor>), StoreError> {
+    let mut batch = Batch::default();
+    let mut at = at;
+    loop {
+        let end = segments[at.segment].1;
+        let read = store.read_batch(
+            at.from,
+            end,
+            TRANSFER_BATCH_KEYS - batch.entries.len(),
+            BATCH_BYTES.saturating_sub(batch.bytes).max(1),
+        )?;
+        batch.bytes += read.bytes;
+        batch.entries.extend(read.entries);
+        let next = match read.next {
+            Some(from) => Some(Cursor { from, ..at }),
+            None => segments.get(at.segment + 1).map(|&(from, _)| Cursor {
+                segment: at.segment + 1,
+                from,
+            }),
+        };
+        match next {
+            Some(next)
+                if batch.entries.len() < TRANSFER_BATCH_KEYS && batch.bytes < BATCH_BYTES =>
+            {
+                at = next
+            }
+            _ => return Ok((batch, next)),
+        }
     }
 }
 
@@ -206,61 +269,35 @@ async fn ship_to(
         ranges: ranges.len(),
         ..Shipped::default()
     };
-    let mut progress = Progress::new(migration.change_id(), destination, &ranges);
-    // Batches fill across segments (a range holds a few hundred keys at 1M keys on 3
-    // nodes), and up to PIPELINE of them are in flight.
+    let segments: Arc<[(u64, u64)]> = ranges.iter().flat_map(HashRange::segments).collect();
+    let mut progress = Progress::new(migration.change_id(), destination, &segments);
+    // Up to PIPELINE batches are in flight while the next is read, on the background
+    // threads (so that a reader of this node does not wait for the copy).
     let mut in_flight = FuturesUnordered::new();
-    let mut batch = Batch::default();
-    for (start, end) in ranges.iter().flat_map(HashRange::segments) {
-        let mut from = start;
-        loop {
-            let read = node.store().read_batch(
-                from,
-                end,
-                TRANSFER_BATCH_KEYS
-                    .saturating_sub(batch.entries.len())
-                    .max(1),
-                BATCH_BYTES.saturating_sub(batch.bytes).max(1),
-            )?;
-            batch.bytes += read.bytes;
-            batch.entries.extend(read.entries);
-            if batch.entries.len() >= TRANSFER_BATCH_KEYS || batch.bytes >= BATCH_BYTES {
-                while in_flight.len() >= PIPELINE {
-                    in_flight.next().await.expect("batches are in flight")?;
-                }
-                let full = std::mem::take(&mut batch);
-                shipped.keys += full.entries.len();
-                shipped.bytes += full.bytes;
-                in_flight.push(send_batch(
-                    node,
-                    migration,
-                    "transfer",
-                    destination,
-                    full,
-                    &view,
-                ));
+    let mut cursor = segments
+        .first()
+        .map(|&(from, _)| Cursor { segment: 0, from });
+    while let Some(at) = cursor {
+        let (store, part) = (node.store().clone(), segments.clone());
+        let (batch, next) =
+            crate::blocking::in_background(move || fill(&*store, &part, at)).await?;
+        cursor = next;
+        if !batch.entries.is_empty() {
+            while in_flight.len() >= PIPELINE {
+                in_flight.next().await.expect("batches are in flight")?;
             }
-            match read.next {
-                Some(next) => {
-                    from = next;
-                    progress.tick(&shipped, u128::from(next - start));
-                }
-                None => break,
-            }
+            shipped.keys += batch.entries.len();
+            shipped.bytes += batch.bytes;
+            in_flight.push(send_batch(
+                node,
+                migration,
+                "transfer",
+                destination,
+                batch,
+                &view,
+            ));
         }
-        progress.done += u128::from(end - start) + 1;
-    }
-    if !batch.entries.is_empty() {
-        shipped.keys += batch.entries.len();
-        shipped.bytes += batch.bytes;
-        in_flight.push(send_batch(
-            node,
-            migration,
-            "transfer",
-            destination,
-            batch,
-            &view,
-        ));
+        progress.tick(&shipped, &segments, cursor);
     }
     while let Some(sent) = in_flight.next().await {
         sent?;
@@ -358,19 +395,49 @@ mod tests {
 
     #[test]
     fn progress_is_the_share_of_the_hash_space_done() {
-        let ranges = [
-            HashRange { start: 0, end: 99 },
-            HashRange {
-                start: u64::MAX - 49,
-                end: 49 + 1000,
-            },
-        ];
-        let mut progress = Progress::new(7, "10.0.0.1:1", &ranges);
-        assert_eq!(progress.total, 100 + 1100);
-        assert_eq!(progress.percent(0), 0.0);
-        progress.done += 100;
-        assert_eq!(progress.percent(500), 50.0);
-        progress.done += 1100;
-        assert_eq!(progress.percent(0), 100.0);
+        let segments = [(0, 99), (u64::MAX - 49, u64::MAX), (0, 1049)];
+        let progress = Progress::new(7, "10.0.0.1:1", &segments[..2]);
+        assert_eq!(progress.total, 150);
+        let at = |segment, from| Some(Cursor { segment, from });
+        assert_eq!(progress.percent(&segments, at(0, 0)), 0.0);
+        assert_eq!(progress.percent(&segments, at(0, 75)), 50.0);
+        assert_eq!(
+            progress.percent(&segments, at(1, u64::MAX - 49)),
+            100.0 * 100.0 / 150.0
+        );
+        assert_eq!(progress.percent(&segments, None), 100.0);
+    }
+
+    #[test]
+    fn a_transfer_batch_fills_across_segments_and_goes_on_where_it_stopped() {
+        let store = crate::store::memory();
+        let keys: Vec<String> = (0..3000).map(|i| format!("key{i}")).collect();
+        for key in &keys {
+            let hash = crate::ring::key_hash(key.as_bytes());
+            store.put(hash, key, Bytes::from_static(b"\"v\"")).unwrap();
+        }
+        let segments = [(0, u64::MAX / 4), (u64::MAX / 2, u64::MAX)];
+        let wanted = keys
+            .iter()
+            .filter(|k| {
+                let hash = crate::ring::key_hash(k.as_bytes());
+                segments.iter().any(|&(s, e)| (s..=e).contains(&hash))
+            })
+            .count();
+        let (mut read, mut batches) = (0, 0);
+        let mut cursor = Some(Cursor {
+            segment: 0,
+            from: 0,
+        });
+        while let Some(at) = cursor {
+            let (batch, next) = fill(&*store, &segments, at).unwrap();
+            assert!(batch.entries.len() <= TRANSFER_BATCH_KEYS);
+            assert!(next.is_none() || batch.entries.len() == TRANSFER_BATCH_KEYS);
+            read += batch.entries.len();
+            batches += 1;
+            cursor = next;
+        }
+        assert_eq!(read, wanted);
+        assert_eq!(batches, wanted.div_ceil(TRANSFER_BATCH_KEYS));
     }
 }
