@@ -39,6 +39,15 @@ pub enum RouteLabel {
 }
 
 impl RouteLabel {
+    /// Every route label, in the order of their discriminants.
+    const ALL: [RouteLabel; 5] = [
+        RouteLabel::Key,
+        RouteLabel::KeyCount,
+        RouteLabel::ViewChange,
+        RouteLabel::Internal,
+        RouteLabel::Other,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             RouteLabel::Key => "key",
@@ -72,7 +81,8 @@ impl ChangeOutcome {
 struct Metrics {
     registry: Registry,
     requests: IntCounterVec,
-    latency: HistogramVec,
+    /// The latency histogram of each route, by [`RouteLabel`] (looked up once).
+    latency: Vec<prometheus::Histogram>,
     forwards: IntCounterVec,
     forward_failures: IntCounterVec,
     view_changes: IntCounterVec,
@@ -135,7 +145,10 @@ impl Metrics {
                 "Requests answered, by route, method and status.",
                 &["route", "method", "status"],
             )?,
-            latency,
+            latency: RouteLabel::ALL
+                .iter()
+                .map(|route| latency.with_label_values(&[route.as_str()]))
+                .collect(),
             forwards: counter_vec(
                 &registry,
                 "ringkv_forwards_total",
@@ -254,9 +267,7 @@ pub fn request(route: RouteLabel, method: &Method, status: StatusCode, elapsed: 
         m.requests
             .with_label_values(&[route.as_str(), method_label(method), status.as_str()])
             .inc();
-        m.latency
-            .with_label_values(&[route.as_str()])
-            .observe(elapsed.as_secs_f64());
+        m.latency[route as usize].observe(elapsed.as_secs_f64());
     });
 }
 

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use futures_util::{Stream, StreamExt};
+use futures_util::{FutureExt, Stream, StreamExt};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
@@ -27,6 +27,11 @@ where
     S: Stream<Item = Result<B, warp::Error>>,
     B: Buf,
 {
+    let mut body = std::pin::pin!(body.peekable());
+    // A request without a body (a GET, a DELETE) has ended already: no timer for it.
+    if let Some(None) = body.as_mut().peek().now_or_never() {
+        return Ok(Bytes::new());
+    }
     tokio::time::timeout(time, read_all(body, limit))
         .await
         .unwrap_or(Err(BodyError::TimedOut))
