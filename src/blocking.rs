@@ -4,6 +4,7 @@
 
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -30,9 +31,44 @@ pub fn off_runtime<R>(scan: impl FnOnce() -> R) -> R {
 /// `cargo bench --bench reshard` measures what readers see during a change. Without a pool
 /// (its threads could not start) the job runs beside the runtime, as [`off_runtime`].
 pub async fn in_background<R: Send + 'static>(job: impl FnOnce() -> R + Send + 'static) -> R {
-    match pool() {
-        Some(pool) => pool.run(job).await,
-        None => off_runtime(job),
+    in_background_at(priority(), job).await
+}
+
+/// [`in_background`] at `priority`: [`TransferPriority::Normal`] runs the job beside the
+/// runtime, as [`off_runtime`].
+async fn in_background_at<R: Send + 'static>(
+    priority: TransferPriority,
+    job: impl FnOnce() -> R + Send + 'static,
+) -> R {
+    match (priority, pool()) {
+        (TransferPriority::Idle, Some(pool)) => pool.run(job).await,
+        _ => off_runtime(job),
+    }
+}
+
+/// At what priority a view change's bulk transfer runs (`--transfer-priority`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum TransferPriority {
+    /// On the background pool: requests first, the transfer in what they leave idle (and
+    /// at a bounded share of a core when they leave nothing).
+    #[default]
+    Idle,
+    /// Beside the runtime at normal priority: as fast as the cores allow, sharing them
+    /// with requests (readers' p99 rises several times during a change on a busy node).
+    Normal,
+}
+
+static NORMAL: AtomicBool = AtomicBool::new(false);
+
+/// Sets the priority of [`in_background`] jobs for this process.
+pub fn set_priority(priority: TransferPriority) {
+    NORMAL.store(priority == TransferPriority::Normal, Ordering::Relaxed);
+}
+
+fn priority() -> TransferPriority {
+    match NORMAL.load(Ordering::Relaxed) {
+        true => TransferPriority::Normal,
+        false => TransferPriority::Idle,
     }
 }
 
@@ -48,7 +84,7 @@ const IDLE_AFTER: Duration = Duration::from_millis(200);
 
 /// How long a job may wait for an idle-priority thread before the normal-priority one
 /// takes it.
-pub const STARVED: Duration = Duration::from_millis(20);
+pub const STARVED: Duration = Duration::from_millis(5);
 
 type Job = Box<dyn FnOnce() + Send>;
 
@@ -215,6 +251,13 @@ mod tests {
         assert_eq!(joined, (0..64u64).map(|i| i * i).collect::<Vec<_>>());
         let panicked = tokio::spawn(in_background(|| -> u8 { panic!("boom") })).await;
         assert!(panicked.is_err_and(|e| e.is_panic()));
+    }
+
+    #[tokio::test]
+    async fn at_normal_priority_a_job_runs_on_the_calling_thread() {
+        let here = std::thread::current().id();
+        let ran = in_background_at(TransferPriority::Normal, || std::thread::current().id());
+        assert_eq!(ran.await, here);
     }
 
     #[tokio::test]

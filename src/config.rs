@@ -6,6 +6,7 @@ use std::time::Duration;
 use clap::Parser;
 
 use crate::auth::{ClusterToken, TokenError};
+use crate::blocking::TransferPriority;
 use crate::ring::{canonical_address, validate_address, DEFAULT_VNODES};
 use crate::shard::{Layout, LayoutError};
 use crate::store::FsyncPolicy;
@@ -105,6 +106,12 @@ pub struct Args {
     /// crash may lose the last second); `no`: when the OS sees fit.
     #[arg(long, env = "FSYNC", value_enum, default_value_t = FsyncPolicy::Everysec)]
     pub fsync: FsyncPolicy,
+    /// At what priority a view change's bulk transfer reads and stores its batches.
+    /// `idle`: on threads the OS runs only when requests leave a core idle (requests
+    /// first; on a saturated node at least a bounded share of a core); `normal`: as fast as
+    /// the cores allow, beside the requests. Applies to the whole process.
+    #[arg(long, env = "TRANSFER_PRIORITY", value_enum, default_value_t = TransferPriority::Idle)]
+    pub transfer_priority: TransferPriority,
     /// Enable the test-only fault hooks under /internal/fault (builds with the
     /// `fault-hooks` feature only; never in production).
     #[cfg(feature = "fault-hooks")]
@@ -135,6 +142,7 @@ pub struct Config {
     /// `--data-dir`: `None` keeps everything in memory (the course's default).
     pub data_dir: Option<std::path::PathBuf>,
     pub fsync: FsyncPolicy,
+    pub transfer_priority: TransferPriority,
 }
 
 fn non_empty(value: Option<String>) -> Option<String> {
@@ -217,6 +225,7 @@ impl Config {
                 .map_err(ConfigError::BadToken)?,
             data_dir: args.data_dir.filter(|d| !d.as_os_str().is_empty()),
             fsync: args.fsync,
+            transfer_priority: args.transfer_priority,
         })
     }
 
@@ -256,6 +265,9 @@ mod tests {
         assert_eq!(config.listen.to_string(), "0.0.0.0:13800");
         assert_eq!(config.view, vec![config.address.clone()]);
         assert_eq!(config.forward_timeout, Duration::from_secs(2));
+        assert_eq!(config.transfer_priority, TransferPriority::Idle);
+        let normal = parse(&["--transfer-priority", "normal"]).unwrap();
+        assert_eq!(normal.transfer_priority, TransferPriority::Normal);
     }
 
     #[test]

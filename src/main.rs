@@ -115,6 +115,7 @@ async fn run() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
+    ringkv::blocking::set_priority(config.transfer_priority);
     let node = match Node::new(config) {
         Ok(node) => node,
         Err(error) => {
