@@ -55,16 +55,16 @@ pub(crate) async fn stage(
     round: u8,
     entries: Vec<crate::store::Entry>,
 ) -> Result<(), ChangeError> {
-    let (node, migration, from) = (node.clone(), migration.clone(), from.to_string());
+    let (staging, migration, from) = (node.clone(), migration.clone(), from.to_string());
     let job = move || {
-        let disk = disk(&node);
+        let disk = disk(&staging);
         let store = |hash, key: &str, value: Option<bytes::Bytes>| -> Result<isize, ChangeError> {
             Ok(match value {
-                Some(value) => isize::from(!node.store().put(hash, key, value)?),
-                None => -isize::from(node.store().delete(hash, key)?),
+                Some(value) => isize::from(!staging.store().put(hash, key, value)?),
+                None => -isize::from(staging.store().delete(hash, key)?),
             })
         };
-        migration.stage(node.address(), &from, round, entries, store, |taken| {
+        migration.stage(staging.address(), &from, round, entries, store, |taken| {
             let Some(disk) = disk else { return Ok(()) };
             let encoded = taken
                 .iter()
@@ -73,17 +73,16 @@ pub(crate) async fn stage(
                 })
                 .collect::<Result<Vec<_>, ChangeError>>()?;
             Ok(disk.stage(migration.change_id(), encoded)?)
-        })?;
-        Ok::<_, ChangeError>(node)
+        })
     };
     // Checking and storing a batch takes a millisecond or so, which requests would
     // otherwise wait for: the bulk transfer's (round 0) on the background threads, which
     // yield to requests; the catch-up's beside the runtime at once (requests on the
     // frozen ranges wait for it).
-    let node = match round {
+    match round {
         0 => crate::blocking::in_background(job).await?,
         _ => crate::blocking::off_runtime(job)?,
-    };
+    }
     // What was staged on disk and what went into the store share the store's journal.
     node.store().durable().wait().await;
     Ok(())

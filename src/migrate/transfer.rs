@@ -40,45 +40,40 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 struct Progress<'a> {
     change_id: u64,
     destination: &'a str,
-    /// Hashes in all the destination's segments.
+    /// The destination's segments, in the order they are read.
+    segments: &'a [(u64, u64)],
+    /// Hashes in all of them.
     total: u128,
     started: Instant,
     logged: Instant,
 }
 
 impl<'a> Progress<'a> {
-    fn new(change_id: u64, destination: &'a str, segments: &[(u64, u64)]) -> Self {
+    fn new(change_id: u64, destination: &'a str, segments: &'a [(u64, u64)]) -> Self {
         let now = Instant::now();
         Progress {
             change_id,
             destination,
-            total: segments
-                .iter()
-                .map(|&(s, e)| segment_len(s, e))
-                .sum::<u128>()
-                .max(1),
+            segments,
+            total: hashes(segments).max(1),
             started: now,
             logged: now,
         }
     }
 
     /// The share done when the next hash to read is `cursor` (`None`: all).
-    fn percent(&self, segments: &[(u64, u64)], cursor: Option<Cursor>) -> f64 {
+    fn percent(&self, cursor: Option<Cursor>) -> f64 {
         let done = match cursor {
             None => self.total,
             Some(Cursor { segment, from }) => {
-                let before: u128 = segments[..segment]
-                    .iter()
-                    .map(|&(s, e)| segment_len(s, e))
-                    .sum();
-                before + u128::from(from - segments[segment].0)
+                hashes(&self.segments[..segment]) + u128::from(from - self.segments[segment].0)
             }
         };
         done as f64 * 100.0 / self.total as f64
     }
 
     /// Logs at most one line per [`PROGRESS_EVERY`].
-    fn tick(&mut self, shipped: &Shipped, segments: &[(u64, u64)], cursor: Option<Cursor>) {
+    fn tick(&mut self, shipped: &Shipped, cursor: Option<Cursor>) {
         if self.logged.elapsed() < PROGRESS_EVERY {
             return;
         }
@@ -88,7 +83,7 @@ impl<'a> Progress<'a> {
             to = self.destination,
             keys = shipped.keys,
             bytes = shipped.bytes,
-            percent = format_args!("{:.1}", self.percent(segments, cursor)),
+            percent = format_args!("{:.1}", self.percent(cursor)),
             elapsed_ms = self.started.elapsed().as_millis() as u64,
             "transfer progress"
         );
@@ -107,9 +102,12 @@ impl<'a> Progress<'a> {
     }
 }
 
-/// Hashes in the inclusive segment `start..=end`.
-fn segment_len(start: u64, end: u64) -> u128 {
-    u128::from(end - start) + 1
+/// Hashes in the non-wrapping inclusive `segments`.
+fn hashes(segments: &[(u64, u64)]) -> u128 {
+    segments
+        .iter()
+        .map(|&(start, end)| HashRange { start, end }.len())
+        .sum()
 }
 
 /// Where the bulk transfer to one destination goes on: the next hash to read, in which of
@@ -297,7 +295,7 @@ async fn ship_to(
                 &view,
             ));
         }
-        progress.tick(&shipped, &segments, cursor);
+        progress.tick(&shipped, cursor);
     }
     while let Some(sent) = in_flight.next().await {
         sent?;
@@ -395,17 +393,17 @@ mod tests {
 
     #[test]
     fn progress_is_the_share_of_the_hash_space_done() {
-        let segments = [(0, 99), (u64::MAX - 49, u64::MAX), (0, 1049)];
-        let progress = Progress::new(7, "10.0.0.1:1", &segments[..2]);
+        let segments = [(0, 99), (u64::MAX - 49, u64::MAX)];
+        let progress = Progress::new(7, "10.0.0.1:1", &segments);
         assert_eq!(progress.total, 150);
         let at = |segment, from| Some(Cursor { segment, from });
-        assert_eq!(progress.percent(&segments, at(0, 0)), 0.0);
-        assert_eq!(progress.percent(&segments, at(0, 75)), 50.0);
+        assert_eq!(progress.percent(at(0, 0)), 0.0);
+        assert_eq!(progress.percent(at(0, 75)), 50.0);
         assert_eq!(
-            progress.percent(&segments, at(1, u64::MAX - 49)),
+            progress.percent(at(1, u64::MAX - 49)),
             100.0 * 100.0 / 150.0
         );
-        assert_eq!(progress.percent(&segments, None), 100.0);
+        assert_eq!(progress.percent(None), 100.0);
     }
 
     #[test]
