@@ -62,9 +62,13 @@ impl Candidate for Memory {
     fn scan(&self, from: u64, to: u64) -> usize {
         let (mut at, mut seen) = (from, 0);
         loop {
-            let batch = self.0.read_batch(at, to, 4096, usize::MAX).unwrap();
-            seen += batch.entries.len();
-            match batch.next {
+            let mut batch = store::Packer::default();
+            let next = self
+                .0
+                .read_batch(at, to, 4096, usize::MAX, &mut batch)
+                .unwrap();
+            seen += batch.len();
+            match next {
                 Some(next) => at = next,
                 None => return seen,
             }

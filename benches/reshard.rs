@@ -2,7 +2,9 @@
 //! loaded with the same 1,000,000 keys of 100-byte values, grown to 4 nodes while 4
 //! clients keep reading. Prints one table: memory per node and per key, the reshard's wall
 //! time, keys and MB/s moved (beside this machine's loopback TCP, same run), and what the
-//! readers saw the second before the change and during it.
+//! readers saw the second before the change and during it. Then ringkv shrinks back to 3
+//! and grows to 4 once more with nobody reading: a second table gives what its migration
+//! engine moves (keys/s, MB/s, share of loopback) when it has the machine to itself.
 //!
 //! Both run as separate processes on loopback: ringkv's release binary, and
 //! `redis-server` 3 masters in cluster mode, grown with `redis-cli --cluster add-node` and
@@ -147,6 +149,18 @@ struct Figures {
     transfer: Option<Duration>,
     freeze_ms: Option<f64>,
     samples: Samples,
+    /// ringkv: the same change again with no reader (back to 3 nodes, then 3 -> 4 once
+    /// more): what the migration engine moves when it has the machine to itself.
+    quiet: Option<Quiet>,
+}
+
+/// A view change run with nobody reading.
+#[derive(Default)]
+struct Quiet {
+    wall: Duration,
+    transfer: Duration,
+    keys: usize,
+    bytes: usize,
 }
 
 impl Figures {
@@ -340,7 +354,42 @@ async fn ringkv(keys: Arc<Vec<String>>, logs: &Path) -> Figures {
     figures.freeze_ms = Some(report.freeze_ms);
     figures.transfer = Some(Duration::from_secs_f64(report.transfer_ms / 1000.0));
     assert_eq!(status.key_count, keys.len(), "every key is still there");
+
+    // Back to three nodes, then the measured change once more, with no reader.
+    quiet_change(&client, &three[0], &three, keys.len()).await;
+    figures.quiet = Some(quiet_change(&client, &three[0], &four, keys.len()).await);
     figures
+}
+
+/// Changes the view to `view` through `at`, with nobody reading, and reports it.
+async fn quiet_change(client: &reqwest::Client, at: &str, view: &[String], keys: usize) -> Quiet {
+    let begun = Instant::now();
+    let answer = client
+        .put(format!("http://{at}/kvs/view-change"))
+        .json(&serde_json::json!({ "view": view.join(",") }))
+        .send()
+        .await
+        .unwrap();
+    let wall = begun.elapsed();
+    assert_eq!(answer.status(), 200, "{}", answer.text().await.unwrap());
+    let status: ClusterStatus = client
+        .get(format!("http://{at}/cluster/status"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(status.key_count, keys, "every key is still there");
+    let report = status
+        .last_change
+        .expect("the coordinator reports its change");
+    Quiet {
+        wall,
+        transfer: Duration::from_secs_f64(report.transfer_ms / 1000.0),
+        keys: report.keys_shipped,
+        bytes: report.bytes_shipped,
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -770,6 +819,22 @@ fn main() {
         }
         println!("{:<40} {:>12.2} {:>14}  ms", "freeze (longest wait of a moving range)", ours.freeze_ms.unwrap_or(0.0), "-");
         println!("{:<40} {:>12} {:>14}", "GETs during / errors", format!("{}/{}", ours.samples.during.len(), ours.samples.errors), theirs.as_ref().map_or("-".to_string(), |f| format!("{}/{}", f.samples.during.len(), f.samples.errors)));
+        if let Some(quiet) = &ours.quiet {
+            let mb = quiet.bytes as f64 / 1e6;
+            println!("\nringkv's migration engine alone: the same change again, no reader");
+            let rows = [
+                ("reshard 3 -> 4, no reader, wall", quiet.wall.as_secs_f64(), "s"),
+                ("keys moved", quiet.keys as f64, "keys"),
+                ("bulk transfer", quiet.transfer.as_secs_f64(), "s"),
+                ("moved during the transfer", quiet.keys as f64 / quiet.transfer.as_secs_f64(), "keys/s"),
+                ("moved during the transfer", mb / quiet.transfer.as_secs_f64(), "MB/s"),
+                ("transfer vs loopback TCP", mb / quiet.transfer.as_secs_f64() / loopback * 100.0, "%"),
+                ("moved vs loopback TCP (wall)", mb / quiet.wall.as_secs_f64() / loopback * 100.0, "%"),
+            ];
+            for (name, value, unit) in rows {
+                println!("{name:<40} {value:>12.2} {:>14} {:>10}  {unit}", "-", "-");
+            }
+        }
         println!("(loopback: one TCP connection on this machine, same run: {loopback:.0} MB/s; ratio = ringkv / Redis)");
         assert_eq!(ours.samples.errors, 0, "ringkv readers saw errors");
         assert!(ours.keys_moved > 0, "the change moved keys");

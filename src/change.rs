@@ -16,7 +16,7 @@ use tokio::sync::watch;
 
 use crate::ring::{HashRange, MovedRange, RangeSet};
 use crate::shard::ShardMap;
-use crate::store::{Entry, StoreError};
+use crate::store::{Packed, StoreError};
 use crate::version::Record;
 use crate::view::{View, ViewError};
 
@@ -268,15 +268,15 @@ impl Migration {
         me: &str,
         from: &str,
         round: u8,
-        entries: Vec<Entry>,
+        entries: Packed,
         mut store: impl FnMut(u64, &str, Option<Bytes>) -> Result<isize, ChangeError>,
         keep: impl FnOnce(&[(String, Staged)]) -> Result<(), ChangeError>,
     ) -> Result<(), ChangeError> {
         if !self.participants.iter().any(|p| p == from) {
             return Err(ChangeError::NotParticipant(from.to_string()));
         }
-        for entry in &entries {
-            let hash = crate::ring::key_hash(entry.key.as_bytes());
+        for (key, value) in entries.iter() {
+            let hash = crate::ring::key_hash(key.as_bytes());
             let ours = match &self.replicated {
                 Some(replicated) => replicated
                     .map
@@ -287,37 +287,39 @@ impl Migration {
                 None => **self.view.ring.owner_of_hash(hash) == *me,
             };
             if !ours {
-                return Err(ChangeError::NotIncoming(entry.key.clone()));
+                return Err(ChangeError::NotIncoming(key.to_string()));
             }
             // What a client could not store, no peer may stage either.
-            let value = match (&self.replicated, &entry.value) {
+            let value = match (&self.replicated, value) {
                 (Some(_), Some(bytes)) => {
-                    let record = Record::decode(bytes).map_err(|_| {
-                        ChangeError::Invalid(entry.key.clone(), crate::kv::Invalid::NotJson)
+                    let record = Record::decode(&bytes).map_err(|_| {
+                        ChangeError::Invalid(key.to_string(), crate::kv::Invalid::NotJson)
                     })?;
                     record.value
                 }
                 (Some(_), None) => {
                     return Err(ChangeError::Invalid(
-                        entry.key.clone(),
+                        key.to_string(),
                         crate::kv::Invalid::ValueMissing,
                     ))
                 }
-                (None, value) => value.clone(),
+                (None, value) => value,
             };
             let valid = match value {
-                Some(value) => crate::kv::check(&entry.key, &crate::kv::KvOp::Put(value)),
-                None if crate::kv::key_fits(&entry.key) => Ok(()),
+                Some(value) => crate::kv::check(key, &crate::kv::KvOp::Put(value)),
+                None if crate::kv::key_fits(key) => Ok(()),
                 None => Err(crate::kv::Invalid::KeyTooLong),
             };
-            valid.map_err(|why| ChangeError::Invalid(entry.key.clone(), why))?;
+            valid.map_err(|why| ChangeError::Invalid(key.to_string(), why))?;
         }
         if self.replicated.is_some() {
             // Records from every old replica: the newer version wins, whoever sent it.
             let mut staged = self.staged.lock();
-            for entry in entries {
-                let value = entry.value.expect("checked above");
-                let newer = match staged.get(&entry.key).and_then(|s| s.value.as_ref()) {
+            for (key, value) in entries.iter() {
+                let Some(value) = value else {
+                    continue; // refused above
+                };
+                let newer = match staged.get(key).and_then(|s| s.value.as_ref()) {
                     Some(held) => Record::decode(&value)
                         .ok()
                         .is_some_and(|new| new.wins_over(Record::decode(held).ok().as_ref())),
@@ -325,7 +327,7 @@ impl Migration {
                 };
                 if newer {
                     staged.insert(
-                        entry.key,
+                        key.to_string(),
                         Staged {
                             value: Some(value),
                             foreign: false,
@@ -340,25 +342,25 @@ impl Migration {
         let mut caught = self.caught.lock();
         let mut staged = self.staged.lock();
         let mut taken = Vec::with_capacity(entries.len());
-        for entry in entries {
-            let hash = crate::ring::key_hash(entry.key.as_bytes());
+        for (key, value) in entries.iter() {
+            let hash = crate::ring::key_hash(key.as_bytes());
             if !foreign && self.incoming.contains(hash) {
                 if round > 0 {
-                    caught.insert(entry.key.clone());
-                } else if caught.contains(&entry.key) {
+                    caught.insert(key.to_string());
+                } else if caught.contains(key) {
                     continue;
                 }
-                let added = store(hash, &entry.key, entry.value)?;
+                let added = store(hash, key, value)?;
                 self.taken_in.fetch_add(1, Ordering::Relaxed);
                 self.keys_taken_in.fetch_add(added, Ordering::Relaxed);
                 continue;
             }
             let copy = Staged {
-                value: entry.value,
+                value,
                 foreign,
                 round,
             };
-            match staged.entry(entry.key) {
+            match staged.entry(key.to_string()) {
                 std::collections::hash_map::Entry::Occupied(mut held) => {
                     // This group's copy wins over a merged group's; a merged node's later
                     // copy (its catch-up) replaces only its own earlier one.

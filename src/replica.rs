@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use crate::causal::{Context, VersionVector};
 use crate::kv::{KvOp, KvOutcome};
 use crate::ring::key_hash;
-use crate::store::{Store, StoreError};
+use crate::store::{Packer, Store, StoreError};
 use crate::version::{BadRecord, Clock, Record, Version};
 
 /// One write as replicas exchange it.
@@ -412,11 +412,14 @@ impl Replica {
     ) -> Result<(), ReplicaError> {
         let mut at = from;
         loop {
-            let batch = self.store.read_batch(at, to, 4096, usize::MAX)?;
-            for entry in batch.entries {
-                each(entry.key, Record::decode(&entry.value.ok_or(BadRecord)?)?);
+            let mut batch = Packer::default();
+            let next = self
+                .store
+                .read_batch(at, to, 4096, usize::MAX, &mut batch)?;
+            for (key, value) in batch.finish().iter() {
+                each(key.to_string(), Record::decode(&value.ok_or(BadRecord)?)?);
             }
-            match batch.next {
+            match next {
                 Some(next) => at = next,
                 None => return Ok(()),
             }

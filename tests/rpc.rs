@@ -961,7 +961,7 @@ fn staged_keys_outside_the_incoming_ranges_are_refused() {
     let stage = |entries: Vec<Entry>| Request::Stage {
         change_id,
         round: 0,
-        entries,
+        entries: entries.iter().collect(),
     };
 
     for stray in &strays {
@@ -1004,7 +1004,7 @@ fn staged_keys_outside_the_incoming_ranges_are_refused() {
             &Request::Stage {
                 change_id: change_id + 1,
                 round: 0,
-                entries: vec![entry(&mine[0])],
+                entries: [entry(&mine[0])].iter().collect(),
             }
         ),
         Response::Refused(Refusal::UnknownChange(change_id + 1))
@@ -1317,7 +1317,7 @@ fn a_fake_change_that_moves_nothing_stores_nothing_invalid() {
             &Request::Stage {
                 change_id,
                 round: 0,
-                entries,
+                entries: entries.iter().collect(),
             },
         );
         assert!(

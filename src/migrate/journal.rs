@@ -53,7 +53,7 @@ pub(crate) async fn stage(
     migration: &Arc<Migration>,
     from: &str,
     round: u8,
-    entries: Vec<crate::store::Entry>,
+    entries: crate::store::Packed,
 ) -> Result<(), ChangeError> {
     let (staging, migration, from) = (node.clone(), migration.clone(), from.to_string());
     let job = move || {

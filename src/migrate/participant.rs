@@ -9,7 +9,7 @@ use crate::change::{ChangeError, Migration, Moves};
 use crate::node::Node;
 use crate::ring::{key_hash, HashRing, MovedRange, RangeSet};
 use crate::rpc::{Request, Response};
-use crate::store::Entry;
+use crate::store::{Entry, Packed};
 use crate::view::{View, ViewError};
 use crate::wire::{Committed, Outcome, Prepare, Shipped};
 
@@ -171,10 +171,10 @@ pub(crate) async fn stage(
     from: &str,
     change_id: u64,
     round: u8,
-    entries: Vec<Entry>,
+    entries: Packed,
 ) -> Result<(), ChangeError> {
     let migration = prepared(node, change_id)?;
-    let (keys, bytes) = (entries.len(), entries.iter().map(Entry::size).sum());
+    let (keys, bytes) = (entries.len(), entries.bytes());
     super::journal::stage(node, &migration, from, round, entries).await?;
     // Only a batch that was taken counts as progress (a refused one must not keep a dead
     // change alive past its watchdog).

@@ -14,7 +14,7 @@ use crate::node::Node;
 use crate::peers::PeerError;
 use crate::ring::HashRange;
 use crate::rpc::{Request, Response};
-use crate::store::{Batch, Engine, Entry, StoreError};
+use crate::store::{Engine, Entry, Packed, Packer, StoreError};
 use crate::wire::Shipped;
 
 /// Most keys in one batch of the catch-up (sent while the ranges are frozen: few, large).
@@ -126,20 +126,19 @@ fn fill(
     store: &dyn Engine,
     segments: &[(u64, u64)],
     at: Cursor,
-) -> Result<(Batch, Option<Cursor>), StoreError> {
-    let mut batch = Batch::default();
+) -> Result<(Packed, Option<Cursor>), StoreError> {
+    let mut batch = Packer::default();
     let mut at = at;
     loop {
         let end = segments[at.segment].1;
         let read = store.read_batch(
             at.from,
             end,
-            TRANSFER_BATCH_KEYS - batch.entries.len(),
-            BATCH_BYTES.saturating_sub(batch.bytes).max(1),
+            TRANSFER_BATCH_KEYS - batch.len(),
+            BATCH_BYTES.saturating_sub(batch.bytes()).max(1),
+            &mut batch,
         )?;
-        batch.bytes += read.bytes;
-        batch.entries.extend(read.entries);
-        let next = match read.next {
+        let next = match read {
             Some(from) => Some(Cursor { from, ..at }),
             None => segments.get(at.segment + 1).map(|&(from, _)| Cursor {
                 segment: at.segment + 1,
@@ -147,12 +146,10 @@ fn fill(
             }),
         };
         match next {
-            Some(next)
-                if batch.entries.len() < TRANSFER_BATCH_KEYS && batch.bytes < BATCH_BYTES =>
-            {
+            Some(next) if batch.len() < TRANSFER_BATCH_KEYS && batch.bytes() < BATCH_BYTES => {
                 at = next
             }
-            _ => return Ok((batch, next)),
+            _ => return Ok((batch.finish(), next)),
         }
     }
 }
@@ -182,7 +179,7 @@ async fn stage(
     node: &Node,
     destination: &str,
     change_id: u64,
-    entries: Vec<Entry>,
+    entries: Packed,
     view: &crate::view::View,
 ) -> Result<(), PeerError> {
     // The bulk transfer is round 0, the catch-up round 1: a late copy of a transfer batch
@@ -280,12 +277,12 @@ async fn ship_to(
         let (batch, next) =
             crate::blocking::in_background(move || fill(&*store, &part, at)).await?;
         cursor = next;
-        if !batch.entries.is_empty() {
+        if !batch.is_empty() {
             while in_flight.len() >= PIPELINE {
                 in_flight.next().await.expect("batches are in flight")?;
             }
-            shipped.keys += batch.entries.len();
-            shipped.bytes += batch.bytes;
+            shipped.keys += batch.len();
+            shipped.bytes += batch.bytes();
             in_flight.push(send_batch(
                 node,
                 migration,
@@ -311,19 +308,11 @@ async fn send_batch(
     migration: &Migration,
     phase: &str,
     destination: &str,
-    batch: Batch,
+    batch: Packed,
     view: &crate::view::View,
 ) -> Result<(), ChangeError> {
-    let (keys, bytes) = (batch.entries.len(), batch.bytes);
-    if let Err(error) = stage(
-        node,
-        destination,
-        migration.change_id(),
-        batch.entries,
-        view,
-    )
-    .await
-    {
+    let (keys, bytes) = (batch.len(), batch.bytes());
+    if let Err(error) = stage(node, destination, migration.change_id(), batch, view).await {
         tracing::warn!(
             change = migration.change_id(),
             to = destination,
@@ -354,13 +343,9 @@ pub async fn ship_entries(
         async move {
             let mut shipped = Shipped::default();
             for chunk in batches(&entries) {
-                let batch = Batch {
-                    entries: chunk.to_vec(),
-                    bytes: chunk.iter().map(Entry::size).sum(),
-                    next: None,
-                };
-                shipped.keys += batch.entries.len();
-                shipped.bytes += batch.bytes;
+                let batch: Packed = chunk.iter().collect();
+                shipped.keys += batch.len();
+                shipped.bytes += batch.bytes();
                 send_batch(node, migration, "catch-up", &destination, batch, &view).await?;
             }
             Ok(shipped)
@@ -429,9 +414,9 @@ mod tests {
         });
         while let Some(at) = cursor {
             let (batch, next) = fill(&*store, &segments, at).unwrap();
-            assert!(batch.entries.len() <= TRANSFER_BATCH_KEYS);
-            assert!(next.is_none() || batch.entries.len() == TRANSFER_BATCH_KEYS);
-            read += batch.entries.len();
+            assert!(batch.len() <= TRANSFER_BATCH_KEYS);
+            assert!(next.is_none() || batch.len() == TRANSFER_BATCH_KEYS);
+            read += batch.len();
             batches += 1;
             cursor = next;
         }

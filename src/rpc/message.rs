@@ -9,7 +9,7 @@ use crate::causal::VersionVector;
 use crate::kv::{Invalid, KvMethod, KvOp, KvOutcome};
 use crate::meta::{Applied, LeadError, LeaderOp, RaftId};
 use crate::replica::{Digest, KeyAnswer, Snapshot, Write};
-use crate::store::Entry;
+use crate::store::Packed;
 use crate::wire::{Committed, Misdirected, NodeState, Outcome, Prepare, Shipped};
 
 /// What the sender of a message routes by: carried by every request and every answer, so
@@ -71,7 +71,7 @@ pub enum Request {
         change_id: u64,
         /// 0 for the bulk transfer, 1 for the catch-up.
         round: u8,
-        entries: Vec<Entry>,
+        entries: Packed,
     },
     /// Phase 3: freeze the outgoing ranges and re-send what was written meanwhile.
     CatchUp { change_id: u64 },

@@ -19,7 +19,7 @@ use parking_lot::Mutex;
 use super::changes::{self, failed, ChangeRecord};
 use super::memory::MemoryEngine;
 use super::sync::{Durable, FsyncPolicy, SyncStats, Syncer};
-use super::{Batch, Engine, StoreError};
+use super::{Engine, Packer, StoreError};
 
 const WRITE_STRIPES: usize = 256;
 
@@ -374,8 +374,9 @@ impl Engine for DurableEngine {
         end: u64,
         max_keys: usize,
         max_bytes: usize,
-    ) -> Result<Batch, StoreError> {
-        self.memory.read_batch(from, end, max_keys, max_bytes)
+        into: &mut Packer,
+    ) -> Result<Option<u64>, StoreError> {
+        self.memory.read_batch(from, end, max_keys, max_bytes, into)
     }
 
     fn remove_segment(&self, start: u64, end: u64) -> Result<usize, StoreError> {
@@ -538,9 +539,10 @@ mod tests {
         assert_eq!(store.get(u64::MAX / 2, "x").unwrap().unwrap(), "1");
         let hash = 77u64.wrapping_mul(0x9E37_79B9_7F4A_7C15);
         assert_eq!(store.get(hash, "k77").unwrap().unwrap(), "77");
-        let all = store
-            .read_batch(0, u64::MAX, usize::MAX, usize::MAX)
+        let mut all = Packer::default();
+        let next = store
+            .read_batch(0, u64::MAX, usize::MAX, usize::MAX, &mut all)
             .unwrap();
-        assert_eq!(all.entries.len(), 5004);
+        assert_eq!((all.len(), next), (5004, None));
     }
 }

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use bytes::Bytes;
 use parking_lot::RwLock;
 
-use super::{Batch, Engine, Entry, StoreError};
+use super::{Engine, Packer, StoreError};
 
 const STRIPE_BITS: u32 = 8;
 const STRIPES: usize = 1 << STRIPE_BITS;
@@ -139,10 +139,6 @@ impl Default for MemoryEngine {
 #[inline]
 fn stripe_of(hash: u64) -> usize {
     (hash >> (64 - STRIPE_BITS)) as usize
-}
-
-fn key_text(bytes: &[u8]) -> Result<String, StoreError> {
-    String::from_utf8(bytes.to_vec()).map_err(|e| StoreError(e.to_string()))
 }
 
 impl MemoryEngine {
@@ -284,28 +280,24 @@ impl Engine for MemoryEngine {
         end: u64,
         max_keys: usize,
         max_bytes: usize,
-    ) -> Result<Batch, StoreError> {
-        let mut batch = Batch::default();
+        into: &mut Packer,
+    ) -> Result<Option<u64>, StoreError> {
         if from > end {
-            return Ok(batch);
+            return Ok(None);
         }
+        let (keys, bytes) = (into.len(), into.bytes());
         for stripe_index in stripe_of(from)..=stripe_of(end) {
             let stripe = self.stripes[stripe_index].read();
             for (&hash, slot) in stripe.range(from..=end) {
-                if batch.entries.len() >= max_keys || batch.bytes >= max_bytes {
-                    batch.next = Some(hash);
-                    return Ok(batch);
+                if into.len() - keys >= max_keys || into.bytes() - bytes >= max_bytes {
+                    return Ok(Some(hash));
                 }
                 for at in slot.entries() {
-                    batch.bytes += at.end - at.key;
-                    batch.entries.push(Entry {
-                        key: key_text(slot.key(at))?,
-                        value: Some(Bytes::copy_from_slice(slot.value(at))),
-                    });
+                    into.push(slot.key(at), Some(slot.value(at)));
                 }
             }
         }
-        Ok(batch)
+        Ok(None)
     }
 
     /// The keys are freed after the stripe's lock is released, so readers barely wait.
@@ -348,10 +340,14 @@ mod tests {
         assert_eq!(store.get(9, "bb").unwrap().unwrap(), "x");
         assert_eq!(store.get(9, "ccc").unwrap().unwrap(), "333");
         assert_eq!(store.get(9, "a").unwrap(), None);
-        let batch = store.read_batch(0, u64::MAX, 10, usize::MAX).unwrap();
-        let keys: Vec<&str> = batch.entries.iter().map(|e| e.key.as_str()).collect();
+        let mut batch = Packer::default();
+        let next = store
+            .read_batch(0, u64::MAX, 10, usize::MAX, &mut batch)
+            .unwrap();
+        assert_eq!((next, batch.bytes()), (None, 2 + 1 + 3 + 3));
+        let batch = batch.finish();
+        let keys: Vec<&str> = batch.iter().map(|(key, _)| key).collect();
         assert_eq!(keys, ["bb", "ccc"]);
-        assert_eq!(batch.bytes, 2 + 1 + 3 + 3);
         assert_eq!(store.remove_segment(9, 9).unwrap(), 2);
         assert_eq!((store.len(), store.value_bytes()), (0, 0));
     }

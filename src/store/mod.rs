@@ -7,12 +7,14 @@
 pub mod changes;
 pub mod durable;
 pub mod memory;
+pub mod packed;
 pub mod sync;
 
 use std::sync::Arc;
 
 use bytes::Bytes;
 
+pub use packed::{Packed, Packer};
 pub use sync::{Durable, FsyncPolicy};
 
 /// One key and its value, or `None` for a deletion (a tombstone in a transfer).
@@ -27,15 +29,6 @@ impl Entry {
     pub fn size(&self) -> usize {
         self.key.len() + self.value.as_ref().map_or(0, Bytes::len)
     }
-}
-
-/// What a batch read of a hash range returned, and where the next batch starts.
-#[derive(Debug, Default)]
-pub struct Batch {
-    pub entries: Vec<Entry>,
-    pub bytes: usize,
-    /// The first hash not yet read, or `None` when the segment is exhausted.
-    pub next: Option<u64>,
 }
 
 /// Why the engine could not do what it was asked.
@@ -72,16 +65,18 @@ pub trait Engine: Send + Sync + 'static {
         }
     }
 
-    /// Reads the keys of the non-wrapping segment `from..=end`, in hash order, until
-    /// `max_keys` keys or `max_bytes` bytes of keys and values are collected. Keys that
-    /// share a hash are never split between batches.
+    /// Packs the keys of the non-wrapping segment `from..=end` into `into`, in hash order,
+    /// until `max_keys` keys or `max_bytes` bytes of keys and values are added; returns
+    /// the first hash not read, or `None` when the segment is exhausted. Keys that share a
+    /// hash are never split between batches.
     fn read_batch(
         &self,
         from: u64,
         end: u64,
         max_keys: usize,
         max_bytes: usize,
-    ) -> Result<Batch, StoreError>;
+        into: &mut Packer,
+    ) -> Result<Option<u64>, StoreError>;
 
     /// Drops every key of the non-wrapping segment `start..=end`; returns how many.
     fn remove_segment(&self, start: u64, end: u64) -> Result<usize, StoreError>;
@@ -160,12 +155,15 @@ pub mod conformance {
         let mut seen = std::collections::HashSet::new();
         let mut from = start;
         loop {
-            let batch = store.read_batch(from, end, 100, usize::MAX).unwrap();
-            assert!(batch.entries.len() <= 100);
-            for entry in batch.entries {
-                assert!(seen.insert(entry.key));
+            let mut batch = Packer::default();
+            let next = store
+                .read_batch(from, end, 100, usize::MAX, &mut batch)
+                .unwrap();
+            assert!(batch.len() <= 100);
+            for (key, _) in batch.finish().iter() {
+                assert!(seen.insert(key.to_string()));
             }
-            match batch.next {
+            match next {
                 Some(next) => from = next,
                 None => break,
             }
