@@ -149,6 +149,9 @@ struct Figures {
     transfer: Option<Duration>,
     freeze_ms: Option<f64>,
     samples: Samples,
+    /// ringkv: key requests the nodes took over 50 ms to answer (their own latency
+    /// histograms), from the readers' start to the change's end.
+    slow: Option<u64>,
     /// ringkv: the same change again with no reader (back to 3 nodes, then 3 -> 4 once
     /// more): what the migration engine moves when it has the machine to itself.
     quiet: Option<Quiet>,
@@ -334,7 +337,9 @@ async fn ringkv(keys: Arc<Vec<String>>, logs: &Path) -> Figures {
             .unwrap();
         assert_eq!(answer.status(), 200, "{}", answer.text().await.unwrap());
     };
+    let slow_before = slow_key_requests(&client, &addresses).await;
     (figures.wall, figures.samples) = timed_change(readers, keys.clone(), change).await;
+    figures.slow = Some(slow_key_requests(&client, &addresses).await - slow_before);
     figures.rss_after = pids.iter().map(|&p| rss(p)).collect();
     tokio::time::sleep(SETTLE).await;
     figures.rss_settled = pids.iter().map(|&p| rss(p)).collect();
@@ -359,6 +364,33 @@ async fn ringkv(keys: Arc<Vec<String>>, logs: &Path) -> Figures {
     quiet_change(&client, &three[0], &three, keys.len()).await;
     figures.quiet = Some(quiet_change(&client, &three[0], &four, keys.len()).await);
     figures
+}
+
+/// Key requests the nodes at `addresses` answered in more than 50 ms so far, as their
+/// `ringkv_request_duration_seconds` histograms count them: the HTTP requests each took,
+/// the forward to the key's owner included (the owner serves it over the node-to-node
+/// protocol, which that histogram does not count).
+async fn slow_key_requests(client: &reqwest::Client, addresses: &[String]) -> u64 {
+    let mut slow = 0;
+    for address in addresses {
+        let text = client
+            .get(format!("http://{address}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let count = |le: &str| -> u64 {
+            let series =
+                format!("ringkv_request_duration_seconds_bucket{{route=\"key\",le=\"{le}\"}} ");
+            text.lines()
+                .find_map(|line| line.strip_prefix(series.as_str()))
+                .map_or(0, |n| n.trim().parse().unwrap())
+        };
+        slow += count("+Inf") - count("0.05");
+    }
+    slow
 }
 
 /// Changes the view to `view` through `at`, with nobody reading, and reports it.
@@ -778,7 +810,7 @@ fn main() {
              4 readers, loopback"
         );
         println!("{:<40} {:>12} {:>14} {:>10}", "figure", "ringkv", "Redis Cluster", "ratio");
-        let figures: [(&str, &Figure<'_>, &str); 21] = [
+        let figures: [(&str, &Figure<'_>, &str); 22] = [
             ("RSS per node, empty", &|f| mean_mb(&f.rss_empty), "MB"),
             ("RSS per node after load", &|f| mean_mb(&f.rss_loaded), "MB"),
             ("RSS growth per key", &|f| f.bytes_per_key(key_count), "B"),
@@ -801,6 +833,7 @@ fn main() {
             ("reader p99 before", &|f| quantile_ms(&f.samples.before, 0.99), "ms"),
             ("reader p50 during", &|f| quantile_ms(&f.samples.during, 0.5), "ms"),
             ("reader p99 during", &|f| quantile_ms(&f.samples.during, 0.99), "ms"),
+            ("reader max before", &|f| quantile_ms(&f.samples.before, 1.0), "ms"),
             ("reader max during", &|f| quantile_ms(&f.samples.during, 1.0), "ms"),
             ("reader p99 during / before", &|f| {
                 quantile_ms(&f.samples.during, 0.99)
@@ -818,6 +851,9 @@ fn main() {
             println!("{:<40} {:>12} {:>14.2}  B (Redis's own count)", "used_memory per key", "-", used as f64 / key_count as f64);
         }
         println!("{:<40} {:>12.2} {:>14}  ms", "freeze (longest wait of a moving range)", ours.freeze_ms.unwrap_or(0.0), "-");
+        if let Some(slow) = ours.slow {
+            println!("{:<40} {:>12} {:>14}", "key requests > 50 ms inside the nodes", slow, "-");
+        }
         println!("{:<40} {:>12} {:>14}", "GETs during / errors", format!("{}/{}", ours.samples.during.len(), ours.samples.errors), theirs.as_ref().map_or("-".to_string(), |f| format!("{}/{}", f.samples.during.len(), f.samples.errors)));
         if let Some(quiet) = &ours.quiet {
             let mb = quiet.bytes as f64 / 1e6;

@@ -128,6 +128,12 @@ pub struct Migration {
     last_heard: Mutex<Instant>,
 }
 
+/// A staged value's own copy: a slice of its batch would keep the whole batch's buffer
+/// alive until the commit.
+fn own(value: &[u8]) -> Bytes {
+    Bytes::copy_from_slice(value)
+}
+
 impl Migration {
     pub fn change_id(&self) -> u64 {
         self.change_id
@@ -329,7 +335,7 @@ impl Migration {
                     staged.insert(
                         key.to_string(),
                         Staged {
-                            value: Some(value),
+                            value: Some(own(&value)),
                             foreign: false,
                             round,
                         },
@@ -356,7 +362,7 @@ impl Migration {
                 continue;
             }
             let copy = Staged {
-                value,
+                value: value.as_deref().map(own),
                 foreign,
                 round,
             };

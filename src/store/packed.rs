@@ -4,8 +4,8 @@
 //! Each entry is a LEB128 varint of the key's length, the key (UTF-8), a varint of the
 //! value's length plus one (0 for a deletion), and the value. A buffer that came over the
 //! network is checked whole when it is decoded (lengths inside it, keys UTF-8), so a
-//! [`Packed`] always walks cleanly; its values are slices of the one buffer, and a store
-//! copies what it keeps.
+//! [`Packed`] always walks cleanly; its values are slices of the one buffer, so whatever
+//! keeps one past the batch (a store, a staged copy) copies it.
 
 use std::fmt;
 
@@ -126,7 +126,8 @@ impl Packed {
         })
     }
 
-    /// The entries as owned [`Entry`]s.
+    /// The entries as [`Entry`]s.
+    #[cfg(test)]
     pub fn to_entries(&self) -> Vec<Entry> {
         self.iter()
             .map(|(key, value)| Entry {
