@@ -113,15 +113,7 @@ async fn change(
         .collect();
     tokio::time::sleep(Duration::from_secs(1)).await;
     changing.store(true, Ordering::Relaxed);
-    let begun = Instant::now();
-    let answer = client
-        .put(format!("http://{coordinator}/kvs/view-change"))
-        .json(&serde_json::json!({ "view": to.join(",") }))
-        .send()
-        .await
-        .unwrap();
-    let wall = begun.elapsed();
-    assert_eq!(answer.status(), 200, "{}", answer.text().await.unwrap());
+    let wall = common::change_view(&client, coordinator, to).await;
     running.store(false, Ordering::Relaxed);
     let (mut latencies, mut before) = (Vec::new(), Vec::new());
     let mut get_errors = 0;

@@ -29,9 +29,10 @@ use futures_util::future::join_all;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
-use common::{loopback_mb_per_s, quantile_ms};
+use common::{change_view, loopback_mb_per_s, quantile_ms};
 use ringkv::api::ops::ClusterStatus;
 use ringkv::ring::HashRing;
+use ringkv::wire::ChangeReport;
 
 /// How long after the change RSS is read again.
 const SETTLE: Duration = Duration::from_secs(3);
@@ -329,13 +330,7 @@ async fn ringkv(keys: Arc<Vec<String>>, logs: &Path) -> Figures {
         })
         .collect();
     let change = async {
-        let answer = client
-            .put(format!("http://{}/kvs/view-change", three[0]))
-            .json(&serde_json::json!({ "view": four.join(",") }))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(answer.status(), 200, "{}", answer.text().await.unwrap());
+        change_view(&client, &three[0], &four).await;
     };
     let slow_before = slow_key_requests(&client, &addresses).await;
     (figures.wall, figures.samples) = timed_change(readers, keys.clone(), change).await;
@@ -343,22 +338,11 @@ async fn ringkv(keys: Arc<Vec<String>>, logs: &Path) -> Figures {
     figures.rss_after = pids.iter().map(|&p| rss(p)).collect();
     tokio::time::sleep(SETTLE).await;
     figures.rss_settled = pids.iter().map(|&p| rss(p)).collect();
-    let status: ClusterStatus = client
-        .get(format!("http://{}/cluster/status", three[0]))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let report = status
-        .last_change
-        .expect("the coordinator reports its change");
+    let report = last_change(&client, &three[0], keys.len()).await;
     figures.keys_moved = report.keys_shipped;
     figures.bytes_moved = report.bytes_shipped;
     figures.freeze_ms = Some(report.freeze_ms);
     figures.transfer = Some(Duration::from_secs_f64(report.transfer_ms / 1000.0));
-    assert_eq!(status.key_count, keys.len(), "every key is still there");
 
     // Back to three nodes, then the measured change once more, with no reader.
     quiet_change(&client, &three[0], &three, keys.len()).await;
@@ -393,17 +377,9 @@ async fn slow_key_requests(client: &reqwest::Client, addresses: &[String]) -> u6
     slow
 }
 
-/// Changes the view to `view` through `at`, with nobody reading, and reports it.
-async fn quiet_change(client: &reqwest::Client, at: &str, view: &[String], keys: usize) -> Quiet {
-    let begun = Instant::now();
-    let answer = client
-        .put(format!("http://{at}/kvs/view-change"))
-        .json(&serde_json::json!({ "view": view.join(",") }))
-        .send()
-        .await
-        .unwrap();
-    let wall = begun.elapsed();
-    assert_eq!(answer.status(), 200, "{}", answer.text().await.unwrap());
+/// The report of the last change the node at `at` coordinated, once the cluster is seen
+/// to hold all `keys` keys.
+async fn last_change(client: &reqwest::Client, at: &str, keys: usize) -> ChangeReport {
     let status: ClusterStatus = client
         .get(format!("http://{at}/cluster/status"))
         .send()
@@ -413,9 +389,15 @@ async fn quiet_change(client: &reqwest::Client, at: &str, view: &[String], keys:
         .await
         .unwrap();
     assert_eq!(status.key_count, keys, "every key is still there");
-    let report = status
+    status
         .last_change
-        .expect("the coordinator reports its change");
+        .expect("the coordinator reports its change")
+}
+
+/// Changes the view to `view` through `at`, with nobody reading, and reports it.
+async fn quiet_change(client: &reqwest::Client, at: &str, view: &[String], keys: usize) -> Quiet {
+    let wall = change_view(client, at, view).await;
+    let report = last_change(client, at, keys).await;
     Quiet {
         wall,
         transfer: Duration::from_secs_f64(report.transfer_ms / 1000.0),

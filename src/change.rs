@@ -281,8 +281,12 @@ impl Migration {
         if !self.participants.iter().any(|p| p == from) {
             return Err(ChangeError::NotParticipant(from.to_string()));
         }
+        // Each key's hash, computed once: the batch is checked whole before any of it is
+        // taken, then taken with the same hashes.
+        let mut hashes = Vec::with_capacity(entries.len());
         for (key, value) in entries.iter() {
             let hash = crate::ring::key_hash(key.as_bytes());
+            hashes.push(hash);
             let ours = match &self.replicated {
                 Some(replicated) => replicated
                     .map
@@ -348,8 +352,7 @@ impl Migration {
         let mut caught = self.caught.lock();
         let mut staged = self.staged.lock();
         let mut taken = Vec::with_capacity(entries.len());
-        for (key, value) in entries.iter() {
-            let hash = crate::ring::key_hash(key.as_bytes());
+        for ((key, value), hash) in entries.iter().zip(hashes) {
             if !foreign && self.incoming.contains(hash) {
                 if round > 0 {
                     caught.insert(key.to_string());

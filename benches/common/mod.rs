@@ -1,7 +1,22 @@
-//! What the view-change benchmarks share: latency quantiles and this machine's loopback
-//! TCP throughput (the ceiling a migration's MB/s is put beside).
+//! What the view-change benchmarks share: the change itself, latency quantiles and this
+//! machine's loopback TCP throughput (the ceiling a migration's MB/s is put beside).
 
 use std::time::{Duration, Instant};
+
+/// Changes the cluster's view to `view` through the node at `at` (`PUT /kvs/view-change`,
+/// which must answer 200); returns how long it took.
+pub async fn change_view(client: &reqwest::Client, at: &str, view: &[String]) -> Duration {
+    let begun = Instant::now();
+    let answer = client
+        .put(format!("http://{at}/kvs/view-change"))
+        .json(&serde_json::json!({ "view": view.join(",") }))
+        .send()
+        .await
+        .unwrap();
+    let wall = begun.elapsed();
+    assert_eq!(answer.status(), 200, "{}", answer.text().await.unwrap());
+    wall
+}
 
 /// The `q` quantile of sorted latencies, in ms.
 pub fn quantile_ms(sorted: &[Duration], q: f64) -> f64 {

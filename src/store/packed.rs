@@ -10,7 +10,7 @@
 use std::fmt;
 
 use bytes::Bytes;
-use serde::de::{self, Deserializer, SeqAccess, Visitor};
+use serde::de::{self, Deserializer, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
 
 use super::Entry;
@@ -221,13 +221,6 @@ impl<'de> Deserialize<'de> for Packed {
             }
             fn visit_byte_buf<E: de::Error>(self, bytes: Vec<u8>) -> Result<Packed, E> {
                 Packed::decode(Bytes::from(bytes)).map_err(E::custom)
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Packed, A::Error> {
-                let mut bytes = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 20));
-                while let Some(byte) = seq.next_element()? {
-                    bytes.push(byte);
-                }
-                self.visit_byte_buf(bytes)
             }
         }
         deserializer.deserialize_bytes(Buffer)
