@@ -6,7 +6,7 @@
 //! several nodes in one process (tests, benchmarks) share its counters without any
 //! "already installed" failure; the gauges always describe the node that is scraped.
 
-use std::sync::LazyLock;
+use std::sync::{LazyLock, OnceLock};
 use std::time::Duration;
 
 use prometheus::{
@@ -81,6 +81,8 @@ impl ChangeOutcome {
 struct Metrics {
     registry: Registry,
     requests: IntCounterVec,
+    /// `requests`' counters of [`HOT_STATUSES`], by route, method and status.
+    hot_requests: Box<[OnceLock<IntCounter>]>,
     /// The latency histogram of each route, by [`RouteLabel`] (looked up once).
     latency: Vec<prometheus::Histogram>,
     forwards: IntCounterVec,
@@ -145,6 +147,9 @@ impl Metrics {
                 "Requests answered, by route, method and status.",
                 &["route", "method", "status"],
             )?,
+            hot_requests: (0..RouteLabel::ALL.len() * METHOD_LABELS.len() * HOT_STATUSES.len())
+                .map(|_| OnceLock::new())
+                .collect(),
             latency: RouteLabel::ALL
                 .iter()
                 .map(|route| latency.with_label_values(&[route.as_str()]))
@@ -247,26 +252,52 @@ fn with(record: impl FnOnce(&Metrics)) {
     }
 }
 
-/// A method label from a fixed set, so odd methods cannot grow the label space.
-fn method_label(method: &Method) -> &'static str {
+/// The method labels: a fixed set, so odd methods cannot grow the label space.
+const METHOD_LABELS: [&str; 8] = [
+    "GET", "PUT", "DELETE", "POST", "HEAD", "OPTIONS", "PATCH", "other",
+];
+
+/// `method`'s index in [`METHOD_LABELS`].
+fn method_index(method: &Method) -> usize {
     match *method {
-        Method::GET => "GET",
-        Method::PUT => "PUT",
-        Method::DELETE => "DELETE",
-        Method::POST => "POST",
-        Method::HEAD => "HEAD",
-        Method::OPTIONS => "OPTIONS",
-        Method::PATCH => "PATCH",
-        _ => "other",
+        Method::GET => 0,
+        Method::PUT => 1,
+        Method::DELETE => 2,
+        Method::POST => 3,
+        Method::HEAD => 4,
+        Method::OPTIONS => 5,
+        Method::PATCH => 6,
+        _ => 7,
     }
+}
+
+/// The statuses whose request counters are looked up once (per route and method), not on
+/// every request: what key requests answer.
+const HOT_STATUSES: [StatusCode; 3] = [StatusCode::OK, StatusCode::CREATED, StatusCode::NOT_FOUND];
+
+/// The requests counter of one route, method and hot status, found by label once.
+fn hot_counter(m: &Metrics, route: RouteLabel, method: usize, status: usize) -> &IntCounter {
+    let slot = (route as usize * METHOD_LABELS.len() + method) * HOT_STATUSES.len() + status;
+    m.hot_requests[slot].get_or_init(|| {
+        m.requests.with_label_values(&[
+            route.as_str(),
+            METHOD_LABELS[method],
+            HOT_STATUSES[status].as_str(),
+        ])
+    })
 }
 
 /// Counts one answered request and its latency.
 pub fn request(route: RouteLabel, method: &Method, status: StatusCode, elapsed: Duration) {
     with(|m| {
-        m.requests
-            .with_label_values(&[route.as_str(), method_label(method), status.as_str()])
-            .inc();
+        let method = method_index(method);
+        match HOT_STATUSES.iter().position(|hot| *hot == status) {
+            Some(hot) => hot_counter(m, route, method, hot).inc(),
+            None => m
+                .requests
+                .with_label_values(&[route.as_str(), METHOD_LABELS[method], status.as_str()])
+                .inc(),
+        }
         m.latency[route as usize].observe(elapsed.as_secs_f64());
     });
 }

@@ -10,7 +10,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
@@ -18,6 +18,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 
 use crate::api;
+use crate::header_timer::HeaderTimer;
 use crate::node::Node;
 use crate::parse_errors::JsonParseErrors;
 use crate::rpc;
@@ -90,7 +91,7 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener, shutdown: impl Future
                 }
                 Some(Opening::Http(prefix)) => {
                     let connection = hyper::server::conn::http1::Builder::new()
-                        .timer(TokioTimer::new())
+                        .timer(HeaderTimer::default())
                         .header_read_timeout(header_timeout)
                         .serve_connection(
                             TokioIo::new(JsonParseErrors::new(Rewind::new(prefix, stream))),
