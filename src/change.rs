@@ -125,6 +125,9 @@ pub struct Migration {
     /// newer version wins.
     replicated: Option<Replicated>,
     ended: watch::Sender<bool>,
+    /// Keeps freed memory from going back to the OS until the change ends (each batch's
+    /// buffers would otherwise be given back and faulted in again): see [`crate::reclaim`].
+    hold: Mutex<Option<crate::reclaim::Hold>>,
     last_heard: Mutex<Instant>,
 }
 
@@ -201,6 +204,7 @@ impl Migration {
             frozen_at: Mutex::new(None),
             staged: Mutex::new(HashMap::new()),
             ended: watch::Sender::new(false),
+            hold: Mutex::new(Some(crate::reclaim::Hold::new())),
             last_heard: Mutex::new(Instant::now()),
         }
     }
@@ -281,31 +285,33 @@ impl Migration {
         if !self.participants.iter().any(|p| p == from) {
             return Err(ChangeError::NotParticipant(from.to_string()));
         }
-        // Each key's hash, computed once: the batch is checked whole before any of it is
-        // taken, then taken with the same hashes.
-        let mut hashes = Vec::with_capacity(entries.len());
+        // The batch is checked whole before any of it is taken, in one pass that keeps each
+        // entry's hash for the second. A batch covers runs of one range: the cursor finds
+        // each run's segment once.
+        let mut incoming = self.incoming.cursor();
+        let mut checked = Vec::with_capacity(entries.len());
         for (key, value) in entries.iter() {
             let hash = crate::ring::key_hash(key.as_bytes());
-            hashes.push(hash);
-            let ours = match &self.replicated {
-                Some(replicated) => replicated
-                    .map
-                    .shard_of_hash(hash)
-                    .replicas
-                    .iter()
-                    .any(|r| r == me),
-                None => **self.view.ring.owner_of_hash(hash) == *me,
+            let (ours, taken_in) = match &self.replicated {
+                Some(replicated) => {
+                    let shard = replicated.map.shard_of_hash(hash);
+                    (shard.replicas.iter().any(|r| r == me), false)
+                }
+                // A hash in `incoming` is this node's under the new view.
+                None if incoming.contains(hash) => (true, true),
+                None => (**self.view.ring.owner_of_hash(hash) == *me, false),
             };
             if !ours {
                 return Err(ChangeError::NotIncoming(key.to_string()));
             }
             // What a client could not store, no peer may stage either.
-            let value = match (&self.replicated, value) {
+            let record;
+            let plain = match (&self.replicated, &value) {
                 (Some(_), Some(bytes)) => {
-                    let record = Record::decode(&bytes).map_err(|_| {
+                    record = Record::decode(bytes).map_err(|_| {
                         ChangeError::Invalid(key.to_string(), crate::kv::Invalid::NotJson)
                     })?;
-                    record.value
+                    record.value.as_deref()
                 }
                 (Some(_), None) => {
                     return Err(ChangeError::Invalid(
@@ -313,19 +319,20 @@ impl Migration {
                         crate::kv::Invalid::ValueMissing,
                     ))
                 }
-                (None, value) => value,
+                (None, value) => value.as_deref(),
             };
-            let valid = match value {
-                Some(value) => crate::kv::check(key, &crate::kv::KvOp::Put(value)),
-                None if crate::kv::key_fits(key) => Ok(()),
-                None => Err(crate::kv::Invalid::KeyTooLong),
+            let valid = match plain {
+                _ if !crate::kv::key_fits(key) => Err(crate::kv::Invalid::KeyTooLong),
+                Some(plain) => crate::kv::check_value(plain),
+                None => Ok(()),
             };
             valid.map_err(|why| ChangeError::Invalid(key.to_string(), why))?;
+            checked.push((hash, key, value, taken_in));
         }
         if self.replicated.is_some() {
             // Records from every old replica: the newer version wins, whoever sent it.
             let mut staged = self.staged.lock();
-            for (key, value) in entries.iter() {
+            for (_, key, value, _) in checked {
                 let Some(value) = value else {
                     continue; // refused above
                 };
@@ -352,8 +359,8 @@ impl Migration {
         let mut caught = self.caught.lock();
         let mut staged = self.staged.lock();
         let mut taken = Vec::with_capacity(entries.len());
-        for ((key, value), hash) in entries.iter().zip(hashes) {
-            if !foreign && self.incoming.contains(hash) {
+        for (hash, key, value, taken_in) in checked {
+            if !foreign && taken_in {
                 if round > 0 {
                     caught.insert(key.to_string());
                 } else if caught.contains(key) {
@@ -438,6 +445,7 @@ impl Migration {
     }
 
     pub(crate) fn end(&self) {
+        self.hold.lock().take();
         self.ended.send_replace(true);
     }
 

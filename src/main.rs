@@ -36,6 +36,10 @@ thread_local! {
 /// keys), so it runs at most once per [`COLLECT_EVERY`] per thread; [`wake_threads`]
 /// makes sure a thread idle since a skipped one parks, and collects, again.
 fn collect_freed_pages() {
+    if ringkv::reclaim::held() {
+        // A view change runs: its buffers are wanted again at once (`ringkv::reclaim`).
+        return;
+    }
     COLLECTED.with(|last| {
         let now = Instant::now();
         if last

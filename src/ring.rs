@@ -369,6 +369,22 @@ impl RangeSet {
         i > 0 && hash <= self.segments[i - 1].1
     }
 
+    /// The segment holding `hash`, if any.
+    fn segment_of(&self, hash: u64) -> Option<(u64, u64)> {
+        let i = self.segments.partition_point(|&(start, _)| start <= hash);
+        let segment = *self.segments.get(i.checked_sub(1)?)?;
+        (hash <= segment.1).then_some(segment)
+    }
+
+    /// Membership tests for hashes that come in runs (a batch of one range): the segment
+    /// of the last hash found is tried before a search.
+    pub fn cursor(&self) -> RangeCursor<'_> {
+        RangeCursor {
+            set: self,
+            last: None,
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.segments.is_empty()
     }
@@ -376,6 +392,29 @@ impl RangeSet {
     /// The non-wrapping segments, ascending.
     pub fn segments(&self) -> &[(u64, u64)] {
         &self.segments
+    }
+}
+
+/// See [`RangeSet::cursor`].
+pub struct RangeCursor<'a> {
+    set: &'a RangeSet,
+    last: Option<(u64, u64)>,
+}
+
+impl RangeCursor<'_> {
+    pub fn contains(&mut self, hash: u64) -> bool {
+        if let Some((start, end)) = self.last {
+            if start <= hash && hash <= end {
+                return true;
+            }
+        }
+        match self.set.segment_of(hash) {
+            Some(segment) => {
+                self.last = Some(segment);
+                true
+            }
+            None => false,
+        }
     }
 }
 

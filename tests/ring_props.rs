@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use proptest::prelude::*;
-use ringkv::ring::{key_hash, token_hash, HashRing, MovedRange, RingError};
+use ringkv::ring::{key_hash, token_hash, HashRange, HashRing, MovedRange, RangeSet, RingError};
 
 /// A random IPv4 address with a port, as a view lists it.
 fn address() -> impl Strategy<Value = String> {
@@ -251,6 +251,39 @@ proptest! {
         let new_view = apply(&old_view, &change);
         let hashes: Vec<u64> = random.into_iter().chain(keys.iter().map(|k| key_hash(k))).collect();
         check_diff(&old_view, &new_view, vnodes, &hashes)?;
+    }
+
+    #[test]
+    fn a_range_set_and_its_cursor_agree_with_the_ranges(
+        view in view(),
+        vnodes in vnodes(),
+        random in prop::collection::vec(any::<u64>(), 64),
+    ) {
+        // One node's ranges (some wrap), probed at their bounds and at random hashes, in
+        // order (as a batch comes) and not.
+        let ring = HashRing::new(&view, vnodes).unwrap();
+        let mut grown = view.clone();
+        grown.push("10.255.255.255:1".to_string());
+        let bigger = HashRing::new(&grown, vnodes).unwrap();
+        let ranges: Vec<HashRange> = HashRing::diff(&ring, &bigger).into_iter().map(|m| m.range).collect();
+        let set = RangeSet::new(&ranges);
+        let mut probes: Vec<u64> = ranges
+            .iter()
+            .flat_map(|r| [r.start, r.end, r.start.wrapping_sub(1), r.end.wrapping_add(1)])
+            .chain(random)
+            .chain([0, u64::MAX])
+            .collect();
+        let mut cursor = set.cursor();
+        for hash in &probes {
+            let expected = ranges.iter().any(|r| r.contains(*hash));
+            prop_assert_eq!(set.contains(*hash), expected);
+            prop_assert_eq!(cursor.contains(*hash), expected);
+        }
+        probes.sort_unstable();
+        let mut cursor = set.cursor();
+        for hash in &probes {
+            prop_assert_eq!(cursor.contains(*hash), ranges.iter().any(|r| r.contains(*hash)));
+        }
     }
 
     #[test]
