@@ -40,6 +40,20 @@ fn store_values(address: &str, keys: usize) {
     assert_eq!(Client::new().key_count(address), keys as u64);
 }
 
+/// Waits until `node`'s RSS is back within a third of the `loaded` bytes it grew by above
+/// `empty` (the allocator's own structures and the index's emptied nodes may stay), for at
+/// most 5 s; what stays.
+fn memory_goes_back(node: &TestNode, empty: u64, loaded: u64, what: &str) -> u64 {
+    common::poll_until(
+        std::time::Duration::from_secs(5),
+        &format!("the memory of {what} to go back"),
+        || {
+            let kept = node.rss_bytes().saturating_sub(empty);
+            (kept < loaded / 3).then_some(kept)
+        },
+    )
+}
+
 #[test]
 fn values_stored_by_local_puts_do_not_pin_their_read_buffers() {
     let address = common::fresh_address();
@@ -77,16 +91,7 @@ fn memory_of_deleted_keys_goes_back_to_the_os_within_seconds() {
         assert_eq!(answer.status, 200, "{answer:?}");
     });
     assert_eq!(Client::new().key_count(&address), 0);
-    // A third of what the values took may stay (the allocator's own structures, the
-    // index's emptied nodes); the rest is back within 5 s.
-    let kept = common::poll_until(
-        std::time::Duration::from_secs(5),
-        "the memory of the deleted values to go back",
-        || {
-            let kept = node.rss_bytes().saturating_sub(empty);
-            (kept < loaded / 3).then_some(kept)
-        },
-    );
+    let kept = memory_goes_back(&node, empty, loaded, "the deleted values");
     println!("{loaded} bytes above the empty node when loaded, {kept} after deleting every key");
 }
 
@@ -110,14 +115,6 @@ fn memory_of_a_handed_over_share_goes_back_to_the_os_within_seconds() {
     assert_eq!(answer.status, 200, "{answer:?}");
     assert_eq!(client.key_count(&leaving), 0);
     assert_eq!(client.key_count(&staying), MANY as u64);
-    let node = &cluster.nodes[0];
-    let kept = common::poll_until(
-        std::time::Duration::from_secs(5),
-        "the memory of the handed-over values to go back",
-        || {
-            let kept = node.rss_bytes().saturating_sub(empty);
-            (kept < loaded / 3).then_some(kept)
-        },
-    );
+    let kept = memory_goes_back(&cluster.nodes[0], empty, loaded, "the handed-over values");
     println!("{loaded} bytes above the empty node when loaded, {kept} after handing it all over");
 }
