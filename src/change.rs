@@ -321,12 +321,8 @@ impl Migration {
                 }
                 (None, value) => value.as_deref(),
             };
-            let valid = match plain {
-                _ if !crate::kv::key_fits(key) => Err(crate::kv::Invalid::KeyTooLong),
-                Some(plain) => crate::kv::check_value(plain),
-                None => Ok(()),
-            };
-            valid.map_err(|why| ChangeError::Invalid(key.to_string(), why))?;
+            crate::kv::check_write(key, plain)
+                .map_err(|why| ChangeError::Invalid(key.to_string(), why))?;
             checked.push((hash, key, value, taken_in));
         }
         if self.replicated.is_some() {

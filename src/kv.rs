@@ -93,14 +93,18 @@ pub fn key_fits(key: &str) -> bool {
 /// value other than `null`), so nothing reaches the store that a client could not store.
 pub fn check(key: &str, op: &KvOp) -> Result<(), Invalid> {
     match op {
-        KvOp::Put(value) => {
-            if !key_fits(key) {
-                return Err(Invalid::KeyTooLong);
-            }
-            check_value(value)
-        }
+        KvOp::Put(value) => check_write(key, Some(value)),
         _ => Ok(()),
     }
+}
+
+/// The same rules for a write a peer hands over (a view change's batch): `value`, or a
+/// deletion (`None`), whose key must fit all the same.
+pub fn check_write(key: &str, value: Option<&[u8]>) -> Result<(), Invalid> {
+    if !key_fits(key) {
+        return Err(Invalid::KeyTooLong);
+    }
+    value.map_or(Ok(()), check_value)
 }
 
 /// A stored value is exactly one JSON value, not `null`.

@@ -365,8 +365,7 @@ impl RangeSet {
     }
 
     pub fn contains(&self, hash: u64) -> bool {
-        let i = self.segments.partition_point(|&(start, _)| start <= hash);
-        i > 0 && hash <= self.segments[i - 1].1
+        self.segment_of(hash).is_some()
     }
 
     /// The segment holding `hash`, if any.

@@ -259,7 +259,7 @@ proptest! {
         vnodes in vnodes(),
         random in prop::collection::vec(any::<u64>(), 64),
     ) {
-        // One node's ranges (some wrap), probed at their bounds and at random hashes, in
+        // The ranges a joining node takes (some wrap), probed at their bounds and at random hashes, in
         // order (as a batch comes) and not.
         let ring = HashRing::new(&view, vnodes).unwrap();
         let mut grown = view.clone();
