@@ -74,8 +74,11 @@ fn priority() -> TransferPriority {
 
 /// Sets what a background thread calls when it has had no job for [`IDLE_AFTER`] since
 /// its last one (the binary gives the allocator's freed pages back to the OS there, as its
-/// runtime threads do when they park). Only the first call counts.
-pub fn on_background_idle(hook: fn()) {
+/// runtime threads do when they park). The hook answers whether it is done: one that
+/// answers `false` (it may not give memory back yet) is called again after each further
+/// [`IDLE_AFTER`] without a job. Only the first call counts, and only before the first
+/// background job (the pool takes the hook when it starts).
+pub fn on_background_idle(hook: fn() -> bool) {
     let _ = IDLE_HOOK.set(hook);
 }
 
@@ -89,11 +92,13 @@ pub const STARVED: Duration = Duration::from_millis(5);
 type Job = Box<dyn FnOnce() + Send>;
 
 static POOL: OnceLock<Option<Pool>> = OnceLock::new();
-static IDLE_HOOK: OnceLock<fn()> = OnceLock::new();
+static IDLE_HOOK: OnceLock<fn() -> bool> = OnceLock::new();
 
 /// Jobs waiting for a background thread, each with when it came.
 #[derive(Default)]
 struct Queue {
+    /// Called by a thread idle since its last job (see [`on_background_idle`]).
+    idle_hook: Option<fn() -> bool>,
     jobs: Mutex<VecDeque<(Instant, Job)>>,
     /// Signalled for each job that comes (wakes an idle-priority thread).
     more: Condvar,
@@ -105,10 +110,21 @@ struct Pool {
     queue: Arc<Queue>,
 }
 
+impl Queue {
+    /// Calls the idle hook, if there is one; whether it is done.
+    fn idle(&self) -> bool {
+        self.idle_hook.is_none_or(|hook| hook())
+    }
+}
+
 impl Pool {
-    /// `idle` threads of idle priority and one of normal priority for starved jobs.
-    fn start(idle: usize) -> Option<Pool> {
-        let queue = Arc::new(Queue::default());
+    /// `idle` threads of idle priority and one of normal priority for starved jobs, each
+    /// calling `idle_hook` when idle after a job.
+    fn start(idle: usize, idle_hook: Option<fn() -> bool>) -> Option<Pool> {
+        let queue = Arc::new(Queue {
+            idle_hook,
+            ..Queue::default()
+        });
         let started = (0..idle)
             .filter(|i| {
                 let queue = queue.clone();
@@ -154,7 +170,7 @@ impl Pool {
 fn pool() -> Option<&'static Pool> {
     POOL.get_or_init(|| {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let pool = Pool::start(threads);
+        let pool = Pool::start(threads, IDLE_HOOK.get().copied());
         if pool.is_none() {
             tracing::warn!("background threads did not start: bulk work runs beside the runtime");
         }
@@ -164,10 +180,12 @@ fn pool() -> Option<&'static Pool> {
 }
 
 /// An idle-priority thread: runs jobs as they come, and the idle hook once it has been
-/// idle for [`IDLE_AFTER`] after one.
+/// idle for [`IDLE_AFTER`] after one (again after each further [`IDLE_AFTER`] until the
+/// hook is done).
 fn work(queue: &Queue) {
     lower_priority();
-    let mut worked = false;
+    // A job ran since the idle hook was last done.
+    let mut owing = false;
     loop {
         let job = {
             let mut jobs = queue.jobs.lock();
@@ -175,7 +193,7 @@ fn work(queue: &Queue) {
                 if let Some((_, job)) = jobs.pop_front() {
                     break Some(job);
                 }
-                if queue.more.wait_for(&mut jobs, IDLE_AFTER).timed_out() && worked {
+                if queue.more.wait_for(&mut jobs, IDLE_AFTER).timed_out() && owing {
                     break None;
                 }
             }
@@ -183,20 +201,18 @@ fn work(queue: &Queue) {
         match job {
             Some(job) => {
                 job();
-                worked = true;
+                owing = true;
             }
-            None => {
-                if let Some(hook) = IDLE_HOOK.get() {
-                    hook();
-                }
-                worked = false;
-            }
+            None => owing = !queue.idle(),
         }
     }
 }
 
-/// The normal-priority thread: runs, one at a time, each job that waited [`STARVED`].
+/// The normal-priority thread: runs, one at a time, each job that waited [`STARVED`], and
+/// the idle hook as [`work`] does (a busy node's transfer runs here, and the pages its
+/// batches took are this thread's to give back).
 fn rescue(queue: &Queue) {
+    let mut owing = false;
     loop {
         let job = {
             let mut jobs = queue.jobs.lock();
@@ -207,12 +223,23 @@ fn rescue(queue: &Queue) {
                     Some(waited) => {
                         queue.first.wait_for(&mut jobs, STARVED - waited);
                     }
+                    None if owing => {
+                        if queue.first.wait_for(&mut jobs, IDLE_AFTER).timed_out()
+                            && jobs.is_empty()
+                        {
+                            break None;
+                        }
+                    }
                     None => queue.first.wait(&mut jobs),
                 }
             }
         };
-        if let Some((_, job)) = job {
-            job();
+        match job {
+            Some((_, job)) => {
+                job();
+                owing = true;
+            }
+            None => owing = !queue.idle(),
         }
     }
 }
@@ -263,7 +290,7 @@ mod tests {
     #[tokio::test]
     async fn a_starved_job_runs_on_the_normal_priority_thread() {
         // No idle-priority thread: every job starves.
-        let pool = Pool::start(0).unwrap();
+        let pool = Pool::start(0, None).unwrap();
         let came = Instant::now();
         let (name, waited) = pool
             .run(move || {
@@ -275,6 +302,27 @@ mod tests {
             .await;
         assert_eq!(name.as_deref(), Some("ringkv-bg-starved"));
         assert!(waited >= STARVED, "ran after {waited:?}");
+    }
+
+    #[tokio::test]
+    async fn a_thread_calls_the_idle_hook_again_until_it_is_done() {
+        // The hook may not give memory back for its first two calls (a view change ran).
+        static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        fn hook() -> bool {
+            CALLS.fetch_add(1, Ordering::SeqCst) >= 2
+        }
+        // Only the normal-priority thread, the one that runs a busy node's transfer.
+        let pool = Pool::start(0, Some(hook)).unwrap();
+        pool.run(|| ()).await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while CALLS.load(Ordering::SeqCst) < 3 {
+            assert!(
+                Instant::now() < deadline,
+                "the hook was called {} times",
+                CALLS.load(Ordering::SeqCst)
+            );
+            tokio::time::sleep(IDLE_AFTER / 4).await;
+        }
     }
 
     #[cfg(target_os = "linux")]

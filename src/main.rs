@@ -27,32 +27,41 @@ thread_local! {
     static COLLECTED: Cell<Option<Instant>> = const { Cell::new(None) };
 }
 
-/// Called when a runtime thread runs out of work. mimalloc gives the pages freed on a
-/// thread back to the OS only when that thread calls into it again (and a page freed by
-/// another thread, or one that was full, only on a forced collection), so a thread that
-/// went idle after a burst of deletes or a view change's handover kept all it had freed:
-/// a node emptied of its keys stayed at its loaded RSS (`tests/memory.rs`). A forced
-/// collection visits every page of the thread's heap (tens of microseconds with a million
-/// keys), so it runs at most once per [`COLLECT_EVERY`] per thread; [`wake_threads`]
-/// makes sure a thread idle since a skipped one parks, and collects, again.
-fn collect_freed_pages() {
+/// Called when a runtime thread runs out of work (and by the background pool's threads).
+/// mimalloc gives the pages freed on a thread back to the OS only when that thread calls
+/// into it again (and a page freed by another thread, or one that was full, only on a
+/// forced collection), so a thread that went idle after a burst of deletes or a view
+/// change's handover kept all it had freed: a node emptied of its keys stayed at its
+/// loaded RSS (`tests/memory.rs`). A forced collection visits every page of the thread's
+/// heap (tens of microseconds with a million keys), so it runs at most once per
+/// [`COLLECT_EVERY`] per thread; [`wake_threads`] makes sure a thread idle since a skipped
+/// one parks, and collects, again. Answers whether it collected (`false`: call again).
+fn collect_freed_pages() -> bool {
     if ringkv::reclaim::held() {
         // A view change runs: its buffers are wanted again at once (`ringkv::reclaim`).
-        return;
+        return false;
     }
     COLLECTED.with(|last| {
         let now = Instant::now();
-        if last
+        let due = last
             .get()
-            .is_none_or(|at| now.duration_since(at) >= COLLECT_EVERY)
-        {
+            .is_none_or(|at| now.duration_since(at) >= COLLECT_EVERY);
+        if due {
             last.set(Some(now));
             // SAFETY: mimalloc's collection of the calling thread's heap: no arguments
             // to get wrong, valid on any thread at any time.
             unsafe { mi_collect(true) };
         }
-    });
+        due
+    })
 }
+
+/// How long an idle thread of the runtime's blocking pool lives. Such a thread (a commit's,
+/// or a runtime thread that handed its work on in `block_in_place`) never parks, so never
+/// collects: the pages it took stayed with it while it idled (tokio's default is 10 s).
+/// When it ends, mimalloc hands its heap on, and the next forced collection on any
+/// thread gives back what is free in it.
+const BLOCKING_KEEP_ALIVE: Duration = Duration::from_secs(1);
 
 /// Every other [`COLLECT_EVERY`], from a thread of its own, hands the runtime a few tasks
 /// per thread: each task from outside the runtime wakes an idle thread to run it, so one
@@ -84,7 +93,10 @@ fn main() -> std::process::ExitCode {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads)
         .enable_all()
-        .on_thread_park(collect_freed_pages)
+        .on_thread_park(|| {
+            collect_freed_pages();
+        })
+        .thread_keep_alive(BLOCKING_KEEP_ALIVE)
         .build();
     match runtime {
         Ok(runtime) => {

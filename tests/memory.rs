@@ -42,16 +42,23 @@ fn store_values(address: &str, keys: usize) {
 
 /// Waits until `node`'s RSS is back within a third of the `loaded` bytes it grew by above
 /// `empty` (the allocator's own structures and the index's emptied nodes may stay), for at
-/// most 5 s; what stays.
-fn memory_goes_back(node: &TestNode, empty: u64, loaded: u64, what: &str) -> u64 {
-    common::poll_until(
+/// most 5 s; what stays, and how long it took to go.
+fn memory_goes_back(
+    node: &TestNode,
+    empty: u64,
+    loaded: u64,
+    what: &str,
+) -> (u64, std::time::Duration) {
+    let start = std::time::Instant::now();
+    let kept = common::poll_until(
         std::time::Duration::from_secs(5),
         &format!("the memory of {what} to go back"),
         || {
             let kept = node.rss_bytes().saturating_sub(empty);
             (kept < loaded / 3).then_some(kept)
         },
-    )
+    );
+    (kept, start.elapsed())
 }
 
 #[test]
@@ -91,8 +98,10 @@ fn memory_of_deleted_keys_goes_back_to_the_os_within_seconds() {
         assert_eq!(answer.status, 200, "{answer:?}");
     });
     assert_eq!(Client::new().key_count(&address), 0);
-    let kept = memory_goes_back(&node, empty, loaded, "the deleted values");
-    println!("{loaded} bytes above the empty node when loaded, {kept} after deleting every key");
+    let (kept, after) = memory_goes_back(&node, empty, loaded, "the deleted values");
+    println!(
+        "{loaded} bytes above the empty node when loaded, {kept} {after:?} after deleting every key"
+    );
 }
 
 #[test]
@@ -115,6 +124,9 @@ fn memory_of_a_handed_over_share_goes_back_to_the_os_within_seconds() {
     assert_eq!(answer.status, 200, "{answer:?}");
     assert_eq!(client.key_count(&leaving), 0);
     assert_eq!(client.key_count(&staying), MANY as u64);
-    let kept = memory_goes_back(&cluster.nodes[0], empty, loaded, "the handed-over values");
-    println!("{loaded} bytes above the empty node when loaded, {kept} after handing it all over");
+    let (kept, after) =
+        memory_goes_back(&cluster.nodes[0], empty, loaded, "the handed-over values");
+    println!(
+        "{loaded} bytes above the empty node when loaded, {kept} {after:?} after handing it all over"
+    );
 }
