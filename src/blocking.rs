@@ -111,9 +111,16 @@ struct Pool {
 }
 
 impl Queue {
-    /// Calls the idle hook, if there is one; whether it is done.
-    fn idle(&self) -> bool {
-        self.idle_hook.is_none_or(|hook| hook())
+    /// Runs `job`, or without one calls the idle hook (if there is one); whether the
+    /// thread still owes the hook a call (a job ran, or the hook was not done).
+    fn run_or_idle(&self, job: Option<Job>) -> bool {
+        match job {
+            Some(job) => {
+                job();
+                true
+            }
+            None => !self.idle_hook.is_none_or(|hook| hook()),
+        }
     }
 }
 
@@ -184,7 +191,7 @@ fn pool() -> Option<&'static Pool> {
 /// hook is done).
 fn work(queue: &Queue) {
     lower_priority();
-    // A job ran since the idle hook was last done.
+    // Whether the idle hook is owed a call ([`Queue::run_or_idle`]).
     let mut owing = false;
     loop {
         let job = {
@@ -198,13 +205,7 @@ fn work(queue: &Queue) {
                 }
             }
         };
-        match job {
-            Some(job) => {
-                job();
-                owing = true;
-            }
-            None => owing = !queue.idle(),
-        }
+        owing = queue.run_or_idle(job);
     }
 }
 
@@ -234,13 +235,7 @@ fn rescue(queue: &Queue) {
                 }
             }
         };
-        match job {
-            Some((_, job)) => {
-                job();
-                owing = true;
-            }
-            None => owing = !queue.idle(),
-        }
+        owing = queue.run_or_idle(job.map(|(_, job)| job));
     }
 }
 
