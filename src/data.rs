@@ -145,6 +145,8 @@ pub async fn serve_kv(node: &Arc<Node>, key: &str, op: KvOp) -> Result<Served, K
         .await
         .map_err(KvError::ViewNotSettled)?;
     let hash = key_hash(key.as_bytes());
+    // The waits and the forward are boxed: a local request's future (moved into place on
+    // every request) does not carry their state.
     for _ in 0..MAX_ROUTES {
         let view = match try_local(node, key, hash, &op) {
             Local::Done(outcome) => {
@@ -155,7 +157,7 @@ pub async fn serve_kv(node: &Arc<Node>, key: &str, op: KvOp) -> Result<Served, K
                 });
             }
             Local::Wait(ended) => {
-                if !node.wait_for_release(ended).await {
+                if !Box::pin(node.wait_for_release(ended)).await {
                     return Err(KvError::StillMoving);
                 }
                 continue;
@@ -165,7 +167,7 @@ pub async fn serve_kv(node: &Arc<Node>, key: &str, op: KvOp) -> Result<Served, K
             Local::NotOwner(view) => view,
         };
         let owner = view.ring.owner_of_hash(hash).clone();
-        let answer = node.peers().forward_kv(&owner, key, &op, &view).await;
+        let answer = Box::pin(node.peers().forward_kv(&owner, key, &op, &view)).await;
         crate::metrics::forward(&owner, answer.is_ok());
         match answer {
             Ok(ForwardReply::Served(outcome)) => {
@@ -175,7 +177,7 @@ pub async fn serve_kv(node: &Arc<Node>, key: &str, op: KvOp) -> Result<Served, K
                 })
             }
             Ok(ForwardReply::Misdirected(newer)) => {
-                migrate::learn(node, newer.epoch, Some(newer.view), &owner).await;
+                Box::pin(migrate::learn(node, newer.epoch, Some(newer.view), &owner)).await;
             }
             Err(PeerError::Unreachable(peer)) => return Err(KvError::OwnerUnreachable(peer)),
             Err(refused) => return Err(KvError::Refused(refused)),

@@ -7,18 +7,27 @@
 //! every deadline of one connection shares one tokio alarm: a deadline that is later than
 //! the alarm leaves it alone (the alarm wakes the connection early, the deadline sees it is
 //! not due yet and moves the alarm to itself), so a busy connection touches the wheel once
-//! per window, and a dropped deadline costs nothing.
+//! per window, and a dropped deadline costs nothing. A deadline polled again by the task
+//! the alarm will wake, before its time, returns at once: no clock read, no wheel access.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use tokio::time::Sleep;
 
-type Alarm = Arc<Mutex<Option<Pin<Box<Sleep>>>>>;
+type Alarm = Arc<Mutex<AlarmState>>;
+
+/// A connection's one wheel entry, and the task it wakes.
+#[derive(Default)]
+struct AlarmState {
+    sleep: Option<Pin<Box<Sleep>>>,
+    /// The waker the alarm was last polled with.
+    wakes: Option<Waker>,
+}
 
 /// One connection's timer (give each connection its own).
 #[derive(Clone, Default)]
@@ -54,17 +63,26 @@ impl Future for Deadline {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let mut alarm = self.alarm.lock();
+        let AlarmState { sleep, wakes } = &mut *alarm;
+        // An alarm that has not rung, due at or before this deadline, will wake this task
+        // in time: nothing to check before it rings.
+        if let (Some(sleep), Some(wakes)) = (sleep.as_ref(), wakes.as_ref()) {
+            if !sleep.is_elapsed() && sleep.deadline() <= self.at && wakes.will_wake(cx.waker()) {
+                return Poll::Pending;
+            }
+        }
         loop {
             if tokio::time::Instant::now() >= self.at {
                 return Poll::Ready(());
             }
-            let sleep = alarm.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(self.at)));
+            let sleep = sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(self.at)));
             // An alarm due at or before this deadline wakes the task in time; one that rang
             // already, or is due later, is moved here.
             if sleep.is_elapsed() || sleep.deadline() > self.at {
                 sleep.as_mut().reset(self.at);
             }
             if sleep.as_mut().poll(cx).is_pending() {
+                *wakes = Some(cx.waker().clone());
                 return Poll::Pending;
             }
         }

@@ -34,6 +34,7 @@ pub mod ring;
 pub mod rpc;
 pub mod server;
 pub mod shard;
+pub mod shutdown;
 pub mod store;
 pub mod version;
 pub mod view;

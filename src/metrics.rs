@@ -10,19 +10,23 @@ use std::sync::{LazyLock, OnceLock};
 use std::time::Duration;
 
 use prometheus::{
-    Counter, Encoder, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Counter, Encoder, Gauge, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 use warp::http::{Method, StatusCode};
 
 use crate::wire::{ChangeReport, NodeState};
+
+mod requests;
+
+use requests::RequestStats;
 
 /// The `Content-Type` of the text exposition format.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// Request latency buckets, in seconds: a local key request takes tens of microseconds,
 /// a view change seconds.
-const LATENCY_BUCKETS: &[f64] = &[
+const LATENCY_BUCKETS: [f64; 18] = [
     0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
     1.0, 2.5, 5.0, 10.0, 30.0,
 ];
@@ -83,8 +87,9 @@ struct Metrics {
     requests: IntCounterVec,
     /// `requests`' counters of [`HOT_STATUSES`], by route, method and status.
     hot_requests: Box<[OnceLock<IntCounter>]>,
-    /// The latency histogram of each route, by [`RouteLabel`] (looked up once).
-    latency: Vec<prometheus::Histogram>,
+    /// The requests of hot statuses counted since the last scrape (by the slots of
+    /// `hot_requests`), and every request's latency by route.
+    request_stats: RequestStats<HOT_SLOTS, ROUTES, { LATENCY_BUCKETS.len() }>,
     forwards: IntCounterVec,
     forward_failures: IntCounterVec,
     view_changes: IntCounterVec,
@@ -121,15 +126,6 @@ fn counter_vec(
 impl Metrics {
     fn new() -> prometheus::Result<Metrics> {
         let registry = Registry::new();
-        let latency = HistogramVec::new(
-            HistogramOpts::new(
-                "ringkv_request_duration_seconds",
-                "Time from a request's arrival to its answer, by route.",
-            )
-            .buckets(LATENCY_BUCKETS.to_vec()),
-            &["route"],
-        )?;
-        registry.register(Box::new(latency.clone()))?;
         let freeze = prometheus::Histogram::with_opts(
             HistogramOpts::new(
                 "ringkv_handover_freeze_seconds",
@@ -147,13 +143,8 @@ impl Metrics {
                 "Requests answered, by route, method and status.",
                 &["route", "method", "status"],
             )?,
-            hot_requests: (0..RouteLabel::ALL.len() * METHOD_LABELS.len() * HOT_STATUSES.len())
-                .map(|_| OnceLock::new())
-                .collect(),
-            latency: RouteLabel::ALL
-                .iter()
-                .map(|route| latency.with_label_values(&[route.as_str()]))
-                .collect(),
+            hot_requests: (0..HOT_SLOTS).map(|_| OnceLock::new()).collect(),
+            request_stats: RequestStats::new(LATENCY_BUCKETS),
             forwards: counter_vec(
                 &registry,
                 "ringkv_forwards_total",
@@ -275,30 +266,53 @@ fn method_index(method: &Method) -> usize {
 /// every request: what key requests answer.
 const HOT_STATUSES: [StatusCode; 3] = [StatusCode::OK, StatusCode::CREATED, StatusCode::NOT_FOUND];
 
+/// The route labels.
+const ROUTES: usize = RouteLabel::ALL.len();
+
+/// The hot counters: one per route, method and hot status.
+const HOT_SLOTS: usize = ROUTES * METHOD_LABELS.len() * HOT_STATUSES.len();
+
 /// The requests counter of one route, method and hot status, found by label once.
-fn hot_counter(m: &Metrics, route: RouteLabel, method: usize, status: usize) -> &IntCounter {
-    let slot = (route as usize * METHOD_LABELS.len() + method) * HOT_STATUSES.len() + status;
-    m.hot_requests[slot].get_or_init(|| {
+fn hot_slot(route: RouteLabel, method: usize, status: usize) -> usize {
+    (route as usize * METHOD_LABELS.len() + method) * HOT_STATUSES.len() + status
+}
+
+/// The requests counter of a slot of [`hot_slot`], found by label once.
+fn hot_counter(m: &Metrics, slot: usize) -> Option<&IntCounter> {
+    let status = slot % HOT_STATUSES.len();
+    let method = slot / HOT_STATUSES.len() % METHOD_LABELS.len();
+    let route = RouteLabel::ALL.get(slot / HOT_STATUSES.len() / METHOD_LABELS.len())?;
+    let counter = m.hot_requests.get(slot)?.get_or_init(|| {
         m.requests.with_label_values(&[
             route.as_str(),
             METHOD_LABELS[method],
             HOT_STATUSES[status].as_str(),
         ])
-    })
+    });
+    Some(counter)
+}
+
+/// Adds the requests counted since the last scrape to their counters.
+fn take_request_counts(m: &Metrics) {
+    for (slot, count) in m.request_stats.take_counts() {
+        if let Some(counter) = hot_counter(m, slot) {
+            counter.inc_by(count);
+        }
+    }
 }
 
 /// Counts one answered request and its latency.
 pub fn request(route: RouteLabel, method: &Method, status: StatusCode, elapsed: Duration) {
     with(|m| {
         let method = method_index(method);
-        match HOT_STATUSES.iter().position(|hot| *hot == status) {
-            Some(hot) => hot_counter(m, route, method, hot).inc(),
-            None => m
-                .requests
+        let hot = HOT_STATUSES.iter().position(|hot| *hot == status);
+        if hot.is_none() {
+            m.requests
                 .with_label_values(&[route.as_str(), METHOD_LABELS[method], status.as_str()])
-                .inc(),
+                .inc();
         }
-        m.latency[route as usize].observe(elapsed.as_secs_f64());
+        let slot = hot.map(|hot| hot_slot(route, method, hot));
+        m.request_stats.record(slot, route as usize, elapsed);
     });
 }
 
@@ -497,7 +511,14 @@ pub enum RenderError {
 /// Every metric of this process and of the node it describes, in the Prometheus text format.
 pub fn render(node: &NodeGauges) -> Result<String, RenderError> {
     let metrics = METRICS.as_ref().ok_or(RenderError::Disabled)?;
+    take_request_counts(metrics);
     let mut families = metrics.registry.gather();
+    families.push(metrics.request_stats.histogram_family(
+        "ringkv_request_duration_seconds",
+        "Time from a request's arrival to its answer, by route.",
+        "route",
+        RouteLabel::ALL.map(RouteLabel::as_str),
+    ));
     families.extend(node_gauges(node)?.gather());
     families.sort_by(|a, b| a.name().cmp(b.name()));
     let mut out = Vec::new();

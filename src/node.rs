@@ -438,6 +438,11 @@ impl Node {
         if self.in_force.load(Ordering::Acquire) {
             return Ok(());
         }
+        // Kept out of the caller's future: a request in force never holds these.
+        Box::pin(self.wait_for_force()).await
+    }
+
+    async fn wait_for_force(&self) -> Result<(), Standing> {
         let mut standing = self.standing.subscribe();
         let settled = tokio::time::timeout(
             self.peers.timeout(),

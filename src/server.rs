@@ -12,7 +12,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
@@ -22,6 +21,7 @@ use crate::header_timer::HeaderTimer;
 use crate::node::Node;
 use crate::parse_errors::JsonParseErrors;
 use crate::rpc;
+use crate::shutdown::{serve_until_stopped, Stop};
 
 /// How long in-flight requests get to finish after a shutdown signal.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -50,9 +50,11 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener, shutdown: impl Future
         tokio::spawn(crate::replicated::exchange::run(node.clone()));
         tokio::spawn(crate::replicated::push::run(node.clone()));
     }
-    let service = warp::service(api::routes(node.clone()));
+
     let connections = Arc::new(Semaphore::new(node.config().max_connections));
+    // Counts the connections still open; `stop` tells the HTTP ones to finish.
     let graceful = GracefulShutdown::new();
+    let stop = Arc::new(Stop::default());
     let header_timeout = node.config().header_read_timeout;
     let mut shutdown = std::pin::pin!(shutdown);
     // Connections that have not shown what they speak yet stop waiting when this turns true.
@@ -74,7 +76,7 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener, shutdown: impl Future
             _ = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let (node, service, watcher) = (node.clone(), service.clone(), graceful.watcher());
+        let (node, watcher, stop) = (node.clone(), graceful.watcher(), stop.clone());
         let mut stopping = stopping_seen.clone();
         tokio::spawn(async move {
             let mut stream = stream;
@@ -95,9 +97,14 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener, shutdown: impl Future
                         .header_read_timeout(header_timeout)
                         .serve_connection(
                             TokioIo::new(JsonParseErrors::new(Rewind::new(prefix, stream))),
-                            TowerToHyperService::new(service),
+                            hyper::service::service_fn({
+                                let node = node.clone();
+                                move |request| api::handle(node.clone(), request)
+                            }),
                         );
-                    if let Err(error) = watcher.watch(connection).await {
+                    // The watcher lives until the connection has answered what it started.
+                    let _watcher = watcher;
+                    if let Err(error) = serve_until_stopped(connection, stop).await {
                         tracing::debug!(%peer, %error, "connection ended with an error");
                     }
                 }
@@ -108,6 +115,7 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener, shutdown: impl Future
     }
     drop(listener);
     stopping.send_replace(true);
+    stop.stop();
     tracing::info!("shutting down: no new connections, finishing in-flight requests");
     if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
         .await

@@ -22,9 +22,13 @@ pub enum BodyError {
 }
 
 /// Reads the whole body within `time`, refusing it once it grows past `limit` bytes.
-pub async fn read_limited<S, B>(body: S, limit: usize, time: Duration) -> Result<Bytes, BodyError>
+pub async fn read_limited<S, B, E>(
+    body: S,
+    limit: usize,
+    time: Duration,
+) -> Result<Bytes, BodyError>
 where
-    S: Stream<Item = Result<B, warp::Error>>,
+    S: Stream<Item = Result<B, E>>,
     B: Buf,
 {
     let mut body = std::pin::pin!(body.peekable());
@@ -32,14 +36,14 @@ where
     if let Some(None) = body.as_mut().peek().now_or_never() {
         return Ok(Bytes::new());
     }
-    tokio::time::timeout(time, read_all(body, limit))
+    Box::pin(tokio::time::timeout(time, read_all(body, limit)))
         .await
         .unwrap_or(Err(BodyError::TimedOut))
 }
 
-async fn read_all<S, B>(body: S, limit: usize) -> Result<Bytes, BodyError>
+async fn read_all<S, B, E>(body: S, limit: usize) -> Result<Bytes, BodyError>
 where
-    S: Stream<Item = Result<B, warp::Error>>,
+    S: Stream<Item = Result<B, E>>,
     B: Buf,
 {
     let mut body = std::pin::pin!(body);

@@ -1,6 +1,7 @@
 //! The course's public API: key requests (sharded, with forwarding to the owner), view
 //! changes, and the forwarding-instance relay of assignment 2.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use bytes::Buf;
@@ -24,9 +25,9 @@ fn method_name(method: KvMethod) -> String {
     method.name().to_string()
 }
 
-async fn read_body<S, B>(node: &Node, body: S, method: &str) -> Result<bytes::Bytes, ApiError>
+async fn read_body<S, B, E>(node: &Node, body: S, method: &str) -> Result<bytes::Bytes, ApiError>
 where
-    S: Stream<Item = Result<B, warp::Error>>,
+    S: Stream<Item = Result<B, E>>,
     B: Buf,
 {
     read_limited(
@@ -43,33 +44,32 @@ where
 }
 
 /// The percent-decoded key and the whole body of a key request, in the contract's order.
-pub(super) async fn key_and_body<S, B>(
+pub(super) async fn key_and_body<'a, S, B, E>(
     node: &Node,
     method: KvMethod,
-    raw_key: &str,
+    raw_key: &'a str,
     body: S,
-) -> Result<(String, bytes::Bytes), ApiError>
+) -> Result<(Cow<'a, str>, bytes::Bytes), ApiError>
 where
-    S: Stream<Item = Result<B, warp::Error>>,
+    S: Stream<Item = Result<B, E>>,
     B: Buf,
 {
     let key = percent_decode_str(raw_key)
         .decode_utf8()
-        .map_err(|_| ApiError::InvalidKey(method_name(method)))?
-        .into_owned();
+        .map_err(|_| ApiError::InvalidKey(method_name(method)))?;
     let body = read_body(node, body, &method_name(method)).await?;
     Ok((key, body))
 }
 
 /// `GET|PUT|DELETE /kvs/keys/<key>` and `/kvs/<key>`.
-pub async fn key<S, B>(
+pub async fn key<S, B, E>(
     node: &Arc<Node>,
     method: KvMethod,
     raw_key: &str,
     body: S,
 ) -> Result<Reply, ApiError>
 where
-    S: Stream<Item = Result<B, warp::Error>>,
+    S: Stream<Item = Result<B, E>>,
     B: Buf,
 {
     let (key, body) = key_and_body(node, method, raw_key, body).await?;
@@ -102,13 +102,13 @@ struct ViewChangeBody {
 /// `PUT /kvs/view-change`; with `drop_unreachable`, the operator's
 /// `PUT /cluster/view-change`, which removes old members that do not answer. In the
 /// replicated mode the body also names the `repl-factor`, and the answer lists shards.
-pub async fn view_change<S, B>(
+pub async fn view_change<S, B, E>(
     node: &Arc<Node>,
     body: S,
     drop_unreachable: bool,
 ) -> Result<Reply, ApiError>
 where
-    S: Stream<Item = Result<B, warp::Error>>,
+    S: Stream<Item = Result<B, E>>,
     B: Buf,
 {
     let body = read_body(node, body, "PUT").await?;
@@ -152,9 +152,9 @@ where
 }
 
 /// Forwarding-instance mode: relays the request to the main instance unchanged.
-pub async fn relay<S, B>(node: &Node, main: &str, method: Method, path: &str, body: S) -> Reply
+pub async fn relay<S, B, E>(node: &Node, main: &str, method: Method, path: &str, body: S) -> Reply
 where
-    S: Stream<Item = Result<B, warp::Error>>,
+    S: Stream<Item = Result<B, E>>,
     B: Buf,
 {
     let name = method.to_string();

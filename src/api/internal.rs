@@ -18,7 +18,7 @@ fn failure(status: StatusCode, error: impl ToString) -> Reply {
 }
 
 #[cfg(feature = "fault-hooks")]
-pub async fn dispatch<S, B>(
+pub async fn dispatch<S, B, E>(
     node: &Arc<Node>,
     method: &Method,
     rest: &str,
@@ -26,7 +26,7 @@ pub async fn dispatch<S, B>(
     body: S,
 ) -> Reply
 where
-    S: Stream<Item = Result<B, warp::Error>>,
+    S: Stream<Item = Result<B, E>>,
     B: Buf,
 {
     use crate::auth::TOKEN_HEADER;
@@ -69,7 +69,7 @@ where
 }
 
 #[cfg(not(feature = "fault-hooks"))]
-pub async fn dispatch<S, B>(
+pub async fn dispatch<S, B, E>(
     _node: &Arc<Node>,
     _method: &Method,
     _rest: &str,
@@ -77,7 +77,7 @@ pub async fn dispatch<S, B>(
     _body: S,
 ) -> Reply
 where
-    S: Stream<Item = Result<B, warp::Error>>,
+    S: Stream<Item = Result<B, E>>,
     B: Buf,
 {
     failure(StatusCode::NOT_FOUND, "Not found")

@@ -43,7 +43,7 @@ pub fn route(path: &str) -> Option<Route<'_>> {
 }
 
 /// Serves one of the replicated contract's routes.
-pub async fn serve<S, B>(
+pub async fn serve<S, B, E>(
     node: &Arc<Node>,
     replication: &Replication,
     method: &Method,
@@ -51,7 +51,7 @@ pub async fn serve<S, B>(
     body: S,
 ) -> Reply
 where
-    S: Stream<Item = Result<B, warp::Error>> + Send,
+    S: Stream<Item = Result<B, E>> + Send,
     B: Buf,
 {
     let not_allowed = || ApiError::MethodNotAllowed(method.to_string()).into_reply();
@@ -87,14 +87,14 @@ where
     }
 }
 
-async fn key<S, B>(
+async fn key<S, B, E>(
     node: &Arc<Node>,
     method: KvMethod,
     raw_key: &str,
     body: S,
 ) -> Result<Reply, ApiError>
 where
-    S: Stream<Item = Result<B, warp::Error>>,
+    S: Stream<Item = Result<B, E>>,
     B: Buf,
 {
     let (key, body) = key_and_body(node, method, raw_key, body).await?;

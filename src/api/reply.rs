@@ -51,9 +51,10 @@ impl Reply {
     }
 }
 
-impl warp::Reply for Reply {
-    fn into_response(self) -> warp::reply::Response {
-        let mut response = warp::reply::Response::new(self.body.into());
+impl Reply {
+    /// The HTTP response this reply is.
+    pub fn into_response(self) -> warp::http::Response<http_body_util::Full<Bytes>> {
+        let mut response = warp::http::Response::new(http_body_util::Full::new(self.body));
         *response.status_mut() = self.status;
         response.headers_mut().insert(
             header::CONTENT_TYPE,
@@ -207,10 +208,12 @@ pub fn kv_reply(method: KvMethod, outcome: KvOutcome, address: Option<&str>) -> 
 fn kv_body(method: KvMethod, outcome: KvOutcome, address: Option<&str>) -> (StatusCode, Vec<u8>) {
     let (status, mut body): (StatusCode, Vec<u8>) = match outcome {
         KvOutcome::Found(value) => {
-            let mut body = Vec::with_capacity(value.len() + 96);
-            body.extend_from_slice(
-                br#"{"doesExist":true,"message":"Retrieved successfully","value":"#,
-            );
+            const FOUND: &[u8] =
+                br#"{"doesExist":true,"message":"Retrieved successfully","value":"#;
+            // Room for exactly this answer and its closing brace: a full `Vec` becomes
+            // the reply's `Bytes` without another allocation.
+            let mut body = Vec::with_capacity(FOUND.len() + value.len() + 1);
+            body.extend_from_slice(FOUND);
             body.extend_from_slice(&value);
             (StatusCode::OK, body)
         }

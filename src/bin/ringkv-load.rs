@@ -22,6 +22,12 @@ struct Cli {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Stack {
+    Warp,
+    Hyper,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Op {
     Get,
     Put,
@@ -63,24 +69,65 @@ enum Command {
         #[arg(long)]
         path_prefix: Option<String>,
     },
-    /// Serve a constant JSON body on every path from a bare warp server.
+    /// Serve a constant JSON body on every path from a bare warp (or hyper) server.
     Ceiling {
         #[arg(long, default_value = "127.0.0.1:13899")]
         listen: SocketAddr,
+        /// warp: a one-filter warp server; hyper: hyper's HTTP/1 connection and a service
+        /// function, the stack a ringkv node serves on.
+        #[arg(long, value_enum, default_value = "warp")]
+        stack: Stack,
     },
 }
 
 const CEILING_BODY: &str =
     r#"{"doesExist":true,"message":"Retrieved successfully","value":"constant"}"#;
 
+/// Serves [`CEILING_BODY`] over hyper's HTTP/1 connection, one task per connection.
+async fn hyper_ceiling(listen: SocketAddr) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    println!("bare hyper ceiling server on {listen}");
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let _ = stream.set_nodelay(true);
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(|_request| async {
+                let mut response = hyper::Response::new(http_body_util::Full::new(
+                    bytes::Bytes::from_static(CEILING_BODY.as_bytes()),
+                ));
+                response.headers_mut().insert(
+                    hyper::header::CONTENT_TYPE,
+                    hyper::header::HeaderValue::from_static("application/json"),
+                );
+                Ok::<_, std::convert::Infallible>(response)
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
 #[tokio::main]
 async fn main() {
     match Cli::parse().command {
-        Command::Ceiling { listen } => {
+        Command::Ceiling {
+            listen,
+            stack: Stack::Warp,
+        } => {
             let route = warp::any()
                 .map(|| warp::reply::with_header(CEILING_BODY, "content-type", "application/json"));
             println!("bare warp ceiling server on {listen}");
             warp::serve(route).run(listen).await;
+        }
+        Command::Ceiling {
+            listen,
+            stack: Stack::Hyper,
+        } => {
+            if let Err(error) = hyper_ceiling(listen).await {
+                eprintln!("ringkv-load: {error}");
+                std::process::exit(1);
+            }
         }
         Command::Run {
             target,

@@ -47,9 +47,18 @@ impl Durable {
 
     /// Resolves once an fsync covered the writes made before this was taken (or the
     /// syncer stopped: the node is going down, and the write is not acknowledged anyway).
-    pub async fn wait(self) {
-        if let Some((mut synced, target)) = self.wait {
-            let _ = synced.wait_for(|done| *done >= target).await;
+    /// The wait is boxed, so a caller's future stays small when there is nothing to wait
+    /// for (a key request's future is moved into place on every request).
+    pub fn wait(self) -> impl std::future::Future<Output = ()> {
+        let pending = self.wait.map(|(mut synced, target)| {
+            Box::pin(async move {
+                let _ = synced.wait_for(|done| *done >= target).await;
+            })
+        });
+        async move {
+            if let Some(pending) = pending {
+                pending.await;
+            }
         }
     }
 }
