@@ -50,7 +50,6 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener, shutdown: impl Future
         tokio::spawn(crate::replicated::exchange::run(node.clone()));
         tokio::spawn(crate::replicated::push::run(node.clone()));
     }
-
     let connections = Arc::new(Semaphore::new(node.config().max_connections));
     // Counts the connections still open; `stop` tells the HTTP ones to finish.
     let graceful = GracefulShutdown::new();
@@ -84,10 +83,10 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener, shutdown: impl Future
                 opening = opening(&mut stream, header_timeout) => opening,
                 _ = stopping.wait_for(|stopping| *stopping) => None,
             };
+            // The watcher lives until the connection has answered what it started.
+            let _watcher = watcher;
             match opening {
                 Some(Opening::Rpc) => {
-                    // The watcher lives until the connection has answered what it started.
-                    let _watcher = watcher;
                     let stall = node.config().forward_timeout;
                     rpc::server::serve(node, stream, header_timeout, stall, stopping).await
                 }
@@ -97,13 +96,10 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener, shutdown: impl Future
                         .header_read_timeout(header_timeout)
                         .serve_connection(
                             TokioIo::new(JsonParseErrors::new(Rewind::new(prefix, stream))),
-                            hyper::service::service_fn({
-                                let node = node.clone();
-                                move |request| api::handle(node.clone(), request)
+                            hyper::service::service_fn(move |request| {
+                                api::handle(node.clone(), request)
                             }),
                         );
-                    // The watcher lives until the connection has answered what it started.
-                    let _watcher = watcher;
                     if let Err(error) = serve_until_stopped(connection, stop).await {
                         tracing::debug!(%peer, %error, "connection ended with an error");
                     }

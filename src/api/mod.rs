@@ -4,7 +4,7 @@
 //! Requests come straight from hyper's connection (`crate::server`), not through warp's
 //! filters: with routing done by hand they only carried the request into [`dispatch`], and
 //! cost a local GET ~0.4 µs of CPU of its ~10 (nested filter futures polled per request, a
-//! task-local route, a 2.7 KB future moved into place); `scripts/perf` measures the stack.
+//! task-local route); `scripts/perf` measures the stack.
 
 mod body;
 mod course;

@@ -49,9 +49,7 @@ impl Reply {
             content_type,
         }
     }
-}
 
-impl Reply {
     /// The HTTP response this reply is.
     pub fn into_response(self) -> warp::http::Response<http_body_util::Full<Bytes>> {
         let mut response = warp::http::Response::new(http_body_util::Full::new(self.body));
